@@ -1,0 +1,66 @@
+//! The command line: argument parsing and dispatch to one module per
+//! subcommand. Owns exit codes and how errors are printed; it must not hold
+//! any logic of its own beyond that.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub mod client;
+pub mod compute;
+pub mod synthetic;
+
+/// Why a subcommand stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad input (a file, an argument): exit status 2.
+    #[error("{0}")]
+    Input(String),
+    /// Anything else that stopped the command: exit status 1.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Input(_) => 2,
+            CliError::Failed(_) => 1,
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "vcid", version, about = "Watch neural collapse while a model trains")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compute VCI and companion metrics of saved features (.npy) offline.
+    Compute(compute::ComputeArgs),
+    /// List the runs of a running daemon.
+    Runs(client::RunsArgs),
+    /// Show the epoch results (metrics) of one run.
+    History(client::HistoryArgs),
+}
+
+/// Parses the command line, runs the subcommand and maps its outcome to an
+/// exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Compute(args) => compute::run(args),
+        Command::Runs(args) => client::runs(args),
+        Command::History(args) => client::history(args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("vcid: error: {err}");
+            ExitCode::from(err.exit_code())
+        }
+    }
+}

@@ -1,0 +1,675 @@
+//! Exact, single-pass, mergeable class statistics (SPEC §2.1).
+//!
+//! Owns [`Accumulator`]: per-class counts and means, the total scatter about
+//! the global mean, per-class within-class traces and unit-vector sums. A
+//! batch is folded in by computing its own statistics ([`Accumulator::from_batch`],
+//! one symmetric rank-n update of the batch centred on its own mean) and
+//! merging them with the parallel formula of Chan, Golub & LeVeque
+//! ([`Accumulator::merge`]). The same merge combines accumulators from
+//! different ranks or connections, so how a stream was split into batches
+//! changes the result only by rounding.
+//!
+//! Pure computation in f64: no I/O, no locking, no knowledge of runs or
+//! epochs. It must never use the naive `Σx² − N·x̄²` form, which loses every
+//! digit when features share a large offset.
+//!
+//! Storage: the scatter lives in a column-major `d × d` faer matrix of which
+//! only the lower triangle (diagonal included) is maintained; class means and
+//! unit sums are row-major `K × d` vectors so one class is one contiguous
+//! slice.
+
+use faer::linalg::matmul::triangular::{matmul, BlockStructure};
+use faer::{Accum, Mat};
+use ndarray::ArrayView2;
+
+pub use faer::Par;
+
+/// Why statistics could not be built or combined. Every message names the
+/// field, what was expected and what was received.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StatsError {
+    /// A batch with no rows.
+    #[error("rows: expected at least 1 row, received 0")]
+    EmptyBatch,
+    /// The feature matrix has no columns.
+    #[error("feature_dim: expected at least 1, received 0")]
+    NoFeatures,
+    /// Label count differs from the number of feature rows.
+    #[error("labels: expected {expected} labels (one per row), received {received}")]
+    LabelCount { expected: usize, received: usize },
+    /// A label outside `[0, num_classes)`.
+    #[error("labels[{row}]: expected a class in [0, {num_classes}), received {label}")]
+    LabelOutOfRange {
+        row: usize,
+        label: u32,
+        num_classes: usize,
+    },
+    /// NaN or ±Inf in the features.
+    #[error("features[{row}][{column}]: expected a finite number, received {value}")]
+    NonFinite { row: usize, column: usize, value: f64 },
+    /// Two accumulators of different shapes.
+    #[error("{field}: expected {expected} to merge, received {received}")]
+    ShapeMismatch {
+        field: &'static str,
+        expected: usize,
+        received: usize,
+    },
+    /// A field of [`AccumulatorParts`] that does not describe valid statistics.
+    #[error("{field}: expected {expected}, received {received}")]
+    InvalidPart {
+        field: &'static str,
+        expected: String,
+        received: String,
+    },
+}
+
+/// The SPEC §2.1 statistics in plain row-major vectors; mirrors the wire's
+/// `StatsBlock` field for field.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AccumulatorParts {
+    pub num_classes: usize,
+    pub feature_dim: usize,
+    /// `n_k`, length K.
+    pub class_counts: Vec<u64>,
+    /// `mean_k`, K × d row-major.
+    pub class_means: Vec<f64>,
+    /// M2 about the global mean, d × d row-major, full symmetric matrix.
+    pub scatter: Vec<f64>,
+    /// `Σ_{i∈k} ‖h_i − μ_k‖²`, length K.
+    pub within_trace: Vec<f64>,
+    /// `Σ_{i∈k} h_i/‖h_i‖` over non-zero rows, K × d row-major.
+    pub unit_sum: Vec<f64>,
+    /// Rows that entered `unit_sum`, length K.
+    pub unit_count: Vec<u64>,
+}
+
+/// Exact streaming statistics of one (stream, epoch): see the module docs.
+#[derive(Clone, Debug)]
+pub struct Accumulator {
+    num_classes: usize,
+    feature_dim: usize,
+    class_counts: Vec<u64>,
+    class_means: Vec<f64>,
+    /// Lower triangle of M2 = Σ (h − μ)(h − μ)ᵀ; the upper triangle is stale.
+    scatter: Mat<f64>,
+    within_trace: Vec<f64>,
+    unit_sum: Vec<f64>,
+    unit_count: Vec<u64>,
+}
+
+impl Accumulator {
+    /// An empty accumulator for `num_classes` classes of `feature_dim`-long
+    /// features.
+    pub fn new(num_classes: usize, feature_dim: usize) -> Self {
+        Self {
+            num_classes,
+            feature_dim,
+            class_counts: vec![0; num_classes],
+            class_means: vec![0.0; num_classes * feature_dim],
+            scatter: Mat::zeros(feature_dim, feature_dim),
+            within_trace: vec![0.0; num_classes],
+            unit_sum: vec![0.0; num_classes * feature_dim],
+            unit_count: vec![0; num_classes],
+        }
+    }
+
+    /// The statistics of one batch: row `i` of `features` has label
+    /// `labels[i]`. Validates everything before computing anything.
+    ///
+    /// Class means and within-class traces use the corrected two-pass
+    /// algorithm over the batch (exact to rounding even with a large common
+    /// offset); the scatter is one lower-triangular product `XcᵀXc` of the
+    /// batch centred on its own mean, with the given parallelism.
+    pub fn from_batch(
+        features: ArrayView2<'_, f64>,
+        labels: &[u32],
+        num_classes: usize,
+        par: Par,
+    ) -> Result<Self, StatsError> {
+        let (rows, dim) = features.dim();
+        validate_batch(features, labels, num_classes)?;
+        let mut acc = Self::new(num_classes, dim);
+
+        // Pass 1: provisional class means.
+        for (row, &label) in features.rows().into_iter().zip(labels) {
+            let k = label as usize;
+            acc.class_counts[k] += 1;
+            let sum = &mut acc.class_means[k * dim..(k + 1) * dim];
+            for (s, &h) in sum.iter_mut().zip(row.iter()) {
+                *s += h;
+            }
+        }
+        for k in 0..num_classes {
+            let n = acc.class_counts[k];
+            if n > 0 {
+                let inv = 1.0 / n as f64;
+                acc.class_means[k * dim..(k + 1) * dim]
+                    .iter_mut()
+                    .for_each(|s| *s *= inv);
+            }
+        }
+
+        // Pass 2: residuals about the provisional means give the correction
+        // of the means and the within-class traces; unit vectors on the way.
+        let mut residual_sum = vec![0.0; num_classes * dim];
+        for (row, &label) in features.rows().into_iter().zip(labels) {
+            let k = label as usize;
+            let mean = &acc.class_means[k * dim..(k + 1) * dim];
+            let residual = &mut residual_sum[k * dim..(k + 1) * dim];
+            let mut squared = 0.0;
+            for ((r, &m), &h) in residual.iter_mut().zip(mean).zip(row.iter()) {
+                let e = h - m;
+                *r += e;
+                squared += e * e;
+            }
+            acc.within_trace[k] += squared;
+
+            let norm = euclidean_norm(row.iter().copied());
+            if norm > 0.0 {
+                let inv = 1.0 / norm;
+                let unit = &mut acc.unit_sum[k * dim..(k + 1) * dim];
+                for (u, &h) in unit.iter_mut().zip(row.iter()) {
+                    *u += h * inv;
+                }
+                acc.unit_count[k] += 1;
+            }
+        }
+        for k in 0..num_classes {
+            let n = acc.class_counts[k];
+            if n == 0 {
+                continue;
+            }
+            let inv = 1.0 / n as f64;
+            let residual = &residual_sum[k * dim..(k + 1) * dim];
+            let mean = &mut acc.class_means[k * dim..(k + 1) * dim];
+            let mut shift_squared = 0.0;
+            for (m, &r) in mean.iter_mut().zip(residual) {
+                let shift = r * inv;
+                *m += shift;
+                shift_squared += shift * shift;
+            }
+            // Σ‖h − μ‖² = Σ‖h − μ₀‖² − n‖μ − μ₀‖² (exact identity).
+            acc.within_trace[k] = (acc.within_trace[k] - n as f64 * shift_squared).max(0.0);
+        }
+
+        // Scatter of the batch about its own global mean: one syrk.
+        let mean = acc.global_mean();
+        let mut centred = Mat::<f64>::zeros(dim, rows);
+        for (i, row) in features.rows().into_iter().enumerate() {
+            let column = centred.col_as_slice_mut(i);
+            for ((c, &h), &m) in column.iter_mut().zip(row.iter()).zip(&mean) {
+                *c = h - m;
+            }
+        }
+        matmul(
+            acc.scatter.as_mut(),
+            BlockStructure::TriangularLower,
+            Accum::Replace,
+            centred.as_ref(),
+            BlockStructure::Rectangular,
+            centred.transpose(),
+            BlockStructure::Rectangular,
+            1.0,
+            par,
+        );
+        Ok(acc)
+    }
+
+    /// Folds `other` into `self` with the Chan–Golub–LeVeque formula:
+    /// `M2 = M2_a + M2_b + δδᵀ·n_a·n_b/n`, and likewise per class for the
+    /// means and within-class traces. On a shape mismatch `self` is left
+    /// unchanged.
+    pub fn merge(&mut self, other: &Accumulator) -> Result<(), StatsError> {
+        if other.num_classes != self.num_classes {
+            return Err(StatsError::ShapeMismatch {
+                field: "num_classes",
+                expected: self.num_classes,
+                received: other.num_classes,
+            });
+        }
+        if other.feature_dim != self.feature_dim {
+            return Err(StatsError::ShapeMismatch {
+                field: "feature_dim",
+                expected: self.feature_dim,
+                received: other.feature_dim,
+            });
+        }
+        let n_b = other.samples();
+        if n_b == 0 {
+            return Ok(());
+        }
+        let n_a = self.samples();
+        if n_a == 0 {
+            self.clone_from(other);
+            return Ok(());
+        }
+        let dim = self.feature_dim;
+
+        let mean_a = self.global_mean();
+        let mean_b = other.global_mean();
+        let delta: Vec<f64> = mean_b.iter().zip(&mean_a).map(|(b, a)| b - a).collect();
+        let weight = n_a as f64 * n_b as f64 / (n_a + n_b) as f64;
+        for j in 0..dim {
+            let scaled = weight * delta[j];
+            let mine = &mut self.scatter.col_as_slice_mut(j)[j..];
+            let theirs = &other.scatter.col_as_slice(j)[j..];
+            for ((s, &t), &d) in mine.iter_mut().zip(theirs).zip(&delta[j..]) {
+                *s += t + scaled * d;
+            }
+        }
+
+        for k in 0..self.num_classes {
+            let nb = other.class_counts[k];
+            if nb == 0 {
+                continue;
+            }
+            let na = self.class_counts[k];
+            let n = na + nb;
+            let range = k * dim..(k + 1) * dim;
+            let mean = &mut self.class_means[range.clone()];
+            let their_mean = &other.class_means[range.clone()];
+            if na == 0 {
+                mean.copy_from_slice(their_mean);
+                self.within_trace[k] = other.within_trace[k];
+            } else {
+                let step = nb as f64 / n as f64;
+                let mut delta_squared = 0.0;
+                for (m, &t) in mean.iter_mut().zip(their_mean) {
+                    let d = t - *m;
+                    delta_squared += d * d;
+                    *m += d * step;
+                }
+                self.within_trace[k] += other.within_trace[k]
+                    + delta_squared * (na as f64 * nb as f64 / n as f64);
+            }
+            self.class_counts[k] = n;
+            for (u, &t) in self.unit_sum[range.clone()]
+                .iter_mut()
+                .zip(&other.unit_sum[range])
+            {
+                *u += t;
+            }
+            self.unit_count[k] += other.unit_count[k];
+        }
+        Ok(())
+    }
+
+    /// K, the number of classes this accumulator was made for.
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    /// d, the feature dimension.
+    pub fn feature_dim(&self) -> usize {
+        self.feature_dim
+    }
+
+    /// N, the number of samples folded in.
+    pub fn samples(&self) -> u64 {
+        self.class_counts.iter().sum()
+    }
+
+    /// `n_k` for every class.
+    pub fn class_counts(&self) -> &[u64] {
+        &self.class_counts
+    }
+
+    /// Class mean `μ_k` (all zeros for a class with no samples).
+    pub fn class_mean(&self, class: usize) -> &[f64] {
+        &self.class_means[class * self.feature_dim..(class + 1) * self.feature_dim]
+    }
+
+    /// `Σ_{i∈k} ‖h_i − μ_k‖²`.
+    pub fn within_trace(&self) -> &[f64] {
+        &self.within_trace
+    }
+
+    /// `Σ_{i∈k} h_i/‖h_i‖` for one class.
+    pub fn unit_sum(&self, class: usize) -> &[f64] {
+        &self.unit_sum[class * self.feature_dim..(class + 1) * self.feature_dim]
+    }
+
+    /// Rows per class that entered the unit sums.
+    pub fn unit_count(&self) -> &[u64] {
+        &self.unit_count
+    }
+
+    /// M2 with only its lower triangle (diagonal included) meaningful.
+    pub fn scatter_lower(&self) -> faer::MatRef<'_, f64> {
+        self.scatter.as_ref()
+    }
+
+    /// The global mean μ = Σ_k n_k μ_k / N (zeros when empty).
+    pub fn global_mean(&self) -> Vec<f64> {
+        let dim = self.feature_dim;
+        let total = self.samples();
+        let mut mean = vec![0.0; dim];
+        if total == 0 {
+            return mean;
+        }
+        for k in 0..self.num_classes {
+            let n = self.class_counts[k];
+            if n == 0 {
+                continue;
+            }
+            let weight = n as f64 / total as f64;
+            for (m, &c) in mean.iter_mut().zip(self.class_mean(k)) {
+                *m += weight * c;
+            }
+        }
+        mean
+    }
+
+    /// Bytes of statistics this accumulator holds.
+    pub fn memory_bytes(&self) -> usize {
+        Self::estimated_bytes(self.num_classes, self.feature_dim)
+    }
+
+    /// Bytes an accumulator of this shape holds: `8·(d² + 2Kd + 3K)` (the
+    /// scatter is allocated square, though only its lower triangle is used).
+    pub fn estimated_bytes(num_classes: usize, feature_dim: usize) -> usize {
+        let (k, d) = (num_classes, feature_dim);
+        8 * (d * d + 2 * k * d + 3 * k)
+    }
+
+    /// The statistics as plain vectors (the scatter as a full symmetric
+    /// matrix), e.g. for the wire or a checkpoint.
+    pub fn to_parts(&self) -> AccumulatorParts {
+        let d = self.feature_dim;
+        let mut scatter = vec![0.0; d * d];
+        for j in 0..d {
+            for i in j..d {
+                let value = self.scatter[(i, j)];
+                scatter[i * d + j] = value;
+                scatter[j * d + i] = value;
+            }
+        }
+        AccumulatorParts {
+            num_classes: self.num_classes,
+            feature_dim: d,
+            class_counts: self.class_counts.clone(),
+            class_means: self.class_means.clone(),
+            scatter,
+            within_trace: self.within_trace.clone(),
+            unit_sum: self.unit_sum.clone(),
+            unit_count: self.unit_count.clone(),
+        }
+    }
+
+    /// Rebuilds an accumulator from parts computed elsewhere, after checking
+    /// that they describe valid statistics: lengths, finiteness, a symmetric
+    /// scatter with a non-negative diagonal, non-negative traces, unit counts
+    /// within class counts, and nothing recorded for empty classes.
+    pub fn from_parts(parts: AccumulatorParts) -> Result<Self, StatsError> {
+        validate_parts(&parts)?;
+        let AccumulatorParts {
+            num_classes,
+            feature_dim: d,
+            class_counts,
+            class_means,
+            scatter,
+            within_trace,
+            unit_sum,
+            unit_count,
+        } = parts;
+        // Average the two triangles: a client's gemm may leave them a few
+        // ulps apart.
+        let scatter = Mat::from_fn(d, d, |i, j| 0.5 * (scatter[i * d + j] + scatter[j * d + i]));
+        Ok(Self {
+            num_classes,
+            feature_dim: d,
+            class_counts,
+            class_means,
+            scatter,
+            within_trace,
+            unit_sum,
+            unit_count,
+        })
+    }
+}
+
+/// `‖x‖₂`, rescaled only when the plain sum of squares over- or underflows.
+fn euclidean_norm(values: impl Iterator<Item = f64> + Clone) -> f64 {
+    let squared: f64 = values.clone().map(|v| v * v).sum();
+    if squared.is_finite() && squared > f64::MIN_POSITIVE {
+        return squared.sqrt();
+    }
+    let scale = values.clone().fold(0.0_f64, |m, v| m.max(v.abs()));
+    if scale == 0.0 || !scale.is_finite() {
+        return scale;
+    }
+    let scaled: f64 = values.map(|v| (v / scale) * (v / scale)).sum();
+    scale * scaled.sqrt()
+}
+
+fn validate_batch(
+    features: ArrayView2<'_, f64>,
+    labels: &[u32],
+    num_classes: usize,
+) -> Result<(), StatsError> {
+    let (rows, dim) = features.dim();
+    if rows == 0 {
+        return Err(StatsError::EmptyBatch);
+    }
+    if dim == 0 {
+        return Err(StatsError::NoFeatures);
+    }
+    if labels.len() != rows {
+        return Err(StatsError::LabelCount {
+            expected: rows,
+            received: labels.len(),
+        });
+    }
+    if let Some((row, &label)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l as usize >= num_classes)
+    {
+        return Err(StatsError::LabelOutOfRange {
+            row,
+            label,
+            num_classes,
+        });
+    }
+    for (row, values) in features.rows().into_iter().enumerate() {
+        if let Some((column, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(StatsError::NonFinite { row, column, value });
+        }
+    }
+    Ok(())
+}
+
+fn invalid(field: &'static str, expected: impl Into<String>, received: impl ToString) -> StatsError {
+    StatsError::InvalidPart {
+        field,
+        expected: expected.into(),
+        received: received.to_string(),
+    }
+}
+
+fn validate_parts(parts: &AccumulatorParts) -> Result<(), StatsError> {
+    let (k, d) = (parts.num_classes, parts.feature_dim);
+    if k == 0 {
+        return Err(invalid("num_classes", "at least 1", k));
+    }
+    if d == 0 {
+        return Err(invalid("feature_dim", "at least 1", d));
+    }
+    let lengths: [(&'static str, usize, usize); 6] = [
+        ("class_counts", k, parts.class_counts.len()),
+        ("class_means", k * d, parts.class_means.len()),
+        ("scatter", d * d, parts.scatter.len()),
+        ("within_trace", k, parts.within_trace.len()),
+        ("unit_sum", k * d, parts.unit_sum.len()),
+        ("unit_count", k, parts.unit_count.len()),
+    ];
+    for (field, expected, received) in lengths {
+        if expected != received {
+            return Err(invalid(field, format!("{expected} values"), format!("{received} values")));
+        }
+    }
+    let float_fields: [(&'static str, &[f64]); 4] = [
+        ("class_means", &parts.class_means),
+        ("scatter", &parts.scatter),
+        ("within_trace", &parts.within_trace),
+        ("unit_sum", &parts.unit_sum),
+    ];
+    for (field, values) in float_fields {
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(invalid(field, format!("finite values (index {i})"), v));
+        }
+    }
+    for class in 0..k {
+        let n = parts.class_counts[class];
+        let trace = parts.within_trace[class];
+        if trace < 0.0 {
+            return Err(invalid("within_trace", format!("a value >= 0 for class {class}"), trace));
+        }
+        let units = parts.unit_count[class];
+        if units > n {
+            return Err(invalid(
+                "unit_count",
+                format!("at most class_counts[{class}] = {n} for class {class}"),
+                units,
+            ));
+        }
+        if n == 0 {
+            let row = class * d..(class + 1) * d;
+            let empty = trace == 0.0
+                && parts.class_means[row.clone()].iter().all(|&v| v == 0.0)
+                && parts.unit_sum[row].iter().all(|&v| v == 0.0);
+            if !empty {
+                return Err(invalid(
+                    "class_means",
+                    format!("zero mean, within_trace and unit_sum for class {class}, which has no samples"),
+                    "non-zero values",
+                ));
+            }
+        }
+    }
+    let samples: u64 = parts.class_counts.iter().sum();
+    let scatter = &parts.scatter;
+    let largest_diagonal = (0..d).map(|i| scatter[i * d + i]).fold(0.0_f64, f64::max);
+    for i in 0..d {
+        let diagonal = scatter[i * d + i];
+        if diagonal < 0.0 {
+            return Err(invalid("scatter", format!("a diagonal >= 0 at [{i}][{i}]"), diagonal));
+        }
+    }
+    if samples == 0 && largest_diagonal > 0.0 {
+        return Err(invalid("scatter", "all zeros when class_counts sum to 0", "non-zero values"));
+    }
+    let tolerance = 1e-9 * largest_diagonal;
+    for i in 0..d {
+        for j in 0..i {
+            let (lower, upper) = (scatter[i * d + j], scatter[j * d + i]);
+            if (lower - upper).abs() > tolerance {
+                return Err(invalid(
+                    "scatter",
+                    format!("a symmetric matrix ([{i}][{j}] = [{j}][{i}])"),
+                    format!("{lower} and {upper}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{array, Array2};
+
+    fn batch(rows: &[[f64; 2]]) -> Array2<f64> {
+        Array2::from_shape_fn((rows.len(), 2), |(i, j)| rows[i][j])
+    }
+
+    #[test]
+    fn one_batch_matches_hand_computed_statistics() {
+        let features = batch(&[[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]]);
+        let acc = Accumulator::from_batch(features.view(), &[0, 0, 1], 2, Par::Seq).unwrap();
+        assert_eq!(acc.class_counts(), &[2, 1]);
+        assert_eq!(acc.class_mean(0), &[2.0, 0.0]);
+        assert_eq!(acc.class_mean(1), &[0.0, 2.0]);
+        assert_eq!(acc.within_trace(), &[2.0, 0.0]);
+        // Global mean (4/3, 2/3); M2 about it.
+        let parts = acc.to_parts();
+        let expected = [
+            (1.0f64 - 4.0 / 3.0).powi(2) + (3.0f64 - 4.0 / 3.0).powi(2) + (4.0f64 / 3.0).powi(2),
+            (1.0 - 4.0 / 3.0) * (-2.0 / 3.0) + (3.0 - 4.0 / 3.0) * (-2.0 / 3.0) + (-4.0 / 3.0) * (4.0 / 3.0),
+            2.0 * (2.0f64 / 3.0).powi(2) + (4.0f64 / 3.0).powi(2),
+        ];
+        assert!((parts.scatter[0] - expected[0]).abs() < 1e-12);
+        assert!((parts.scatter[1] - expected[1]).abs() < 1e-12);
+        assert!((parts.scatter[2] - expected[1]).abs() < 1e-12);
+        assert!((parts.scatter[3] - expected[2]).abs() < 1e-12);
+        assert_eq!(acc.unit_sum(0), &[2.0, 0.0]);
+        assert_eq!(acc.unit_count(), &[2, 1]);
+    }
+
+    #[test]
+    fn large_offset_keeps_its_digits() {
+        // Mean 1e8, spread 1e-3: Σx² − N·x̄² would return noise here.
+        let values = [1e8 + 1e-3, 1e8 - 1e-3, 1e8 + 2e-3, 1e8 - 2e-3];
+        let a = Accumulator::from_batch(
+            Array2::from_shape_fn((2, 1), |(i, _)| values[i]).view(),
+            &[0, 0],
+            1,
+            Par::Seq,
+        )
+        .unwrap();
+        let mut merged = a.clone();
+        let b = Accumulator::from_batch(
+            Array2::from_shape_fn((2, 1), |(i, _)| values[i + 2]).view(),
+            &[0, 0],
+            1,
+            Par::Seq,
+        )
+        .unwrap();
+        merged.merge(&b).unwrap();
+        let exact = 2.0 * 1e-6 + 2.0 * 4e-6;
+        let got = merged.to_parts().scatter[0];
+        // The inputs themselves carry ~1.5e-8 absolute rounding each.
+        assert!((got - exact).abs() < 1e-15 + 4.0 * 1.5e-8 * 4e-3, "{got} vs {exact}");
+        assert!((merged.within_trace()[0] - got).abs() < 1e-18);
+    }
+
+    #[test]
+    fn merge_refuses_other_shapes_and_changes_nothing() {
+        let mut a = Accumulator::from_batch(array![[1.0, 2.0]].view(), &[0], 2, Par::Seq).unwrap();
+        let before = a.to_parts();
+        let b = Accumulator::new(3, 2);
+        assert_eq!(
+            a.merge(&b),
+            Err(StatsError::ShapeMismatch {
+                field: "num_classes",
+                expected: 2,
+                received: 3
+            })
+        );
+        assert_eq!(a.to_parts(), before);
+    }
+
+    #[test]
+    fn bad_batches_name_the_field() {
+        let f = array![[1.0, f64::NAN]];
+        let err = Accumulator::from_batch(f.view(), &[0], 2, Par::Seq).unwrap_err();
+        assert_eq!(err.to_string(), "features[0][1]: expected a finite number, received NaN");
+        let err = Accumulator::from_batch(array![[1.0]].view(), &[5], 2, Par::Seq).unwrap_err();
+        assert_eq!(err.to_string(), "labels[0]: expected a class in [0, 2), received 5");
+        let err = Accumulator::from_batch(array![[1.0]].view(), &[0, 1], 2, Par::Seq).unwrap_err();
+        assert!(err.to_string().starts_with("labels: expected 1 labels"));
+        let empty = Array2::<f64>::zeros((0, 3));
+        assert_eq!(
+            Accumulator::from_batch(empty.view(), &[], 2, Par::Seq).unwrap_err(),
+            StatsError::EmptyBatch
+        );
+    }
+
+    #[test]
+    fn norm_survives_overflow_and_underflow() {
+        assert!((euclidean_norm([3e200, 4e200].into_iter()) / 5e200 - 1.0).abs() < 1e-15);
+        assert!((euclidean_norm([3e-200, 4e-200].into_iter()) - 5e-200).abs() < 1e-214);
+        assert_eq!(euclidean_norm([0.0, 0.0].into_iter()), 0.0);
+    }
+}
