@@ -19,5 +19,7 @@
 pub mod cli;
 pub mod linalg;
 pub mod metrics;
+pub mod npy;
 pub mod proto;
+pub mod server;
 pub mod stats;

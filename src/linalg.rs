@@ -32,7 +32,11 @@ impl SymmetricEigen {
     /// read.
     pub fn of_lower(lower: MatRef<'_, f64>, par: Par) -> Result<Self, EigenError> {
         let order = lower.nrows();
-        assert_eq!(order, lower.ncols(), "eigendecomposition of a non-square matrix");
+        assert_eq!(
+            order,
+            lower.ncols(),
+            "eigendecomposition of a non-square matrix"
+        );
         let mut values = faer::diag::Diag::<f64>::zeros(order);
         let mut vectors = Mat::<f64>::zeros(order, order);
         let params = Default::default();

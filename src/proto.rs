@@ -9,4 +9,5 @@
 tonic::include_proto!("vcid.v1");
 
 /// Encoded `FileDescriptorSet` of the API, served by gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vcid_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/vcid_descriptor.bin"));

@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 
 pub mod client;
 pub mod compute;
+pub mod demo;
+pub mod serve;
 pub mod synthetic;
 
 /// Why a subcommand stopped.
@@ -31,7 +33,11 @@ impl CliError {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "vcid", version, about = "Watch neural collapse while a model trains")]
+#[command(
+    name = "vcid",
+    version,
+    about = "Watch neural collapse while a model trains"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,8 +45,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon: gRPC ingest, Prometheus /metrics, durable history.
+    Serve(serve::ServeArgs),
     /// Compute VCI and companion metrics of saved features (.npy) offline.
     Compute(compute::ComputeArgs),
+    /// A live demonstration: an in-process daemon and a synthetic run whose
+    /// features collapse epoch by epoch.
+    Demo(demo::DemoArgs),
     /// List the runs of a running daemon.
     Runs(client::RunsArgs),
     /// Show the epoch results (metrics) of one run.
@@ -52,7 +63,9 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
+        Command::Serve(args) => serve::run(args),
         Command::Compute(args) => compute::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Runs(args) => client::runs(args),
         Command::History(args) => client::history(args),
     };

@@ -29,8 +29,8 @@
 
 use std::collections::BTreeMap;
 
-use faer::linalg::matmul::triangular::{matmul as triangular_matmul, BlockStructure};
 use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{matmul as triangular_matmul, BlockStructure};
 use faer::{Accum, Mat, MatRef, Par};
 
 use crate::linalg::{EigenError, SymmetricEigen};
@@ -130,23 +130,40 @@ pub fn compute(acc: &Accumulator, par: Par) -> Result<EpochMetrics, MetricsError
 
     // Σ_T and its kept eigenpairs.
     let scatter = acc.scatter_lower();
-    let total = Mat::from_fn(dim, dim, |i, j| if i >= j { scatter[(i, j)] / n } else { 0.0 });
+    let total = Mat::from_fn(
+        dim,
+        dim,
+        |i, j| if i >= j { scatter[(i, j)] / n } else { 0.0 },
+    );
     let total_eigen = SymmetricEigen::of_lower(total.as_ref(), par)?;
     drop(total);
     let kept_total = total_eigen.kept(dim);
     metrics.rank_total = kept_total.len();
     let first_kept = kept_total.first().copied().unwrap_or(dim);
     let lambda = &total_eigen.values[first_kept..];
-    let v_kept = total_eigen.vectors.as_ref().subcols(first_kept, dim - first_kept);
+    let v_kept = total_eigen
+        .vectors
+        .as_ref()
+        .subcols(first_kept, dim - first_kept);
 
     metrics.effective_rank = effective_rank(lambda);
     if metrics.effective_rank.is_none() {
-        metrics.note("effective_rank", "Σ_T is zero: every sample is the same vector");
+        metrics.note(
+            "effective_rank",
+            "Σ_T is zero: every sample is the same vector",
+        );
     }
 
     // Z = Λ_r^{-1/2} V_rᵀ M.
     let mut z = Mat::<f64>::zeros(lambda.len(), k_obs);
-    matmul(z.as_mut(), Accum::Replace, v_kept.transpose(), m.as_ref(), 1.0, par);
+    matmul(
+        z.as_mut(),
+        Accum::Replace,
+        v_kept.transpose(),
+        m.as_ref(),
+        1.0,
+        par,
+    );
     let y_kept = z.clone();
     for (i, &l) in lambda.iter().enumerate() {
         let scale = 1.0 / l.sqrt();
@@ -160,7 +177,11 @@ pub fn compute(acc: &Accumulator, par: Par) -> Result<EpochMetrics, MetricsError
     let trace_pinv_total_between: f64 = z_column_squares.iter().sum();
 
     let sum_p_squared: f64 = weights.iter().map(|p| p * p).sum();
-    let explained: f64 = weights.iter().zip(&z_column_squares).map(|(p, z2)| p * z2).sum();
+    let explained: f64 = weights
+        .iter()
+        .zip(&z_column_squares)
+        .map(|(p, z2)| p * z2)
+        .sum();
     metrics.linear_probe_mse = Some((1.0 - sum_p_squared - explained).max(0.0));
 
     // Σ_B: rank and eigenpairs, through the smaller of G = MᵀM and M Mᵀ.
@@ -268,7 +289,9 @@ impl BetweenEigen {
             let first = kept.first().copied().unwrap_or(k_obs);
             Ok(Self {
                 values: eigen.values[first..].to_vec(),
-                vectors: BetweenVectors::Gram(eigen.vectors.subcols(first, k_obs - first).to_owned()),
+                vectors: BetweenVectors::Gram(
+                    eigen.vectors.subcols(first, k_obs - first).to_owned(),
+                ),
             })
         } else {
             let mut between = Mat::<f64>::zeros(dim, dim);
@@ -288,7 +311,9 @@ impl BetweenEigen {
             let first = kept.first().copied().unwrap_or(dim);
             Ok(Self {
                 values: eigen.values[first..].to_vec(),
-                vectors: BetweenVectors::Direct(eigen.vectors.subcols(first, dim - first).to_owned()),
+                vectors: BetweenVectors::Direct(
+                    eigen.vectors.subcols(first, dim - first).to_owned(),
+                ),
             })
         }
     }
@@ -307,7 +332,14 @@ impl BetweenEigen {
             }
             BetweenVectors::Direct(u) => {
                 let mut p = Mat::<f64>::zeros(v_kept.ncols(), u.ncols());
-                matmul(p.as_mut(), Accum::Replace, v_kept.transpose(), u.as_ref(), 1.0, par);
+                matmul(
+                    p.as_mut(),
+                    Accum::Replace,
+                    v_kept.transpose(),
+                    u.as_ref(),
+                    1.0,
+                    par,
+                );
                 p
             }
         }
@@ -391,35 +423,61 @@ fn class_mean_geometry(
     }
 }
 
-/// R² class separation with cosine distance, from the unit-vector sums.
+/// R² class separation with cosine distance (SPEC §2.6), over the K' classes
+/// with a non-zero row. With ū_k the mean unit vector of class k and ū their
+/// average, SPEC's d̄_within = (1/K') Σ_k (1 − ‖ū_k‖²) is computed as
+/// (1/K') Σ_k unit_within_trace_k / c_k, and d̄_total = 1 − ‖ū‖² as
+/// d̄_within + (1/K') Σ_k ‖ū_k − ū‖² (the same quantities in exact
+/// arithmetic, without the cancellation of `1 − ‖·‖²` when every direction
+/// nearly coincides). Then R² = 1 − d̄_within / d̄_total.
 fn class_separation(acc: &Accumulator, metrics: &mut EpochMetrics) {
     let with_units: Vec<usize> = (0..acc.num_classes())
         .filter(|&k| acc.unit_count()[k] > 0)
         .collect();
     if with_units.is_empty() {
-        metrics.note("class_separation", "no sample has a non-zero feature vector");
+        metrics.note(
+            "class_separation",
+            "no sample has a non-zero feature vector",
+        );
         return;
     }
     let classes = with_units.len() as f64;
-    let mut within = 0.0;
+    let class_directions: Vec<Vec<f64>> = with_units
+        .iter()
+        .map(|&k| {
+            let count = acc.unit_count()[k] as f64;
+            acc.unit_sum(k).iter().map(|u| u / count).collect()
+        })
+        .collect();
     let mut mean_direction = vec![0.0; acc.feature_dim()];
-    for &k in &with_units {
-        let count = acc.unit_count()[k] as f64;
-        let sum = acc.unit_sum(k);
-        let norm_squared: f64 = sum.iter().map(|u| u * u).sum();
-        within += 1.0 - norm_squared / (count * count);
-        for (m, &u) in mean_direction.iter_mut().zip(sum) {
-            *m += u / count / classes;
+    for direction in &class_directions {
+        for (m, &u) in mean_direction.iter_mut().zip(direction) {
+            *m += u / classes;
         }
     }
-    let within = within / classes;
-    let total = 1.0 - mean_direction.iter().map(|m| m * m).sum::<f64>();
+    let within = with_units
+        .iter()
+        .map(|&k| acc.unit_within_trace()[k] / acc.unit_count()[k] as f64)
+        .sum::<f64>()
+        / classes;
+    let between = class_directions
+        .iter()
+        .map(|direction| {
+            direction
+                .iter()
+                .zip(&mean_direction)
+                .map(|(u, m)| (u - m) * (u - m))
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / classes;
+    let total = within + between;
     if total > 0.0 {
-        metrics.class_separation = Some(1.0 - within / total);
+        metrics.class_separation = Some(between / total);
     } else {
         metrics.note(
             "class_separation",
-            "every class points the same way, so the total cosine distance is 0",
+            "every non-zero sample points the same way, so the total cosine distance is 0",
         );
     }
 }

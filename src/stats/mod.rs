@@ -1,7 +1,8 @@
 //! Exact, single-pass, mergeable class statistics (SPEC §2.1).
 //!
 //! Owns [`Accumulator`]: per-class counts and means, the total scatter about
-//! the global mean, per-class within-class traces and unit-vector sums. A
+//! the global mean, per-class within-class traces, unit-vector sums and the
+//! within-class trace of the unit vectors (see below). A
 //! batch is folded in by computing its own statistics ([`Accumulator::from_batch`],
 //! one symmetric rank-n update of the batch centred on its own mean) and
 //! merging them with the parallel formula of Chan, Golub & LeVeque
@@ -12,6 +13,16 @@
 //! Pure computation in f64: no I/O, no locking, no knowledge of runs or
 //! epochs. It must never use the naive `Σx² − N·x̄²` form, which loses every
 //! digit when features share a large offset.
+//!
+//! One statistic beyond SPEC §2.1: `unit_within_trace_k = Σ_{i∈k} ‖u_i − ū_k‖²`
+//! (u_i = h_i/‖h_i‖, ū_k = unit_sum_k/unit_count_k), merged by the same Chan
+//! formula as `within_trace`. In exact arithmetic it equals
+//! `unit_count_k − ‖unit_sum_k‖²/unit_count_k`, which is what SPEC's
+//! class-separation formula uses; computed that way it cancels
+//! catastrophically when a class's directions nearly coincide (a large common
+//! offset makes every cosine distance ~1e-12), so it is kept explicitly.
+//! Statistics that arrive without it (an older or minimal client) get it
+//! derived from the unit sums.
 //!
 //! Storage: the scatter lives in a column-major `d × d` faer matrix of which
 //! only the lower triangle (diagonal included) is maintained; class means and
@@ -46,7 +57,11 @@ pub enum StatsError {
     },
     /// NaN or ±Inf in the features.
     #[error("features[{row}][{column}]: expected a finite number, received {value}")]
-    NonFinite { row: usize, column: usize, value: f64 },
+    NonFinite {
+        row: usize,
+        column: usize,
+        value: f64,
+    },
     /// Two accumulators of different shapes.
     #[error("{field}: expected {expected} to merge, received {received}")]
     ShapeMismatch {
@@ -81,6 +96,12 @@ pub struct AccumulatorParts {
     pub unit_sum: Vec<f64>,
     /// Rows that entered `unit_sum`, length K.
     pub unit_count: Vec<u64>,
+    /// `Σ_{i∈k} ‖u_i − ū_k‖²` over the rows of `unit_sum`, length K. Empty
+    /// means "not provided": it is then derived from `unit_sum` and
+    /// `unit_count` (exact in exact arithmetic, less accurate in floating
+    /// point; see the module docs).
+    #[serde(default)]
+    pub unit_within_trace: Vec<f64>,
 }
 
 /// Exact streaming statistics of one (stream, epoch): see the module docs.
@@ -95,6 +116,7 @@ pub struct Accumulator {
     within_trace: Vec<f64>,
     unit_sum: Vec<f64>,
     unit_count: Vec<u64>,
+    unit_within_trace: Vec<f64>,
 }
 
 impl Accumulator {
@@ -110,6 +132,7 @@ impl Accumulator {
             within_trace: vec![0.0; num_classes],
             unit_sum: vec![0.0; num_classes * feature_dim],
             unit_count: vec![0; num_classes],
+            unit_within_trace: vec![0.0; num_classes],
         }
     }
 
@@ -152,6 +175,7 @@ impl Accumulator {
         // Pass 2: residuals about the provisional means give the correction
         // of the means and the within-class traces; unit vectors on the way.
         let mut residual_sum = vec![0.0; num_classes * dim];
+        let mut norms = Vec::with_capacity(rows);
         for (row, &label) in features.rows().into_iter().zip(labels) {
             let k = label as usize;
             let mean = &acc.class_means[k * dim..(k + 1) * dim];
@@ -165,6 +189,7 @@ impl Accumulator {
             acc.within_trace[k] += squared;
 
             let norm = euclidean_norm(row.iter().copied());
+            norms.push(norm);
             if norm > 0.0 {
                 let inv = 1.0 / norm;
                 let unit = &mut acc.unit_sum[k * dim..(k + 1) * dim];
@@ -190,6 +215,25 @@ impl Accumulator {
             }
             // Σ‖h − μ‖² = Σ‖h − μ₀‖² − n‖μ − μ₀‖² (exact identity).
             acc.within_trace[k] = (acc.within_trace[k] - n as f64 * shift_squared).max(0.0);
+        }
+
+        // Pass 3: spread of the unit vectors about their class mean direction.
+        for ((row, &label), &norm) in features.rows().into_iter().zip(labels).zip(&norms) {
+            if norm == 0.0 {
+                continue;
+            }
+            let k = label as usize;
+            let inv_count = 1.0 / acc.unit_count[k] as f64;
+            let unit_sum = &acc.unit_sum[k * dim..(k + 1) * dim];
+            let inv_norm = 1.0 / norm;
+            acc.unit_within_trace[k] += row
+                .iter()
+                .zip(unit_sum)
+                .map(|(&h, &s)| {
+                    let e = h * inv_norm - s * inv_count;
+                    e * e
+                })
+                .sum::<f64>();
         }
 
         // Scatter of the batch about its own global mean: one syrk.
@@ -279,19 +323,36 @@ impl Accumulator {
                     delta_squared += d * d;
                     *m += d * step;
                 }
-                self.within_trace[k] += other.within_trace[k]
-                    + delta_squared * (na as f64 * nb as f64 / n as f64);
+                self.within_trace[k] +=
+                    other.within_trace[k] + delta_squared * (na as f64 * nb as f64 / n as f64);
             }
             self.class_counts[k] = n;
-            for (u, &t) in self.unit_sum[range.clone()]
-                .iter_mut()
-                .zip(&other.unit_sum[range])
-            {
-                *u += t;
-            }
-            self.unit_count[k] += other.unit_count[k];
+            self.merge_unit_vectors(other, k);
         }
         Ok(())
+    }
+
+    /// Chan merge of class `k`'s unit-vector statistics.
+    fn merge_unit_vectors(&mut self, other: &Accumulator, k: usize) {
+        let (ca, cb) = (self.unit_count[k], other.unit_count[k]);
+        let range = k * self.feature_dim..(k + 1) * self.feature_dim;
+        if ca > 0 && cb > 0 {
+            let (ia, ib) = (1.0 / ca as f64, 1.0 / cb as f64);
+            let delta_squared: f64 = self.unit_sum[range.clone()]
+                .iter()
+                .zip(&other.unit_sum[range.clone()])
+                .map(|(&a, &b)| (b * ib - a * ia).powi(2))
+                .sum();
+            self.unit_within_trace[k] += delta_squared * (ca as f64 * cb as f64 / (ca + cb) as f64);
+        }
+        self.unit_within_trace[k] += other.unit_within_trace[k];
+        for (u, &t) in self.unit_sum[range.clone()]
+            .iter_mut()
+            .zip(&other.unit_sum[range])
+        {
+            *u += t;
+        }
+        self.unit_count[k] += cb;
     }
 
     /// K, the number of classes this accumulator was made for.
@@ -334,6 +395,11 @@ impl Accumulator {
         &self.unit_count
     }
 
+    /// `Σ_{i∈k} ‖u_i − ū_k‖²` per class (see the module docs).
+    pub fn unit_within_trace(&self) -> &[f64] {
+        &self.unit_within_trace
+    }
+
     /// M2 with only its lower triangle (diagonal included) meaningful.
     pub fn scatter_lower(&self) -> faer::MatRef<'_, f64> {
         self.scatter.as_ref()
@@ -365,11 +431,11 @@ impl Accumulator {
         Self::estimated_bytes(self.num_classes, self.feature_dim)
     }
 
-    /// Bytes an accumulator of this shape holds: `8·(d² + 2Kd + 3K)` (the
+    /// Bytes an accumulator of this shape holds: `8·(d² + 2Kd + 4K)` (the
     /// scatter is allocated square, though only its lower triangle is used).
     pub fn estimated_bytes(num_classes: usize, feature_dim: usize) -> usize {
         let (k, d) = (num_classes, feature_dim);
-        8 * (d * d + 2 * k * d + 3 * k)
+        8 * (d * d + 2 * k * d + 4 * k)
     }
 
     /// The statistics as plain vectors (the scatter as a full symmetric
@@ -393,14 +459,19 @@ impl Accumulator {
             within_trace: self.within_trace.clone(),
             unit_sum: self.unit_sum.clone(),
             unit_count: self.unit_count.clone(),
+            unit_within_trace: self.unit_within_trace.clone(),
         }
     }
 
     /// Rebuilds an accumulator from parts computed elsewhere, after checking
     /// that they describe valid statistics: lengths, finiteness, a symmetric
     /// scatter with a non-negative diagonal, non-negative traces, unit counts
-    /// within class counts, and nothing recorded for empty classes.
-    pub fn from_parts(parts: AccumulatorParts) -> Result<Self, StatsError> {
+    /// within class counts, and nothing recorded for empty classes. An empty
+    /// `unit_within_trace` is derived from the unit sums.
+    pub fn from_parts(mut parts: AccumulatorParts) -> Result<Self, StatsError> {
+        if parts.unit_within_trace.is_empty() {
+            parts.unit_within_trace = derived_unit_within_trace(&parts);
+        }
         validate_parts(&parts)?;
         let AccumulatorParts {
             num_classes,
@@ -411,6 +482,7 @@ impl Accumulator {
             within_trace,
             unit_sum,
             unit_count,
+            unit_within_trace,
         } = parts;
         // Average the two triangles: a client's gemm may leave them a few
         // ulps apart.
@@ -424,8 +496,31 @@ impl Accumulator {
             within_trace,
             unit_sum,
             unit_count,
+            unit_within_trace,
         })
     }
+}
+
+/// `c_k − ‖s_k‖²/c_k` (clamped at 0), the unit-vector trace that unit sums
+/// alone imply; empty when the lengths are off (validation reports that).
+fn derived_unit_within_trace(parts: &AccumulatorParts) -> Vec<f64> {
+    let (k, d) = (parts.num_classes, parts.feature_dim);
+    if parts.unit_sum.len() != k * d || parts.unit_count.len() != k {
+        return Vec::new();
+    }
+    (0..k)
+        .map(|class| {
+            let count = parts.unit_count[class];
+            if count == 0 {
+                return 0.0;
+            }
+            let squared: f64 = parts.unit_sum[class * d..(class + 1) * d]
+                .iter()
+                .map(|s| s * s)
+                .sum();
+            (count as f64 - squared / count as f64).max(0.0)
+        })
+        .collect()
 }
 
 /// `‖x‖₂`, rescaled only when the plain sum of squares over- or underflows.
@@ -479,7 +574,11 @@ fn validate_batch(
     Ok(())
 }
 
-fn invalid(field: &'static str, expected: impl Into<String>, received: impl ToString) -> StatsError {
+fn invalid(
+    field: &'static str,
+    expected: impl Into<String>,
+    received: impl ToString,
+) -> StatsError {
     StatsError::InvalidPart {
         field,
         expected: expected.into(),
@@ -495,24 +594,30 @@ fn validate_parts(parts: &AccumulatorParts) -> Result<(), StatsError> {
     if d == 0 {
         return Err(invalid("feature_dim", "at least 1", d));
     }
-    let lengths: [(&'static str, usize, usize); 6] = [
+    let lengths: [(&'static str, usize, usize); 7] = [
         ("class_counts", k, parts.class_counts.len()),
         ("class_means", k * d, parts.class_means.len()),
         ("scatter", d * d, parts.scatter.len()),
         ("within_trace", k, parts.within_trace.len()),
         ("unit_sum", k * d, parts.unit_sum.len()),
         ("unit_count", k, parts.unit_count.len()),
+        ("unit_within_trace", k, parts.unit_within_trace.len()),
     ];
     for (field, expected, received) in lengths {
         if expected != received {
-            return Err(invalid(field, format!("{expected} values"), format!("{received} values")));
+            return Err(invalid(
+                field,
+                format!("{expected} values"),
+                format!("{received} values"),
+            ));
         }
     }
-    let float_fields: [(&'static str, &[f64]); 4] = [
+    let float_fields: [(&'static str, &[f64]); 5] = [
         ("class_means", &parts.class_means),
         ("scatter", &parts.scatter),
         ("within_trace", &parts.within_trace),
         ("unit_sum", &parts.unit_sum),
+        ("unit_within_trace", &parts.unit_within_trace),
     ];
     for (field, values) in float_fields {
         if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
@@ -523,7 +628,11 @@ fn validate_parts(parts: &AccumulatorParts) -> Result<(), StatsError> {
         let n = parts.class_counts[class];
         let trace = parts.within_trace[class];
         if trace < 0.0 {
-            return Err(invalid("within_trace", format!("a value >= 0 for class {class}"), trace));
+            return Err(invalid(
+                "within_trace",
+                format!("a value >= 0 for class {class}"),
+                trace,
+            ));
         }
         let units = parts.unit_count[class];
         if units > n {
@@ -533,15 +642,29 @@ fn validate_parts(parts: &AccumulatorParts) -> Result<(), StatsError> {
                 units,
             ));
         }
+        let unit_trace = parts.unit_within_trace[class];
+        // Unit vectors spread at most c_k about their mean: Σ‖u − ū‖² = c − ‖Σu‖²/c.
+        if !(0.0..=units as f64 * (1.0 + 1e-12)).contains(&unit_trace) {
+            return Err(invalid(
+                "unit_within_trace",
+                format!("a value in [0, unit_count[{class}] = {units}] for class {class}"),
+                unit_trace,
+            ));
+        }
+        let row = class * d..(class + 1) * d;
+        if units == 0 && parts.unit_sum[row.clone()].iter().any(|&v| v != 0.0) {
+            return Err(invalid(
+                "unit_sum",
+                format!("zeros for class {class}, whose unit_count is 0"),
+                "non-zero values",
+            ));
+        }
         if n == 0 {
-            let row = class * d..(class + 1) * d;
-            let empty = trace == 0.0
-                && parts.class_means[row.clone()].iter().all(|&v| v == 0.0)
-                && parts.unit_sum[row].iter().all(|&v| v == 0.0);
+            let empty = trace == 0.0 && parts.class_means[row.clone()].iter().all(|&v| v == 0.0);
             if !empty {
                 return Err(invalid(
                     "class_means",
-                    format!("zero mean, within_trace and unit_sum for class {class}, which has no samples"),
+                    format!("zero mean and within_trace for class {class}, which has no samples"),
                     "non-zero values",
                 ));
             }
@@ -553,11 +676,19 @@ fn validate_parts(parts: &AccumulatorParts) -> Result<(), StatsError> {
     for i in 0..d {
         let diagonal = scatter[i * d + i];
         if diagonal < 0.0 {
-            return Err(invalid("scatter", format!("a diagonal >= 0 at [{i}][{i}]"), diagonal));
+            return Err(invalid(
+                "scatter",
+                format!("a diagonal >= 0 at [{i}][{i}]"),
+                diagonal,
+            ));
         }
     }
     if samples == 0 && largest_diagonal > 0.0 {
-        return Err(invalid("scatter", "all zeros when class_counts sum to 0", "non-zero values"));
+        return Err(invalid(
+            "scatter",
+            "all zeros when class_counts sum to 0",
+            "non-zero values",
+        ));
     }
     let tolerance = 1e-9 * largest_diagonal;
     for i in 0..d {
@@ -596,7 +727,9 @@ mod tests {
         let parts = acc.to_parts();
         let expected = [
             (1.0f64 - 4.0 / 3.0).powi(2) + (3.0f64 - 4.0 / 3.0).powi(2) + (4.0f64 / 3.0).powi(2),
-            (1.0 - 4.0 / 3.0) * (-2.0 / 3.0) + (3.0 - 4.0 / 3.0) * (-2.0 / 3.0) + (-4.0 / 3.0) * (4.0 / 3.0),
+            (1.0 - 4.0 / 3.0) * (-2.0 / 3.0)
+                + (3.0 - 4.0 / 3.0) * (-2.0 / 3.0)
+                + (-4.0 / 3.0) * (4.0 / 3.0),
             2.0 * (2.0f64 / 3.0).powi(2) + (4.0f64 / 3.0).powi(2),
         ];
         assert!((parts.scatter[0] - expected[0]).abs() < 1e-12);
@@ -630,7 +763,10 @@ mod tests {
         let exact = 2.0 * 1e-6 + 2.0 * 4e-6;
         let got = merged.to_parts().scatter[0];
         // The inputs themselves carry ~1.5e-8 absolute rounding each.
-        assert!((got - exact).abs() < 1e-15 + 4.0 * 1.5e-8 * 4e-3, "{got} vs {exact}");
+        assert!(
+            (got - exact).abs() < 1e-15 + 4.0 * 1.5e-8 * 4e-3,
+            "{got} vs {exact}"
+        );
         assert!((merged.within_trace()[0] - got).abs() < 1e-18);
     }
 
@@ -654,9 +790,15 @@ mod tests {
     fn bad_batches_name_the_field() {
         let f = array![[1.0, f64::NAN]];
         let err = Accumulator::from_batch(f.view(), &[0], 2, Par::Seq).unwrap_err();
-        assert_eq!(err.to_string(), "features[0][1]: expected a finite number, received NaN");
+        assert_eq!(
+            err.to_string(),
+            "features[0][1]: expected a finite number, received NaN"
+        );
         let err = Accumulator::from_batch(array![[1.0]].view(), &[5], 2, Par::Seq).unwrap_err();
-        assert_eq!(err.to_string(), "labels[0]: expected a class in [0, 2), received 5");
+        assert_eq!(
+            err.to_string(),
+            "labels[0]: expected a class in [0, 2), received 5"
+        );
         let err = Accumulator::from_batch(array![[1.0]].view(), &[0, 1], 2, Par::Seq).unwrap_err();
         assert!(err.to_string().starts_with("labels: expected 1 labels"));
         let empty = Array2::<f64>::zeros((0, 3));
@@ -664,6 +806,21 @@ mod tests {
             Accumulator::from_batch(empty.view(), &[], 2, Par::Seq).unwrap_err(),
             StatsError::EmptyBatch
         );
+    }
+
+    #[test]
+    fn unit_vector_trace_is_kept_and_derived_when_missing() {
+        // Class 0: directions (1,0) and (0,1): mean (½,½), spread 2·½ = 1.
+        let features = batch(&[[2.0, 0.0], [0.0, 3.0], [0.0, 0.0]]);
+        let acc = Accumulator::from_batch(features.view(), &[0, 0, 1], 2, Par::Seq).unwrap();
+        assert!((acc.unit_within_trace()[0] - 1.0).abs() < 1e-15);
+        // The all-zero row of class 1 has no direction.
+        assert_eq!((acc.unit_count()[1], acc.unit_within_trace()[1]), (0, 0.0));
+
+        let mut parts = acc.to_parts();
+        parts.unit_within_trace.clear();
+        let derived = Accumulator::from_parts(parts).unwrap();
+        assert!((derived.unit_within_trace()[0] - 1.0).abs() < 1e-15);
     }
 
     #[test]

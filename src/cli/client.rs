@@ -1,0 +1,576 @@
+//! `vcid runs` and `vcid history`: the command-line client of a running
+//! daemon, plus the connection helper (address, bearer token, error wording)
+//! that `vcid demo` and the load generator share.
+//!
+//! Owns: turning a gRPC outcome into a table, JSON or a one-line error that
+//! names the address or the run. It must not compute any metric itself: every
+//! number shown comes from the server's `EpochResult`s as received.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use super::CliError;
+use crate::proto::vci_monitor_client::VciMonitorClient;
+use crate::proto::{EpochResult, GetHistoryRequest, ListRunsRequest, Run};
+
+/// The daemon's default gRPC address (what `vcid serve` binds when not told
+/// otherwise).
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
+
+/// How long to wait for the TCP/HTTP2 handshake before saying the server is
+/// unreachable; a local daemon answers in milliseconds.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A generated client whose every request carries the bearer token (if any).
+pub type Client = VciMonitorClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Adds `authorization: Bearer <token>` to every request when a token is set.
+#[derive(Clone, Debug, Default)]
+pub struct BearerAuth {
+    header: Option<MetadataValue<Ascii>>,
+}
+
+impl BearerAuth {
+    /// No token: requests go out unchanged (for a daemon with auth off).
+    pub fn none() -> Self {
+        Self { header: None }
+    }
+
+    /// A token as written in the token file (surrounding whitespace and the
+    /// trailing newline are ignored, as the server does).
+    pub fn token(token: &str) -> Result<Self, CliError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(CliError::Input("the bearer token is empty".into()));
+        }
+        let header = format!("Bearer {token}").parse().map_err(|_| {
+            CliError::Input(
+                "the bearer token must be printable ASCII without control characters".into(),
+            )
+        })?;
+        Ok(Self {
+            header: Some(header),
+        })
+    }
+
+    /// Reads the token from `path` (the `--auth-token-file` of the client).
+    pub fn from_file(path: &Path) -> Result<Self, CliError> {
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            CliError::Input(format!(
+                "cannot read the auth token file {}: {err}",
+                path.display()
+            ))
+        })?;
+        Self::token(&text).map_err(|err| CliError::Input(format!("{}: {err}", path.display())))
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(header) = &self.header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Accepts `host:port` as well as `http://host:port`.
+pub fn normalize_addr(addr: &str) -> String {
+    let addr = addr.trim();
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Connects to the daemon at `addr`; an unreachable server is an error that
+/// names the address.
+pub async fn connect(addr: &str, auth: BearerAuth) -> Result<Client, CliError> {
+    let addr = normalize_addr(addr);
+    let endpoint = Endpoint::from_shared(addr.clone())
+        .map_err(|err| CliError::Input(format!("--addr: {addr:?} is not a valid URI: {err}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|err| {
+        CliError::Failed(format!(
+            "cannot reach the vcid server at {addr}: {} (is `vcid serve` running there? set --addr or VCID_ADDR)",
+            error_chain(&err)
+        ))
+    })?;
+    Ok(VciMonitorClient::with_interceptor(channel, auth)
+        // Histories of long runs can exceed tonic's 4 MiB default.
+        .max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// `err` and its sources, joined, so "transport error" shows its real cause.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            let _ = write!(text, ": {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Maps a gRPC status to a CLI error in the words a user needs: which run
+/// does not exist, which address refused the token.
+pub fn status_error(status: &Status, addr: &str, run: Option<&str>) -> CliError {
+    let addr = normalize_addr(addr);
+    match (status.code(), run) {
+        (Code::NotFound, Some(run)) => CliError::Failed(format!(
+            "no run named {run:?} on the vcid server at {addr} ({})",
+            status.message()
+        )),
+        (Code::Unauthenticated, _) => CliError::Failed(format!(
+            "the vcid server at {addr} requires a valid bearer token: {} (pass --auth-token-file or set VCID_AUTH_TOKEN_FILE)",
+            status.message()
+        )),
+        (Code::Unavailable, _) => CliError::Failed(format!(
+            "cannot reach the vcid server at {addr}: {}",
+            status.message()
+        )),
+        (code, _) => CliError::Failed(format!(
+            "the vcid server at {addr} answered {code:?}: {}",
+            status.message()
+        )),
+    }
+}
+
+/// Output format of the client subcommands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON document for scripts.
+    Json,
+}
+
+/// Where the daemon is and how to authenticate; shared by the client
+/// subcommands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    /// gRPC address of the daemon (`http://host:port` or `host:port`).
+    #[arg(long, env = "VCID_ADDR", default_value = DEFAULT_ADDR)]
+    pub addr: String,
+    /// File holding the bearer token, for a daemon started with auth on.
+    #[arg(long, env = "VCID_AUTH_TOKEN_FILE", value_name = "PATH")]
+    pub auth_token_file: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    /// The interceptor these arguments ask for.
+    pub fn auth(&self) -> Result<BearerAuth, CliError> {
+        match &self.auth_token_file {
+            Some(path) => BearerAuth::from_file(path),
+            None => Ok(BearerAuth::none()),
+        }
+    }
+}
+
+/// Arguments of `vcid runs`.
+#[derive(Debug, clap::Args)]
+pub struct RunsArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// Arguments of `vcid history`.
+#[derive(Debug, clap::Args)]
+pub struct HistoryArgs {
+    /// The run whose epoch results to show.
+    pub run: String,
+    /// Only this split (e.g. train, val); default: every split.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Only this layer (e.g. penultimate); default: every layer.
+    #[arg(long)]
+    pub layer: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| CliError::Failed(format!("cannot start the async runtime: {err}")))
+}
+
+/// Runs `vcid runs`.
+pub fn runs(args: RunsArgs) -> Result<(), CliError> {
+    let auth = args.connect.auth()?;
+    let addr = args.connect.addr.clone();
+    let runs = runtime()?.block_on(async {
+        let mut client = connect(&addr, auth).await?;
+        client
+            .list_runs(ListRunsRequest {})
+            .await
+            .map(|reply| reply.into_inner().runs)
+            .map_err(|status| status_error(&status, &addr, None))
+    })?;
+    let text = match args.format {
+        Format::Table => render_runs(&runs),
+        Format::Json => runs_json(&runs),
+    };
+    print!("{text}");
+    Ok(())
+}
+
+/// Runs `vcid history RUN`.
+pub fn history(args: HistoryArgs) -> Result<(), CliError> {
+    let auth = args.connect.auth()?;
+    let addr = args.connect.addr.clone();
+    let request = GetHistoryRequest {
+        run_id: args.run.clone(),
+        split: args.split.clone().unwrap_or_default(),
+        layer: args.layer.clone().unwrap_or_default(),
+    };
+    let results = runtime()?.block_on(async {
+        let mut client = connect(&addr, auth).await?;
+        client
+            .get_history(request)
+            .await
+            .map(|reply| reply.into_inner().results)
+            .map_err(|status| status_error(&status, &addr, Some(&args.run)))
+    })?;
+    let text = match args.format {
+        Format::Table if results.is_empty() => format!(
+            "run {:?} has no closed epochs{}\n",
+            args.run,
+            filter_text(&args.split, &args.layer)
+        ),
+        Format::Table => render_history(&results),
+        Format::Json => history_json(&args.run, &results),
+    };
+    print!("{text}");
+    Ok(())
+}
+
+fn filter_text(split: &Option<String>, layer: &Option<String>) -> String {
+    match (split, layer) {
+        (None, None) => String::new(),
+        (Some(s), None) => format!(" in split {s:?}"),
+        (None, Some(l)) => format!(" in layer {l:?}"),
+        (Some(s), Some(l)) => format!(" in split {s:?}, layer {l:?}"),
+    }
+}
+
+/// A plain text table: left-aligned text columns, right-aligned numbers.
+#[derive(Debug, Default)]
+pub struct Table {
+    headers: Vec<String>,
+    right: Vec<bool>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// Columns given as (header, right-aligned?).
+    pub fn new(columns: &[(&str, bool)]) -> Self {
+        Self {
+            headers: columns.iter().map(|(h, _)| h.to_string()).collect(),
+            right: columns.iter().map(|(_, r)| *r).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Appends one row; it must have one cell per column.
+    pub fn push(&mut self, row: Vec<String>) {
+        debug_assert_eq!(row.len(), self.headers.len());
+        self.rows.push(row);
+    }
+
+    /// The table with a header line, columns separated by two spaces.
+    pub fn render(&self) -> String {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        let mut line = |cells: &[String]| {
+            let mut text = String::new();
+            for (i, cell) in cells.iter().enumerate() {
+                if i > 0 {
+                    text.push_str("  ");
+                }
+                let pad = widths[i].saturating_sub(cell.chars().count());
+                if self.right[i] {
+                    text.extend(std::iter::repeat_n(' ', pad));
+                    text.push_str(cell);
+                } else {
+                    text.push_str(cell);
+                    text.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+            out.push_str(text.trim_end());
+            out.push('\n');
+        };
+        line(&self.headers);
+        for row in &self.rows {
+            line(row);
+        }
+        out
+    }
+}
+
+/// A metric value for a table: "-" when undefined; 4 decimals in the usual
+/// range, scientific notation when very large or very small so that no
+/// digits that matter are hidden.
+pub fn fmt_metric(value: Option<f64>) -> String {
+    match value {
+        None => "-".to_string(),
+        Some(v) if !v.is_finite() => v.to_string(),
+        Some(0.0) => "0".to_string(),
+        Some(v) if v.abs() >= 1e4 || v.abs() < 1e-3 => format!("{v:.3e}"),
+        Some(v) => format!("{v:.4}"),
+    }
+}
+
+/// A signed change (vci_delta): always shows its sign.
+pub fn fmt_delta(value: Option<f64>) -> String {
+    match value {
+        None => "-".to_string(),
+        Some(v) if v != 0.0 && v.abs() < 1e-3 => format!("{v:+.2e}"),
+        Some(v) => format!("{v:+.4}"),
+    }
+}
+
+fn fmt_metadata(run: &Run) -> String {
+    if run.metadata.is_empty() {
+        return "-".into();
+    }
+    let mut pairs: Vec<_> = run.metadata.iter().collect();
+    pairs.sort();
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The `vcid runs` table.
+pub fn render_runs(runs: &[Run]) -> String {
+    if runs.is_empty() {
+        return "no runs\n".into();
+    }
+    let mut table = Table::new(&[
+        ("RUN", false),
+        ("K", true),
+        ("D", true),
+        ("ROWS", true),
+        ("OPEN", true),
+        ("CLOSED", true),
+        ("METADATA", false),
+    ]);
+    let mut runs: Vec<&Run> = runs.iter().collect();
+    runs.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+    for run in runs {
+        table.push(vec![
+            run.run_id.clone(),
+            run.num_classes.to_string(),
+            run.feature_dim.to_string(),
+            run.rows_ingested.to_string(),
+            run.open_epochs.len().to_string(),
+            run.closed_epochs.to_string(),
+            fmt_metadata(run),
+        ]);
+    }
+    table.render()
+}
+
+fn runs_json(runs: &[Run]) -> String {
+    let runs: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|run| {
+            serde_json::json!({
+                "run_id": run.run_id,
+                "num_classes": run.num_classes,
+                "feature_dim": run.feature_dim,
+                "metadata": run.metadata,
+                "created_unix_ms": run.created_unix_ms,
+                "rows_ingested": run.rows_ingested,
+                "closed_epochs": run.closed_epochs,
+                "open_epochs": run.open_epochs.iter().map(|open| serde_json::json!({
+                    "split": open.split,
+                    "layer": open.layer,
+                    "epoch": open.epoch,
+                    "samples": open.samples,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let mut text = serde_json::to_string_pretty(&serde_json::json!({ "runs": runs }))
+        .unwrap_or_else(|err| format!("{{\"error\": \"{err}\"}}"));
+    text.push('\n');
+    text
+}
+
+/// The `vcid history` table: one row per (split, layer, epoch), in the
+/// server's order (split, layer, epoch).
+pub fn render_history(results: &[EpochResult]) -> String {
+    let mut table = Table::new(&[
+        ("SPLIT", false),
+        ("LAYER", false),
+        ("EPOCH", true),
+        ("N", true),
+        ("VCI", true),
+        ("VCI_DELTA", true),
+        ("PROBE_MSE", true),
+        ("NC1", true),
+        ("CDNV", true),
+        ("CLASS_SEP", true),
+        ("EQUINORM", true),
+        ("EQUIANG", true),
+        ("EFF_RANK", true),
+        ("RANK_T", true),
+        ("RANK_B", true),
+        ("FLAGS", false),
+    ]);
+    for r in results {
+        table.push(vec![
+            r.split.clone(),
+            r.layer.clone(),
+            r.epoch.to_string(),
+            r.samples.to_string(),
+            fmt_metric(r.vci),
+            fmt_delta(r.vci_delta),
+            fmt_metric(r.linear_probe_mse),
+            fmt_metric(r.nc1),
+            fmt_metric(r.cdnv),
+            fmt_metric(r.class_separation),
+            fmt_metric(r.equinorm),
+            fmt_metric(r.equiangularity),
+            fmt_metric(r.effective_rank),
+            r.rank_total.to_string(),
+            r.rank_between.to_string(),
+            if r.small_sample {
+                "small_sample".into()
+            } else {
+                "-".into()
+            },
+        ]);
+    }
+    let mut text = table.render();
+    // Say why a metric is missing, once per distinct reason, so "-" is
+    // never a mystery.
+    let mut reasons: Vec<(String, String)> = results
+        .iter()
+        .flat_map(|r| r.notes.iter().map(|(k, v)| (k.clone(), v.clone())))
+        .collect();
+    reasons.sort();
+    reasons.dedup();
+    if !reasons.is_empty() {
+        text.push_str("\nundefined metrics:\n");
+        for (metric, why) in reasons {
+            let _ = writeln!(text, "  {metric}: {why}");
+        }
+    }
+    text
+}
+
+/// One epoch result as JSON; undefined metrics are `null`.
+pub fn result_json(r: &EpochResult) -> serde_json::Value {
+    serde_json::json!({
+        "run_id": r.run_id,
+        "split": r.split,
+        "layer": r.layer,
+        "epoch": r.epoch,
+        "samples": r.samples,
+        "classes_observed": r.classes_observed,
+        "feature_dim": r.feature_dim,
+        "vci": r.vci,
+        "linear_probe_mse": r.linear_probe_mse,
+        "nc1": r.nc1,
+        "cdnv": r.cdnv,
+        "class_separation": r.class_separation,
+        "equinorm": r.equinorm,
+        "equiangularity": r.equiangularity,
+        "effective_rank": r.effective_rank,
+        "vci_delta": r.vci_delta,
+        "rank_total": r.rank_total,
+        "rank_between": r.rank_between,
+        "small_sample": r.small_sample,
+        "notes": r.notes,
+        "close_seconds": r.close_seconds,
+        "closed_unix_ms": r.closed_unix_ms,
+    })
+}
+
+fn history_json(run: &str, results: &[EpochResult]) -> String {
+    let doc = serde_json::json!({
+        "run_id": run,
+        "results": results.iter().map(result_json).collect::<Vec<_>>(),
+    });
+    let mut text = serde_json::to_string_pretty(&doc)
+        .unwrap_or_else(|err| format!("{{\"error\": \"{err}\"}}"));
+    text.push('\n');
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_formatting_marks_undefined_and_keeps_small_values() {
+        assert_eq!(fmt_metric(None), "-");
+        assert_eq!(fmt_metric(Some(0.5)), "0.5000");
+        assert_eq!(fmt_metric(Some(0.0)), "0");
+        assert_eq!(fmt_metric(Some(2.5e-5)), "2.500e-5");
+        assert_eq!(fmt_metric(Some(123456.0)), "1.235e5");
+        assert_eq!(fmt_delta(Some(-0.25)), "-0.2500");
+        assert_eq!(fmt_delta(Some(0.1)), "+0.1000");
+        assert_eq!(fmt_delta(None), "-");
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let mut t = Table::new(&[("A", false), ("NUM", true)]);
+        t.push(vec!["long-name".into(), "1".into()]);
+        t.push(vec!["x".into(), "12345".into()]);
+        assert_eq!(
+            t.render(),
+            "A            NUM\nlong-name      1\nx          12345\n"
+        );
+    }
+
+    #[test]
+    fn default_address_is_where_serve_listens() {
+        assert_eq!(
+            DEFAULT_ADDR,
+            format!("http://{}", crate::server::config::DEFAULT_GRPC_ADDR)
+        );
+    }
+
+    #[test]
+    fn addresses_without_scheme_get_http() {
+        assert_eq!(normalize_addr("127.0.0.1:1"), "http://127.0.0.1:1");
+        assert_eq!(normalize_addr("http://h:2"), "http://h:2");
+    }
+
+    #[test]
+    fn empty_token_is_rejected() {
+        assert!(BearerAuth::token(" \n").is_err());
+        assert!(BearerAuth::token("abc\n").is_ok());
+    }
+}

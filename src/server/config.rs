@@ -1,0 +1,94 @@
+//! Configuration of one daemon: listen addresses, data directory, limits and
+//! the optional bearer token.
+//!
+//! Owns the defaults (listed on [`ServeConfig::default`]); it must not parse
+//! command lines or files (that is `cli::serve`) nor open anything.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default gRPC listen address (loopback: exposing the daemon is a choice).
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
+/// Default HTTP listen address for `/metrics`, `/healthz`, `/readyz`
+/// (9464 is the port OpenTelemetry's Prometheus exporter uses by convention).
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "./vcid-data";
+/// Default largest accepted gRPC message: 64 MiB. A 256 x 512 float32 batch
+/// is 0.5 MiB; a `PushStats` block of dimension d needs about 8·d² bytes, so
+/// d above ~2800 needs a larger limit.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Default largest number of rows in one `FeatureBatch`.
+pub const DEFAULT_MAX_BATCH_ROWS: u32 = 65_536;
+/// Default budget for all open accumulators together: 2 GiB.
+pub const DEFAULT_MAX_ACCUMULATOR_BYTES: u64 = 2 << 30;
+/// How long a graceful shutdown waits for in-flight RPCs before it
+/// checkpoints anyway.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Resource limits enforced on every request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest decoded gRPC message in bytes (RESOURCE_EXHAUSTED above it).
+    pub max_message_bytes: usize,
+    /// Largest `rows` of one `FeatureBatch` (RESOURCE_EXHAUSTED above it).
+    pub max_batch_rows: u32,
+    /// Budget for the estimated bytes of all open accumulators together.
+    pub max_accumulator_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
+            max_accumulator_bytes: DEFAULT_MAX_ACCUMULATOR_BYTES,
+        }
+    }
+}
+
+/// Everything [`crate::server::spawn`] needs to start a daemon.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// gRPC listen address; port 0 picks a free port (see `ServerHandle`).
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address for metrics and probes; port 0 picks a free port.
+    pub http_addr: SocketAddr,
+    /// Directory of the redb database (`vcid.redb`); created if missing.
+    pub data_dir: PathBuf,
+    /// Request limits.
+    pub limits: Limits,
+    /// When set, every gRPC call must carry `authorization: Bearer <token>`.
+    pub auth_token: Option<String>,
+    /// Longest wait for in-flight RPCs during a graceful shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeConfig {
+    /// grpc 127.0.0.1:50051, http 127.0.0.1:9464, data ./vcid-data,
+    /// 64 MiB messages, 65 536 rows per batch, 2 GiB of accumulators, no auth.
+    fn default() -> Self {
+        ServeConfig {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            limits: Limits::default(),
+            auth_token: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// A configuration for tests and the in-process demo: both listeners on
+    /// 127.0.0.1 with ephemeral ports, data in `data_dir`, default limits.
+    pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
+        ServeConfig {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.into(),
+            ..ServeConfig::default()
+        }
+    }
+}

@@ -1,0 +1,599 @@
+//! The daemon's request logic, independent of gRPC: create/delete runs,
+//! ingest batches and stats blocks, close epochs, read history, subscribe to
+//! results, restore at start-up and checkpoint at shutdown.
+//!
+//! Ties [`State`] (memory), [`Store`] (disk), [`Telemetry`] and the math
+//! core together. CPU work (decoding, a batch's statistics, an epoch's
+//! metrics) and disk I/O run on tokio's blocking pool (`spawn_blocking`), so
+//! the async runtime keeps serving other streams and runs meanwhile; locks
+//! are only taken inside [`State`]'s short critical sections. It must not
+//! know about tonic requests, HTTP or signals.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use tokio::sync::broadcast;
+
+use crate::metrics::{self, EpochMetrics};
+use crate::proto::{
+    CloseEpochRequest, CreateRunRequest, EpochResult, FeatureBatch, GetHistoryRequest, History,
+    Run, StatsBlock,
+};
+use crate::stats::{Accumulator, AccumulatorParts, Par};
+
+use super::config::Limits;
+use super::decode::{self, StreamKey};
+use super::error::ServerError;
+use super::export::Telemetry;
+use super::state::{accumulator_bytes, Applied, RunInfo, RunState, SeqSet, State};
+use super::store::{RunCheckpoint, Store, WriterCheckpoint};
+
+/// How many results a `Watch` subscriber may fall behind before it is cut
+/// off (it can re-read `GetHistory`).
+const WATCH_CAPACITY: usize = 1024;
+
+/// A validated batch with its statistics, not yet applied (see
+/// [`Daemon::prepare_batch`]).
+#[derive(Debug)]
+pub struct PreparedBatch {
+    run: Arc<RunState>,
+    key: StreamKey,
+    epoch: u64,
+    dedup: Option<(String, u64)>,
+    /// `None`: already known to be a duplicate.
+    acc: Option<Accumulator>,
+}
+
+/// What `Watch` subscribers receive.
+#[derive(Clone, Debug)]
+pub enum WatchEvent {
+    /// A new epoch result.
+    Result(Arc<EpochResult>),
+    /// The run was deleted: its watchers end.
+    RunDeleted(String),
+}
+
+impl From<Applied> for Ingested {
+    fn from(applied: Applied) -> Self {
+        match applied {
+            Applied::Merged(rows) => Ingested::Applied(rows),
+            Applied::Duplicate => Ingested::Duplicate,
+        }
+    }
+}
+
+/// Outcome of one ingested batch or stats block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ingested {
+    /// Merged, with this many rows (samples).
+    Applied(u64),
+    /// Skipped: its `(writer_id, sequence)` was applied before.
+    Duplicate,
+}
+
+/// The daemon core shared by the gRPC service, the HTTP exporter and the
+/// shutdown path.
+#[derive(Debug)]
+pub struct Daemon {
+    state: Arc<State>,
+    store: Store,
+    limits: Limits,
+    telemetry: Telemetry,
+    events: broadcast::Sender<WatchEvent>,
+    /// Serialises CreateRun/DeleteRun so the check-then-write is atomic.
+    admin: tokio::sync::Mutex<()>,
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ServerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServerError::Internal(format!("worker task failed: {e}")))
+}
+
+/// The proto result of a close.
+fn epoch_result(
+    run_id: &str,
+    key: &StreamKey,
+    epoch: u64,
+    m: EpochMetrics,
+    previous_vci: Option<Option<f64>>,
+) -> EpochResult {
+    let mut notes: std::collections::HashMap<String, String> = m.notes.into_iter().collect();
+    let vci_delta = match previous_vci {
+        None => {
+            notes.insert(
+                "vci_delta".into(),
+                "no earlier closed epoch in this stream".into(),
+            );
+            None
+        }
+        Some(previous) => {
+            let delta = metrics::vci_delta(m.vci, previous);
+            if delta.is_none() {
+                notes.insert(
+                    "vci_delta".into(),
+                    "vci is undefined in this epoch or the previous closed one".into(),
+                );
+            }
+            delta
+        }
+    };
+    EpochResult {
+        run_id: run_id.to_owned(),
+        split: key.split.clone(),
+        layer: key.layer.clone(),
+        epoch,
+        samples: m.samples,
+        classes_observed: u32::try_from(m.classes_observed).unwrap_or(u32::MAX),
+        feature_dim: u32::try_from(m.feature_dim).unwrap_or(u32::MAX),
+        vci: m.vci,
+        linear_probe_mse: m.linear_probe_mse,
+        nc1: m.nc1,
+        cdnv: m.cdnv,
+        class_separation: m.class_separation,
+        equinorm: m.equinorm,
+        equiangularity: m.equiangularity,
+        effective_rank: m.effective_rank,
+        vci_delta,
+        rank_total: u32::try_from(m.rank_total).unwrap_or(u32::MAX),
+        rank_between: u32::try_from(m.rank_between).unwrap_or(u32::MAX),
+        small_sample: m.small_sample,
+        notes,
+        close_seconds: 0.0,
+        closed_unix_ms: 0,
+    }
+}
+
+fn to_stats_block(
+    run_id: &str,
+    key: &StreamKey,
+    epoch: u64,
+    parts: AccumulatorParts,
+) -> StatsBlock {
+    StatsBlock {
+        run_id: run_id.to_owned(),
+        split: key.split.clone(),
+        layer: key.layer.clone(),
+        epoch,
+        class_counts: parts.class_counts,
+        class_means: parts.class_means,
+        scatter: parts.scatter,
+        within_trace: parts.within_trace,
+        unit_sum: parts.unit_sum,
+        unit_count: parts.unit_count,
+        unit_within_trace: parts.unit_within_trace,
+        writer_id: String::new(),
+        sequence: 0,
+    }
+}
+
+impl Daemon {
+    /// Opens the store under `data_dir` and restores runs, histories and
+    /// checkpoints (consuming the checkpoints). Blocking.
+    pub fn open(data_dir: &std::path::Path, limits: Limits) -> Result<Daemon, ServerError> {
+        let store = Store::open(data_dir)?;
+        let state = Arc::new(State::new(limits.max_accumulator_bytes));
+        let telemetry = Telemetry::new(Arc::clone(&state))?;
+        let restored = store.load()?;
+        for run in restored.runs {
+            let info = RunInfo {
+                run_id: run.run_id.clone(),
+                num_classes: run.num_classes,
+                feature_dim: run.feature_dim,
+                metadata: run.metadata.into_iter().collect(),
+                created_unix_ms: run.created_unix_ms,
+            };
+            state.insert(Arc::new(RunState::new(info, run.rows_ingested)));
+        }
+        for result in restored.results {
+            let Some(run) = state.find(&result.run_id) else {
+                continue;
+            };
+            let key = StreamKey {
+                split: result.split.clone(),
+                layer: result.layer.clone(),
+            };
+            run.restore_result(key, Arc::new(result));
+        }
+        let mut restored_epochs = 0usize;
+        for (run_id, checkpoint) in &restored.checkpoints {
+            let Some(run) = state.find(run_id) else {
+                continue;
+            };
+            for block in &checkpoint.epochs {
+                let key = StreamKey {
+                    split: block.split.clone(),
+                    layer: block.layer.clone(),
+                };
+                let parts = decode::stats_block_parts(
+                    block.clone(),
+                    run.info.num_classes,
+                    run.info.feature_dim,
+                );
+                match Accumulator::from_parts(parts) {
+                    Ok(acc) => {
+                        run.restore_open(key, block.epoch, acc, &state.budget);
+                        restored_epochs += 1;
+                    }
+                    Err(err) => tracing::error!(
+                        run = %run_id, epoch = block.epoch, %err,
+                        "checkpointed accumulator is invalid; dropped"
+                    ),
+                }
+            }
+            for writer in &checkpoint.writers {
+                run.restore_writer(writer.writer_id.clone(), SeqSet::from_flat(&writer.ranges));
+            }
+        }
+        store.clear_checkpoints()?;
+        tracing::info!(
+            path = %store.path().display(),
+            runs = state.list().len(),
+            open_epochs = restored_epochs,
+            "state restored"
+        );
+        let (events, _) = broadcast::channel(WATCH_CAPACITY);
+        Ok(Daemon {
+            state,
+            store,
+            limits,
+            telemetry,
+            events,
+            admin: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The metrics registry (for `/metrics`).
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn run_proto(&self, run: &RunState) -> Run {
+        Run {
+            run_id: run.info.run_id.clone(),
+            num_classes: run.info.num_classes,
+            feature_dim: run.info.feature_dim,
+            metadata: run
+                .info
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            created_unix_ms: run.info.created_unix_ms,
+            rows_ingested: run.rows_ingested(),
+            open_epochs: run.open_epochs(),
+            closed_epochs: run.closed_epochs(),
+        }
+    }
+
+    /// The stored form of a run (no volatile fields).
+    fn run_record(run: &RunState) -> Run {
+        Run {
+            run_id: run.info.run_id.clone(),
+            num_classes: run.info.num_classes,
+            feature_dim: run.info.feature_dim,
+            metadata: run
+                .info
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            created_unix_ms: run.info.created_unix_ms,
+            rows_ingested: run.rows_ingested(),
+            open_epochs: Vec::new(),
+            closed_epochs: 0,
+        }
+    }
+
+    /// `CreateRun`: durable before it returns; idempotent for the same shape.
+    pub async fn create_run(&self, req: CreateRunRequest) -> Result<Run, ServerError> {
+        decode::check_run_id(&req.run_id)?;
+        if req.num_classes < 2 {
+            return Err(ServerError::invalid(
+                "num_classes",
+                "at least 2",
+                req.num_classes.to_string(),
+            ));
+        }
+        if req.feature_dim < 1 {
+            return Err(ServerError::invalid("feature_dim", "at least 1", "0"));
+        }
+        for (key, value) in &req.metadata {
+            if key.is_empty() || key.len() > 128 || value.len() > 1024 {
+                return Err(ServerError::invalid(
+                    format!("metadata[{key:?}]"),
+                    "a key of 1-128 bytes and a value of at most 1024 bytes",
+                    format!("a {}-byte key and a {}-byte value", key.len(), value.len()),
+                ));
+            }
+        }
+        let _admin = self.admin.lock().await;
+        if let Some(existing) = self.state.find(&req.run_id) {
+            let info = &existing.info;
+            if info.num_classes != req.num_classes || info.feature_dim != req.feature_dim {
+                return Err(ServerError::RunConflict {
+                    run_id: req.run_id,
+                    expected_k: info.num_classes,
+                    expected_d: info.feature_dim,
+                    received_k: req.num_classes,
+                    received_d: req.feature_dim,
+                });
+            }
+            return Ok(self.run_proto(&existing));
+        }
+        let needed = accumulator_bytes(req.num_classes, req.feature_dim);
+        let budget = self.state.budget.limit();
+        if needed > u128::from(budget) {
+            let in_use = self.state.budget.used();
+            return Err(ServerError::BudgetExceeded {
+                run_id: req.run_id,
+                num_classes: req.num_classes,
+                feature_dim: req.feature_dim,
+                needed: u64::try_from(needed).unwrap_or(u64::MAX),
+                in_use,
+                available: budget.saturating_sub(in_use),
+                budget,
+            });
+        }
+        let info = RunInfo {
+            run_id: req.run_id,
+            num_classes: req.num_classes,
+            feature_dim: req.feature_dim,
+            metadata: req.metadata.into_iter().collect::<BTreeMap<_, _>>(),
+            created_unix_ms: now_unix_ms(),
+        };
+        let run = Arc::new(RunState::new(info, 0));
+        let record = Self::run_record(&run);
+        let store = self.store.clone();
+        blocking(move || store.put_run(&record)).await??;
+        self.state.insert(Arc::clone(&run));
+        tracing::info!(run = %run.info.run_id, k = run.info.num_classes, d = run.info.feature_dim, "run created");
+        Ok(self.run_proto(&run))
+    }
+
+    /// `GetRun`.
+    pub fn get_run(&self, run_id: &str) -> Result<Run, ServerError> {
+        let run = self.state.get(run_id)?;
+        Ok(self.run_proto(&run))
+    }
+
+    /// `ListRuns`, ordered by id.
+    pub fn list_runs(&self) -> Vec<Run> {
+        self.state
+            .list()
+            .iter()
+            .map(|r| self.run_proto(r))
+            .collect()
+    }
+
+    /// `DeleteRun`: durable before it returns; ends the run's watchers.
+    pub async fn delete_run(&self, run_id: &str) -> Result<(), ServerError> {
+        let _admin = self.admin.lock().await;
+        self.state.get(run_id)?;
+        let store = self.store.clone();
+        let id = run_id.to_owned();
+        blocking(move || store.delete_run(&id)).await??;
+        self.state.remove(run_id);
+        let _ = self.events.send(WatchEvent::RunDeleted(run_id.to_owned()));
+        tracing::info!(run = %run_id, "run deleted");
+        Ok(())
+    }
+
+    /// One `FeatureBatch`: [`Daemon::prepare_batch`] then
+    /// [`Daemon::apply_prepared`] (whole or not at all).
+    pub async fn ingest(&self, batch: FeatureBatch) -> Result<Ingested, ServerError> {
+        let prepared = self.prepare_batch(batch).await?;
+        self.apply_prepared(prepared).await
+    }
+
+    /// The lock-free half of ingesting a batch: validation, decoding and the
+    /// batch's own statistics, on the blocking pool. Changes nothing, so
+    /// several batches of one stream may be prepared concurrently and then
+    /// applied in order.
+    pub async fn prepare_batch(&self, batch: FeatureBatch) -> Result<PreparedBatch, ServerError> {
+        self.telemetry.ingest_bytes(batch.encoded_len());
+        let run = self.state.get(&batch.run_id)?;
+        let dedup = decode::dedup_key(&batch.writer_id, batch.sequence)?;
+        if run.is_duplicate(dedup.as_ref()) {
+            return Ok(PreparedBatch {
+                run,
+                key: decode::stream_key(&batch.split, &batch.layer)?,
+                epoch: batch.epoch,
+                dedup,
+                acc: None,
+            });
+        }
+        let (k, d) = (run.info.num_classes, run.info.feature_dim);
+        let max_rows = self.limits.max_batch_rows;
+        let (key, epoch, dedup, acc) = blocking(move || {
+            let decoded = decode::decode_batch(batch, d, max_rows)?;
+            let acc = Accumulator::from_batch(
+                decoded.features.view(),
+                &decoded.labels,
+                k as usize,
+                Par::Seq,
+            )?;
+            Ok::<_, ServerError>((decoded.key, decoded.epoch, decoded.dedup, acc))
+        })
+        .await??;
+        Ok(PreparedBatch {
+            run,
+            key,
+            epoch,
+            dedup,
+            acc: Some(acc),
+        })
+    }
+
+    /// The serialised half: the O(d²) merge under the epoch's lock (on the
+    /// blocking pool), with the closed-epoch, duplicate and budget checks.
+    pub async fn apply_prepared(&self, prepared: PreparedBatch) -> Result<Ingested, ServerError> {
+        let PreparedBatch {
+            run,
+            key,
+            epoch,
+            dedup,
+            acc,
+        } = prepared;
+        let Some(acc) = acc else {
+            return Ok(Ingested::Duplicate);
+        };
+        let state = Arc::clone(&self.state);
+        let applied =
+            blocking(move || run.apply(&key, epoch, &acc, dedup.as_ref(), &state.budget)).await??;
+        Ok(applied.into())
+    }
+
+    /// `PushStats`: a pre-aggregated accumulator, validated by the math core
+    /// and merged like a batch.
+    pub async fn push_stats(&self, block: StatsBlock) -> Result<Ingested, ServerError> {
+        self.telemetry.ingest_bytes(block.encoded_len());
+        let run = self.state.get(&block.run_id)?;
+        let (k, d) = (run.info.num_classes, run.info.feature_dim);
+        let decoded = decode::decode_stats(block, k, d)?;
+        if run.is_duplicate(decoded.dedup.as_ref()) {
+            return Ok(Ingested::Duplicate);
+        }
+        let decode::DecodedStats {
+            key,
+            epoch,
+            parts,
+            dedup,
+        } = decoded;
+        let state = Arc::clone(&self.state);
+        let applied = blocking(move || {
+            let acc = Accumulator::from_parts(parts)?;
+            run.apply(&key, epoch, &acc, dedup.as_ref(), &state.budget)
+        })
+        .await??;
+        Ok(applied.into())
+    }
+
+    /// `CloseEpoch`: metrics on the blocking pool, result durable before it
+    /// returns; on any failure the epoch stays open with all its data.
+    pub async fn close_epoch(&self, req: CloseEpochRequest) -> Result<EpochResult, ServerError> {
+        let started = Instant::now();
+        let run = self.state.get(&req.run_id)?;
+        let key = decode::stream_key(&req.split, &req.layer)?;
+        let closing = run.begin_close(&key, req.epoch)?;
+        let (computed, closing) = blocking(move || {
+            let computed = metrics::compute(&closing.acc, Par::rayon(0));
+            (computed, closing)
+        })
+        .await?;
+        let metrics = match computed {
+            Ok(m) => m,
+            Err(err) => {
+                run.abort_close(closing, &self.state.budget);
+                return Err(err.into());
+            }
+        };
+        let mut result = epoch_result(
+            &run.info.run_id,
+            &key,
+            req.epoch,
+            metrics,
+            closing.previous_vci,
+        );
+        result.closed_unix_ms = now_unix_ms();
+        result.close_seconds = started.elapsed().as_secs_f64();
+        let record = Self::run_record(&run);
+        let store = self.store.clone();
+        let to_store = result.clone();
+        let stored = blocking(move || store.put_result(&record, &to_store)).await;
+        match stored {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                run.abort_close(closing, &self.state.budget);
+                return Err(ServerError::RunNotFound(run.info.run_id.clone()));
+            }
+            Ok(Err(err)) => {
+                run.abort_close(closing, &self.state.budget);
+                return Err(err.into());
+            }
+            Err(err) => {
+                run.abort_close(closing, &self.state.budget);
+                return Err(err);
+            }
+        }
+        let shared = Arc::new(result.clone());
+        run.finish_close(closing, Arc::clone(&shared), &self.state.budget);
+        let _ = self.events.send(WatchEvent::Result(shared));
+        self.telemetry
+            .observe_close(started.elapsed().as_secs_f64());
+        tracing::info!(
+            run = %run.info.run_id, split = %key.split, layer = %key.layer, epoch = req.epoch,
+            samples = result.samples, vci = ?result.vci, seconds = result.close_seconds,
+            "epoch closed"
+        );
+        Ok(result)
+    }
+
+    /// `GetHistory`: results ordered by split, layer, epoch.
+    pub fn history(&self, req: &GetHistoryRequest) -> Result<History, ServerError> {
+        let run = self.state.get(&req.run_id)?;
+        let split = decode::name_filter("split", &req.split)?;
+        let layer = decode::name_filter("layer", &req.layer)?;
+        Ok(History {
+            results: run
+                .history(split.as_deref(), layer.as_deref())
+                .iter()
+                .map(|r| (**r).clone())
+                .collect(),
+        })
+    }
+
+    /// A receiver of every future result and deletion (callers filter).
+    /// Fails with NOT_FOUND for an unknown run.
+    pub fn subscribe(&self, run_id: &str) -> Result<broadcast::Receiver<WatchEvent>, ServerError> {
+        // Subscribe first so a result produced right after the check is
+        // not missed.
+        let rx = self.events.subscribe();
+        self.state.get(run_id)?;
+        Ok(rx)
+    }
+
+    /// Freezes and durably writes every open accumulator and duplicate
+    /// filter (graceful shutdown). Blocking.
+    pub fn checkpoint(&self) -> Result<usize, ServerError> {
+        let mut all = Vec::new();
+        let mut epochs = 0;
+        for run in self.state.list() {
+            let (open, writers) = run.freeze_for_checkpoint();
+            epochs += open.len();
+            let checkpoint = RunCheckpoint {
+                epochs: open
+                    .into_iter()
+                    .map(|(key, epoch, acc)| {
+                        to_stats_block(&run.info.run_id, &key, epoch, acc.to_parts())
+                    })
+                    .collect(),
+                writers: writers
+                    .into_iter()
+                    .map(|(writer_id, set)| WriterCheckpoint {
+                        writer_id,
+                        ranges: set.to_flat(),
+                    })
+                    .collect(),
+            };
+            all.push((Self::run_record(&run), checkpoint));
+        }
+        self.store.write_checkpoints(&all)?;
+        Ok(epochs)
+    }
+}

@@ -1,0 +1,376 @@
+//! Turns wire messages into validated values: names (SPEC §1), the
+//! `FeatureBatch` bytes into an f64 matrix, a `StatsBlock` into
+//! [`AccumulatorParts`].
+//!
+//! Pure functions without locks or I/O, so they run outside any lock (and
+//! off the async runtime). Every error names the field, the expected and the
+//! received value. Checks that need the statistics themselves (labels below
+//! K, NaN/Inf, a consistent `StatsBlock`) are the math core's
+//! (`Accumulator::from_batch` / `from_parts`), not repeated here.
+
+use half::{bf16, f16};
+use ndarray::Array2;
+
+use crate::proto::{Encoding, FeatureBatch, StatsBlock};
+use crate::stats::AccumulatorParts;
+
+use super::error::ServerError;
+
+/// Longest `run_id`.
+pub const MAX_RUN_ID_LEN: usize = 128;
+/// Longest `split` or `layer`.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest `writer_id` (bounds the memory of the duplicate filter).
+pub const MAX_WRITER_ID_LEN: usize = 128;
+/// `split` used when the request leaves it empty.
+pub const DEFAULT_SPLIT: &str = "train";
+/// `layer` used when the request leaves it empty.
+pub const DEFAULT_LAYER: &str = "penultimate";
+
+/// The `(split, layer)` part of a stream; the run is held separately.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamKey {
+    pub split: String,
+    pub layer: String,
+}
+
+impl StreamKey {
+    /// `run/split/layer`, how messages and logs name a stream.
+    pub fn display(&self, run_id: &str) -> String {
+        format!("{run_id}/{}/{}", self.split, self.layer)
+    }
+}
+
+fn check_name(field: &str, value: &str, max_len: usize) -> Result<(), ServerError> {
+    let ok_chars = value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'));
+    if value.is_empty() || value.len() > max_len || !ok_chars {
+        return Err(ServerError::invalid(
+            field,
+            format!("1-{max_len} characters of [A-Za-z0-9_.:-]"),
+            format!("{value:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a `run_id` (1–128 characters of `[A-Za-z0-9_.:-]`).
+pub fn check_run_id(run_id: &str) -> Result<(), ServerError> {
+    check_name("run_id", run_id, MAX_RUN_ID_LEN)
+}
+
+/// The stream key of a request: empty `split`/`layer` become
+/// `train`/`penultimate`; others must be 1–64 characters of
+/// `[A-Za-z0-9_.:-]`.
+pub fn stream_key(split: &str, layer: &str) -> Result<StreamKey, ServerError> {
+    let split = if split.is_empty() {
+        DEFAULT_SPLIT
+    } else {
+        split
+    };
+    let layer = if layer.is_empty() {
+        DEFAULT_LAYER
+    } else {
+        layer
+    };
+    check_name("split", split, MAX_NAME_LEN)?;
+    check_name("layer", layer, MAX_NAME_LEN)?;
+    Ok(StreamKey {
+        split: split.to_owned(),
+        layer: layer.to_owned(),
+    })
+}
+
+/// Optional filter of `GetHistory`/`Watch`: empty means "any".
+pub fn name_filter(field: &str, value: &str) -> Result<Option<String>, ServerError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    check_name(field, value, MAX_NAME_LEN)?;
+    Ok(Some(value.to_owned()))
+}
+
+/// The idempotence key of a batch: `None` when `writer_id` is empty.
+pub fn dedup_key(writer_id: &str, sequence: u64) -> Result<Option<(String, u64)>, ServerError> {
+    if writer_id.is_empty() {
+        return Ok(None);
+    }
+    if writer_id.len() > MAX_WRITER_ID_LEN {
+        return Err(ServerError::invalid(
+            "writer_id",
+            format!("at most {MAX_WRITER_ID_LEN} bytes"),
+            format!("{} bytes", writer_id.len()),
+        ));
+    }
+    Ok(Some((writer_id.to_owned(), sequence)))
+}
+
+/// Bytes per value of an encoding.
+pub fn encoding_width(encoding: Encoding) -> usize {
+    match encoding {
+        Encoding::Float32 => 4,
+        Encoding::Float16 | Encoding::Bfloat16 => 2,
+    }
+}
+
+/// A `FeatureBatch` whose shape has been checked, with its features decoded
+/// to f64; labels are still unchecked against K (the math core does that).
+#[derive(Debug)]
+pub struct DecodedBatch {
+    pub key: StreamKey,
+    pub epoch: u64,
+    /// `rows × d`.
+    pub features: Array2<f64>,
+    pub labels: Vec<u32>,
+    pub dedup: Option<(String, u64)>,
+}
+
+/// Validates a batch's names and shape against its run (`num_classes` is
+/// only used by the caller; `feature_dim` fixes the byte length) and decodes
+/// the little-endian features to f64.
+pub fn decode_batch(
+    batch: FeatureBatch,
+    feature_dim: u32,
+    max_rows: u32,
+) -> Result<DecodedBatch, ServerError> {
+    let key = stream_key(&batch.split, &batch.layer)?;
+    let dedup = dedup_key(&batch.writer_id, batch.sequence)?;
+    if batch.rows == 0 {
+        return Err(ServerError::invalid("rows", "at least 1", "0"));
+    }
+    if batch.rows > max_rows {
+        return Err(ServerError::TooManyRows {
+            rows: u64::from(batch.rows),
+            max: max_rows,
+        });
+    }
+    let encoding = Encoding::try_from(batch.encoding).map_err(|_| {
+        ServerError::invalid(
+            "encoding",
+            "ENCODING_FLOAT32 (0), ENCODING_FLOAT16 (1) or ENCODING_BFLOAT16 (2)",
+            batch.encoding.to_string(),
+        )
+    })?;
+    let rows = batch.rows as usize;
+    let d = feature_dim as usize;
+    let width = encoding_width(encoding);
+    // rows ≤ max_rows and d ≤ u32::MAX, so this cannot overflow u128; it can
+    // exceed usize on 32-bit targets, which the comparison handles.
+    let expected_len = rows as u128 * d as u128 * width as u128;
+    if expected_len != batch.features.len() as u128 {
+        return Err(ServerError::invalid(
+            "features",
+            format!(
+                "rows·feature_dim·{width} = {rows}·{d}·{width} = {expected_len} bytes of {}",
+                encoding.as_str_name()
+            ),
+            format!("{} bytes", batch.features.len()),
+        ));
+    }
+    if batch.labels.len() != rows {
+        return Err(ServerError::invalid(
+            "labels",
+            format!("{rows} labels (one per row)"),
+            format!("{} labels", batch.labels.len()),
+        ));
+    }
+    let values = decode_values(&batch.features, encoding);
+    let features = Array2::from_shape_vec((rows, d), values).map_err(|err| {
+        ServerError::Internal(format!("features of {rows}x{d} do not fit a matrix: {err}"))
+    })?;
+    Ok(DecodedBatch {
+        key,
+        epoch: batch.epoch,
+        features,
+        labels: batch.labels,
+        dedup,
+    })
+}
+
+/// Little-endian values of `encoding` to f64; `bytes.len()` is a multiple of
+/// the width (checked by the caller).
+fn decode_values(bytes: &[u8], encoding: Encoding) -> Vec<f64> {
+    match encoding {
+        Encoding::Float32 => bytes
+            .chunks_exact(4)
+            .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .collect(),
+        Encoding::Float16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect(),
+        Encoding::Bfloat16 => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect(),
+    }
+}
+
+/// A `StatsBlock` with checked names, as parts of the run's shape (the
+/// math core's `Accumulator::from_parts` validates the values).
+#[derive(Debug)]
+pub struct DecodedStats {
+    pub key: StreamKey,
+    pub epoch: u64,
+    pub parts: AccumulatorParts,
+    pub dedup: Option<(String, u64)>,
+}
+
+/// Checks a `StatsBlock`'s names and that it holds at least one sample.
+pub fn decode_stats(
+    block: StatsBlock,
+    num_classes: u32,
+    feature_dim: u32,
+) -> Result<DecodedStats, ServerError> {
+    let key = stream_key(&block.split, &block.layer)?;
+    let dedup = dedup_key(&block.writer_id, block.sequence)?;
+    let samples: u128 = block.class_counts.iter().map(|&n| u128::from(n)).sum();
+    if samples == 0 {
+        return Err(ServerError::invalid(
+            "class_counts",
+            "at least one sample",
+            format!(
+                "{} classes with 0 samples in total",
+                block.class_counts.len()
+            ),
+        ));
+    }
+    Ok(DecodedStats {
+        key,
+        epoch: block.epoch,
+        parts: stats_block_parts(block, num_classes, feature_dim),
+        dedup,
+    })
+}
+
+/// The statistics of a `StatsBlock` (a pushed one or a checkpoint) for a run
+/// of shape K × d, unvalidated.
+pub fn stats_block_parts(
+    block: StatsBlock,
+    num_classes: u32,
+    feature_dim: u32,
+) -> AccumulatorParts {
+    AccumulatorParts {
+        num_classes: num_classes as usize,
+        feature_dim: feature_dim as usize,
+        class_counts: block.class_counts,
+        class_means: block.class_means,
+        scatter: block.scatter,
+        within_trace: block.within_trace,
+        unit_sum: block.unit_sum,
+        unit_count: block.unit_count,
+        unit_within_trace: block.unit_within_trace,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_spec() {
+        assert!(check_run_id("run-1_a.b:c").is_ok());
+        assert!(check_run_id("").is_err());
+        assert!(check_run_id("a b").is_err());
+        assert!(check_run_id(&"x".repeat(129)).is_err());
+        assert!(check_run_id(&"x".repeat(128)).is_ok());
+        let key = stream_key("", "").unwrap();
+        assert_eq!(
+            (key.split.as_str(), key.layer.as_str()),
+            ("train", "penultimate")
+        );
+        let err = stream_key("val/x", "").unwrap_err().to_string();
+        assert!(err.contains("split") && err.contains("val/x"), "{err}");
+        assert!(stream_key(&"s".repeat(65), "").is_err());
+    }
+
+    #[test]
+    fn decodes_all_encodings() {
+        let vals = [1.5f32, -2.25, 0.0, 1024.0];
+        let mut b32 = Vec::new();
+        let mut b16 = Vec::new();
+        let mut bb16 = Vec::new();
+        for v in vals {
+            b32.extend_from_slice(&v.to_le_bytes());
+            b16.extend_from_slice(&f16::from_f32(v).to_le_bytes());
+            bb16.extend_from_slice(&bf16::from_f32(v).to_le_bytes());
+        }
+        for (bytes, enc) in [
+            (b32, Encoding::Float32),
+            (b16, Encoding::Float16),
+            (bb16, Encoding::Bfloat16),
+        ] {
+            let batch = FeatureBatch {
+                run_id: "r".into(),
+                rows: 2,
+                features: bytes,
+                encoding: enc as i32,
+                labels: vec![0, 1],
+                ..Default::default()
+            };
+            let out = decode_batch(batch, 2, 10).unwrap();
+            let got: Vec<f64> = out.features.iter().copied().collect();
+            assert_eq!(got, vec![1.5, -2.25, 0.0, 1024.0], "{enc:?}");
+        }
+    }
+
+    #[test]
+    fn shape_errors_name_the_field() {
+        let base = FeatureBatch {
+            run_id: "r".into(),
+            rows: 2,
+            features: vec![0; 16],
+            labels: vec![0, 1],
+            ..Default::default()
+        };
+        let err = decode_batch(
+            FeatureBatch {
+                features: vec![0; 15],
+                ..base.clone()
+            },
+            2,
+            10,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("features") && err.contains("16") && err.contains("15"),
+            "{err}"
+        );
+        let err = decode_batch(
+            FeatureBatch {
+                labels: vec![0],
+                ..base.clone()
+            },
+            2,
+            10,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("labels") && err.contains("2 labels"), "{err}");
+        let err = decode_batch(
+            FeatureBatch {
+                encoding: 7,
+                ..base.clone()
+            },
+            2,
+            10,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("encoding") && err.contains('7'), "{err}");
+        let err = decode_batch(
+            FeatureBatch {
+                rows: 0,
+                ..base.clone()
+            },
+            2,
+            10,
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let err = decode_batch(base, 2, 1).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    }
+}

@@ -1,0 +1,53 @@
+//! The HTTP listener (axum): `GET /metrics` (Prometheus text format),
+//! `GET /healthz` (the process is up) and `GET /readyz` (it serves gRPC:
+//! state restored and not shutting down).
+//!
+//! Owns routes and status codes only; what `/metrics` contains is
+//! `export`'s.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use super::daemon::Daemon;
+
+/// What the handlers read.
+#[derive(Clone, Debug)]
+pub struct HttpState {
+    pub daemon: Arc<Daemon>,
+    /// True while gRPC is served; false once shutdown began.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The router of the three endpoints.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    match state.daemon.telemetry().render() {
+        Ok(body) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    }
+}

@@ -1,0 +1,412 @@
+//! The vcid daemon: gRPC ingest and queries, Prometheus export, redb
+//! persistence.
+//!
+//! This module wires the parts together and owns the process lifecycle;
+//! the parts are split the way mini-redis splits its server:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | `ServeConfig`, limits and their defaults |
+//! | [`error`] | the one `ServerError` and its mapping to gRPC status |
+//! | [`decode`] | wire message → validated batch (names, shape, encodings) |
+//! | [`state`] | runs, streams, open accumulators, dedup, memory budget, locking |
+//! | [`store`] | the redb layout; durable writes |
+//! | [`daemon`] | request logic over state + store + math core |
+//! | [`export`] | Prometheus names and the scrape-time collector |
+//! | [`http`] | `/metrics`, `/healthz`, `/readyz` |
+//! | [`service`] | the tonic `VciMonitor` implementation |
+//! | [`auth`] | the bearer-token interceptor |
+//!
+//! Start-up ([`spawn`]): open the database and restore runs, histories and
+//! the shutdown checkpoint; bind both listeners (port 0 picks a free port;
+//! [`ServerHandle`] reports the bound addresses); serve. Shutdown
+//! ([`ServerHandle::stop`], or SIGTERM/SIGINT in [`serve`]): mark not ready,
+//! stop accepting connections, let every `Push` finish the batch in hand and
+//! end, wait for in-flight RPCs (at most `shutdown_grace`), then freeze and
+//! checkpoint every open accumulator with the duplicate filter in one
+//! durable transaction.
+
+pub mod auth;
+pub mod config;
+pub mod daemon;
+pub mod decode;
+pub mod error;
+pub mod export;
+pub mod http;
+pub mod service;
+pub mod state;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::codegen::http::{HeaderValue, Response};
+use tonic::service::InterceptorLayer;
+use tower::util::MapResponseLayer;
+
+use crate::proto::vci_monitor_server::VciMonitorServer;
+
+pub use config::{Limits, ServeConfig};
+pub use daemon::Daemon;
+pub use error::ServerError;
+
+use auth::BearerAuth;
+use service::VciService;
+
+/// A running daemon started with [`spawn`].
+#[derive(Debug)]
+pub struct ServerHandle {
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    daemon: Arc<Daemon>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl ServerHandle {
+    /// The bound gRPC address (the real port when 0 was asked for).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound HTTP address of `/metrics`, `/healthz`, `/readyz`.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// `http://<grpc_addr>`, ready for `VciMonitorClient::connect`.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// `http://<http_addr>/metrics`.
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.http_addr)
+    }
+
+    /// The daemon core (for in-process callers that skip gRPC).
+    pub fn daemon(&self) -> &Arc<Daemon> {
+        &self.daemon
+    }
+
+    /// Begins a graceful shutdown without waiting for it.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until the daemon stopped (after [`ServerHandle::shutdown`] or
+    /// a fatal error) and its open accumulators are checkpointed.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        let ServerHandle { daemon, task, .. } = self;
+        // Release our reference first so the database closes with the task.
+        drop(daemon);
+        task.await
+            .map_err(|e| ServerError::Internal(format!("server task failed: {e}")))?
+    }
+
+    /// Graceful shutdown: [`ServerHandle::shutdown`] then
+    /// [`ServerHandle::wait`].
+    pub async fn stop(self) -> Result<(), ServerError> {
+        self.shutdown();
+        self.wait().await
+    }
+}
+
+async fn shutting_down(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stopping| *stopping).await;
+}
+
+fn io_error(what: String) -> impl FnOnce(std::io::Error) -> ServerError {
+    move |source| ServerError::Io { what, source }
+}
+
+/// Percent-encodes a `grpc-message` header value (gRPC over HTTP/2 spec).
+fn grpc_message_header(message: &str) -> Option<HeaderValue> {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    HeaderValue::from_str(&out).ok()
+}
+
+/// tonic rejects an oversized unary message with OUT_OF_RANGE before any
+/// handler runs; SPEC §5 asks for RESOURCE_EXHAUSTED. This rewrites that
+/// one status (a trailers-only response, so the status is in the headers).
+fn remap_oversized<B>(mut response: Response<B>, max: usize, daemon: &Daemon) -> Response<B> {
+    let headers = response.headers_mut();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"11");
+    let too_large = headers.get("grpc-message").is_some_and(|m| {
+        let m = m.as_bytes();
+        m.windows(b"too%20large".len()).any(|w| w == b"too%20large")
+            || m.windows(b"too large".len()).any(|w| w == b"too large")
+    });
+    if out_of_range && too_large {
+        let original = headers
+            .get("grpc-message")
+            .map(|m| String::from_utf8_lossy(m.as_bytes()).replace("%20", " "))
+            .unwrap_or_default();
+        let status = ServerError::MessageTooLarge {
+            max,
+            detail: original,
+        };
+        daemon.telemetry().reject(status.reason());
+        headers.insert("grpc-status", HeaderValue::from_static("8"));
+        if let Some(value) = grpc_message_header(&status.to_string()) {
+            headers.insert("grpc-message", value);
+        }
+    }
+    response
+}
+
+/// Starts a daemon on the current tokio runtime: restores state, binds
+/// both listeners and serves until [`ServerHandle::stop`]. Use
+/// [`ServeConfig::ephemeral`] for tests and in-process demos.
+pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
+    let data_dir = config.data_dir.clone();
+    let limits = config.limits.clone();
+    let daemon = tokio::task::spawn_blocking(move || Daemon::open(&data_dir, limits))
+        .await
+        .map_err(|e| ServerError::Internal(format!("start-up task failed: {e}")))??;
+    let daemon = Arc::new(daemon);
+
+    let grpc_listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .map_err(io_error(format!(
+            "binding the gRPC listener to {}",
+            config.grpc_addr
+        )))?;
+    let http_listener = TcpListener::bind(config.http_addr)
+        .await
+        .map_err(io_error(format!(
+            "binding the HTTP listener to {}",
+            config.http_addr
+        )))?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(io_error("reading the gRPC listener's address".into()))?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(io_error("reading the HTTP listener's address".into()))?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(true));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<VciMonitorServer<VciService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Internal(format!("reflection service: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServerError::Internal(format!("reflection service: {e}")))?;
+    let max_message = config.limits.max_message_bytes;
+    let vci = VciMonitorServer::new(VciService::new(Arc::clone(&daemon), shutdown_rx.clone()))
+        .max_decoding_message_size(max_message);
+    let auth = BearerAuth::new(config.auth_token.as_deref());
+    let remap_daemon = Arc::clone(&daemon);
+    let grpc = tonic::transport::Server::builder()
+        .layer(MapResponseLayer::new(move |r| {
+            remap_oversized(r, max_message, &remap_daemon)
+        }))
+        .layer(InterceptorLayer::new(auth.clone()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(vci);
+    let grpc_signal = {
+        let mut rx = shutdown_rx.clone();
+        async move { shutting_down(&mut rx).await }
+    };
+    let grpc_task = tokio::spawn(
+        // Small replies (PushSummary, EpochResult) must not wait for
+        // Nagle's algorithm: without TCP_NODELAY a one-batch Push round
+        // trip stalls ~40 ms on delayed ACKs.
+        grpc.serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            grpc_signal,
+        ),
+    );
+
+    let router = http::router(http::HttpState {
+        daemon: Arc::clone(&daemon),
+        ready: Arc::clone(&ready),
+    });
+    let http_signal = {
+        let mut rx = shutdown_rx.clone();
+        async move { shutting_down(&mut rx).await }
+    };
+    let http_task = tokio::spawn(async move {
+        axum::serve(http_listener, router)
+            .with_graceful_shutdown(http_signal)
+            .await
+    });
+
+    tracing::info!(
+        grpc = %grpc_addr, http = %http_addr, auth = auth.enabled(),
+        data = %config.data_dir.display(), "vcid serving"
+    );
+
+    let supervisor = Supervisor {
+        daemon: Arc::clone(&daemon),
+        shutdown_tx: shutdown_tx.clone(),
+        shutdown_rx,
+        ready,
+        health_reporter,
+        grace: config.shutdown_grace,
+    };
+    let task = tokio::spawn(supervisor.run(grpc_task, http_task));
+    Ok(ServerHandle {
+        grpc_addr,
+        http_addr,
+        daemon,
+        shutdown: shutdown_tx,
+        task,
+    })
+}
+
+type GrpcTask = JoinHandle<Result<(), tonic::transport::Error>>;
+type HttpTask = JoinHandle<Result<(), std::io::Error>>;
+
+struct Supervisor {
+    daemon: Arc<Daemon>,
+    shutdown_tx: watch::Sender<bool>,
+    shutdown_rx: watch::Receiver<bool>,
+    ready: Arc<AtomicBool>,
+    health_reporter: tonic_health::server::HealthReporter,
+    grace: std::time::Duration,
+}
+
+impl Supervisor {
+    /// Waits for shutdown (or a listener failing), drains, checkpoints.
+    async fn run(
+        mut self,
+        mut grpc_task: GrpcTask,
+        mut http_task: HttpTask,
+    ) -> Result<(), ServerError> {
+        let mut failure: Option<ServerError> = None;
+        let mut grpc_done = false;
+        let mut http_done = false;
+        tokio::select! {
+            biased;
+            _ = shutting_down(&mut self.shutdown_rx) => {}
+            res = &mut grpc_task => {
+                grpc_done = true;
+                // Finishing is only a failure when nobody asked to stop.
+                if !*self.shutdown_rx.borrow() || res.as_ref().map_or(true, |r| r.is_err()) {
+                    failure = Some(task_failure("gRPC server", res.map(|r| r.map_err(|e| e.to_string()))));
+                }
+            }
+            res = &mut http_task => {
+                http_done = true;
+                if !*self.shutdown_rx.borrow() || res.as_ref().map_or(true, |r| r.is_err()) {
+                    failure = Some(task_failure("HTTP server", res.map(|r| r.map_err(|e| e.to_string()))));
+                }
+            }
+        }
+        tracing::info!("shutting down: draining in-flight requests");
+        self.ready.store(false, Ordering::Release);
+        self.health_reporter
+            .set_not_serving::<VciMonitorServer<VciService>>()
+            .await;
+        let _ = self.shutdown_tx.send(true);
+        if !grpc_done {
+            match tokio::time::timeout(self.grace, &mut grpc_task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(res) => {
+                    let err =
+                        task_failure("gRPC server", res.map(|r| r.map_err(|e| e.to_string())));
+                    tracing::error!(%err, "gRPC server failed while draining");
+                }
+                Err(_) => {
+                    tracing::warn!(grace = ?self.grace, "in-flight RPCs still running after the grace period; checkpointing anyway");
+                    grpc_task.abort();
+                }
+            }
+        }
+        if !http_done
+            && tokio::time::timeout(self.grace, &mut http_task)
+                .await
+                .is_err()
+        {
+            http_task.abort();
+        }
+        let daemon = Arc::clone(&self.daemon);
+        let epochs = tokio::task::spawn_blocking(move || daemon.checkpoint())
+            .await
+            .map_err(|e| ServerError::Internal(format!("checkpoint task failed: {e}")))??;
+        tracing::info!(
+            open_epochs = epochs,
+            "open accumulators checkpointed; stopped"
+        );
+        match failure {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+}
+
+fn task_failure(
+    what: &str,
+    res: Result<Result<(), String>, tokio::task::JoinError>,
+) -> ServerError {
+    match res {
+        Ok(Ok(())) => ServerError::Internal(format!("{what} stopped unexpectedly")),
+        Ok(Err(e)) => ServerError::Internal(format!("{what} failed: {e}")),
+        Err(e) => ServerError::Internal(format!("{what} task failed: {e}")),
+    }
+}
+
+/// Runs a daemon until SIGTERM or SIGINT, then shuts it down gracefully
+/// (exit status 0 from the CLI when this returns `Ok`).
+pub async fn serve(config: ServeConfig) -> Result<(), ServerError> {
+    let handle = spawn(config).await?;
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    let shutdown_rx = handle.shutdown.subscribe();
+    let mut rx = shutdown_rx;
+    tokio::select! {
+        res = &mut signal => {
+            res?;
+            tracing::info!("termination signal received");
+        }
+        _ = shutting_down(&mut rx) => {}
+    }
+    handle.stop().await
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> Result<(), ServerError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())
+        .map_err(io_error("installing the SIGTERM handler".into()))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(io_error("installing the SIGINT handler".into()))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> Result<(), ServerError> {
+    tokio::signal::ctrl_c()
+        .await
+        .map_err(io_error("installing the Ctrl-C handler".into()))
+}

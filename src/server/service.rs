@@ -1,0 +1,312 @@
+//! The gRPC `vcid.v1.VciMonitor` service: translates requests into
+//! [`Daemon`] calls and `ServerError`s into statuses (through the one
+//! `From<ServerError> for Status`).
+//!
+//! Owns streaming behaviour. A `Push` stream is a small in-order pipeline:
+//! up to [`PUSH_PIPELINE_DEPTH`] received batches are prepared (validated,
+//! decoded, their statistics computed: no state touched) concurrently on the
+//! blocking pool while the oldest is applied, strictly in arrival order. The
+//! first bad batch ends the stream with a message saying how many batches
+//! before it were applied; batches after it were only prepared and are
+//! dropped. On shutdown `Push` stops reading, applies the batches already
+//! received and ends with UNAVAILABLE saying how many were applied; `Watch`
+//! ends too. It must not hold request logic of its own (that is
+//! `daemon`'s).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::proto::vci_monitor_server::VciMonitor;
+use crate::proto::{
+    CloseEpochRequest, CreateRunRequest, DeleteRunRequest, DeleteRunResponse, EpochResult,
+    FeatureBatch, GetHistoryRequest, GetRunRequest, History, ListRunsRequest, ListRunsResponse,
+    PushSummary, Run, StatsBlock, WatchRequest,
+};
+
+use super::daemon::{Daemon, Ingested, PreparedBatch, WatchEvent};
+use super::decode;
+use super::error::ServerError;
+
+/// The service object handed to tonic.
+#[derive(Clone, Debug)]
+pub struct VciService {
+    daemon: Arc<Daemon>,
+    /// Becomes `true` when the daemon starts shutting down.
+    shutdown: watch::Receiver<bool>,
+}
+
+impl VciService {
+    pub fn new(daemon: Arc<Daemon>, shutdown: watch::Receiver<bool>) -> VciService {
+        VciService { daemon, shutdown }
+    }
+}
+
+/// Resolves when shutdown begins (or the sender is gone).
+async fn shutting_down(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stopping| *stopping).await;
+}
+
+/// Batches of one `Push` stream prepared concurrently (decode and
+/// statistics of the next batch overlap the merge of the current one).
+const PUSH_PIPELINE_DEPTH: usize = 2;
+
+/// Why a `Push` stream stopped reading before its end.
+enum Stop {
+    Shutdown,
+    Stream(Status),
+}
+
+/// tonic reports an oversized message as OUT_OF_RANGE while decoding;
+/// SPEC §5 wants RESOURCE_EXHAUSTED with the numbers.
+fn oversized(status: &Status, max: usize) -> Option<ServerError> {
+    (status.code() == tonic::Code::OutOfRange && status.message().contains("too large")).then(
+        || ServerError::MessageTooLarge {
+            max,
+            detail: status.message().to_owned(),
+        },
+    )
+}
+
+impl VciService {
+    /// The error ending a `Push` stream at batch `index`; counts it.
+    fn abort_push(&self, index: u64, summary: &PushSummary, source: ServerError) -> Status {
+        self.daemon.telemetry().reject(source.reason());
+        ServerError::PushAborted {
+            index,
+            applied: index,
+            duplicates: summary.duplicates,
+            source: Box::new(source),
+        }
+        .into()
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<EpochResult, Status>> + Send + 'static>>;
+
+struct WatchState {
+    rx: broadcast::Receiver<WatchEvent>,
+    shutdown: watch::Receiver<bool>,
+    run_id: String,
+    split: Option<String>,
+    layer: Option<String>,
+    done: bool,
+}
+
+async fn next_watch_item(mut st: WatchState) -> Option<(Result<EpochResult, Status>, WatchState)> {
+    if st.done {
+        return None;
+    }
+    loop {
+        let event = tokio::select! {
+            _ = shutting_down(&mut st.shutdown) => {
+                st.done = true;
+                let err = ServerError::ShuttingDown("Watch ended; resubscribe after restart".into());
+                return Some((Err(err.into()), st));
+            }
+            event = st.rx.recv() => event,
+        };
+        match event {
+            Ok(WatchEvent::Result(result)) => {
+                let wanted = result.run_id == st.run_id
+                    && st.split.as_ref().is_none_or(|s| *s == result.split)
+                    && st.layer.as_ref().is_none_or(|l| *l == result.layer);
+                if wanted {
+                    return Some((Ok((*result).clone()), st));
+                }
+            }
+            Ok(WatchEvent::RunDeleted(run_id)) if run_id == st.run_id => return None,
+            Ok(WatchEvent::RunDeleted(_)) => {}
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                st.done = true;
+                return Some((Err(ServerError::WatchLagged(missed).into()), st));
+            }
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl VciMonitor for VciService {
+    async fn create_run(
+        &self,
+        request: Request<CreateRunRequest>,
+    ) -> Result<Response<Run>, Status> {
+        Ok(Response::new(
+            self.daemon.create_run(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
+        Ok(Response::new(
+            self.daemon.get_run(&request.into_inner().run_id)?,
+        ))
+    }
+
+    async fn list_runs(
+        &self,
+        _request: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
+        Ok(Response::new(ListRunsResponse {
+            runs: self.daemon.list_runs(),
+        }))
+    }
+
+    async fn delete_run(
+        &self,
+        request: Request<DeleteRunRequest>,
+    ) -> Result<Response<DeleteRunResponse>, Status> {
+        self.daemon.delete_run(&request.into_inner().run_id).await?;
+        Ok(Response::new(DeleteRunResponse {}))
+    }
+
+    async fn push(
+        &self,
+        request: Request<Streaming<FeatureBatch>>,
+    ) -> Result<Response<PushSummary>, Status> {
+        let mut stream = request.into_inner();
+        let mut shutdown = self.shutdown.clone();
+        let max = self.daemon.limits().max_message_bytes;
+        let mut summary = PushSummary::default();
+        // Batches of this stream applied or skipped so far, in order.
+        let mut index: u64 = 0;
+        // Batches received and being prepared (decode + statistics) on the
+        // blocking pool; applied strictly in arrival order.
+        let mut pending: VecDeque<JoinHandle<Result<PreparedBatch, ServerError>>> = VecDeque::new();
+        let mut reading = true;
+        let mut stop: Option<Stop> = None;
+        loop {
+            if pending.is_empty() && !reading {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = shutting_down(&mut shutdown), if reading => {
+                    // Stop reading; the batches already received still finish.
+                    reading = false;
+                    stop = Some(Stop::Shutdown);
+                }
+                joined = async {
+                    match pending.front_mut() {
+                        Some(handle) => handle.await,
+                        None => std::future::pending().await,
+                    }
+                }, if !pending.is_empty() => {
+                    pending.pop_front();
+                    let outcome = match joined {
+                        Ok(Ok(prepared)) => self.daemon.apply_prepared(prepared).await,
+                        Ok(Err(err)) => Err(err),
+                        Err(err) => Err(ServerError::Internal(format!("batch task failed: {err}"))),
+                    };
+                    match outcome {
+                        Ok(Ingested::Applied(rows)) => {
+                            summary.batches_applied += 1;
+                            summary.rows_applied += rows;
+                        }
+                        Ok(Ingested::Duplicate) => summary.duplicates += 1,
+                        Err(source) => {
+                            // Later batches were only prepared: drop them.
+                            for handle in pending.drain(..) {
+                                handle.abort();
+                            }
+                            return Err(self.abort_push(index, &summary, source));
+                        }
+                    }
+                    index += 1;
+                }
+                next = stream.message(), if reading && pending.len() < PUSH_PIPELINE_DEPTH => {
+                    match next {
+                        Ok(Some(batch)) => {
+                            let daemon = Arc::clone(&self.daemon);
+                            pending.push_back(tokio::spawn(async move {
+                                daemon.prepare_batch(batch).await
+                            }));
+                        }
+                        Ok(None) => reading = false,
+                        Err(status) => {
+                            reading = false;
+                            stop = Some(Stop::Stream(status));
+                        }
+                    }
+                }
+            }
+        }
+        match stop {
+            None => Ok(Response::new(summary)),
+            Some(Stop::Shutdown) => Err(ServerError::ShuttingDown(format!(
+                "Push stream stopped after {index} batches, all applied ({} rows, {} duplicates)",
+                summary.rows_applied, summary.duplicates
+            ))
+            .into()),
+            Some(Stop::Stream(status)) => match oversized(&status, max) {
+                Some(err) => Err(self.abort_push(index, &summary, err)),
+                None => Err(status),
+            },
+        }
+    }
+
+    async fn push_stats(
+        &self,
+        request: Request<StatsBlock>,
+    ) -> Result<Response<PushSummary>, Status> {
+        match self.daemon.push_stats(request.into_inner()).await {
+            Ok(Ingested::Applied(rows)) => Ok(Response::new(PushSummary {
+                batches_applied: 1,
+                rows_applied: rows,
+                duplicates: 0,
+            })),
+            Ok(Ingested::Duplicate) => Ok(Response::new(PushSummary {
+                batches_applied: 0,
+                rows_applied: 0,
+                duplicates: 1,
+            })),
+            Err(err) => {
+                self.daemon.telemetry().reject(err.reason());
+                Err(err.into())
+            }
+        }
+    }
+
+    async fn close_epoch(
+        &self,
+        request: Request<CloseEpochRequest>,
+    ) -> Result<Response<EpochResult>, Status> {
+        Ok(Response::new(
+            self.daemon.close_epoch(request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_history(
+        &self,
+        request: Request<GetHistoryRequest>,
+    ) -> Result<Response<History>, Status> {
+        Ok(Response::new(self.daemon.history(&request.into_inner())?))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.into_inner();
+        let split = decode::name_filter("split", &req.split)?;
+        let layer = decode::name_filter("layer", &req.layer)?;
+        let rx = self.daemon.subscribe(&req.run_id)?;
+        let state = WatchState {
+            rx,
+            shutdown: self.shutdown.clone(),
+            run_id: req.run_id,
+            split,
+            layer,
+            done: false,
+        };
+        let stream = futures::stream::unfold(state, next_watch_item);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

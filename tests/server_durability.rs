@@ -1,0 +1,242 @@
+//! Durability of the daemon: runs and closed epochs survive `kill -9` of the
+//! real binary; SIGTERM checkpoints open epochs (and the duplicate filter)
+//! so an epoch closed after a graceful restart has the same metrics as
+//! without the restart; a Push stream in flight at shutdown keeps every
+//! batch it was told was applied.
+
+mod server_support;
+
+use std::time::Duration;
+
+use server_support::*;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use vcid::proto::{
+    CloseEpochRequest, DeleteRunRequest, FeatureBatch, GetHistoryRequest, ListRunsRequest,
+};
+use vcid::server::ServeConfig;
+
+fn close_req(run: &str, epoch: u64) -> CloseEpochRequest {
+    CloseEpochRequest {
+        run_id: run.into(),
+        split: String::new(),
+        layer: String::new(),
+        epoch,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_keeps_runs_and_closed_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (k, d) = (3u32, 6u32);
+    let (x, y) = dataset(31, 600, k, d, 1.0);
+
+    let daemon = Daemon::spawn(dir.path(), &[]);
+    let mut client = connect(&daemon.url()).await;
+    create_run(&mut client, "durable", k, d).await;
+    create_run(&mut client, "doomed", k, d).await;
+    client
+        .delete_run(DeleteRunRequest {
+            run_id: "doomed".into(),
+        })
+        .await
+        .unwrap();
+    client
+        .push(tokio_stream::iter(batches(
+            "durable", "", 0, d, &x, &y, 100,
+        )))
+        .await
+        .unwrap();
+    let closed = client
+        .close_epoch(close_req("durable", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    // Epoch 1 is still open when the process dies.
+    client
+        .push(tokio_stream::iter(batches(
+            "durable", "", 1, d, &x, &y, 100,
+        )))
+        .await
+        .unwrap();
+    drop(client);
+    daemon.kill9();
+
+    let daemon = Daemon::spawn(dir.path(), &[]);
+    let mut client = connect(&daemon.url()).await;
+    let runs = client
+        .list_runs(ListRunsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    let ids: Vec<&str> = runs.iter().map(|r| r.run_id.as_str()).collect();
+    assert_eq!(ids, vec!["durable"], "CreateRun and DeleteRun are durable");
+    assert_eq!((runs[0].num_classes, runs[0].feature_dim), (k, d));
+    let history = client
+        .get_history(GetHistoryRequest {
+            run_id: "durable".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(
+        history,
+        vec![closed.clone()],
+        "the closed epoch survives kill -9 unchanged"
+    );
+    // Open accumulators are only checkpointed on a graceful shutdown: the
+    // open epoch is gone, and closed epoch 0 still refuses pushes.
+    let err = client
+        .close_epoch(close_req("durable", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = client
+        .push(tokio_stream::iter(batches(
+            "durable", "", 0, d, &x, &y, 100,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // The restored history still feeds vci_delta.
+    client
+        .push(tokio_stream::iter(batches(
+            "durable", "", 1, d, &x, &y, 100,
+        )))
+        .await
+        .unwrap();
+    let next = client
+        .close_epoch(close_req("durable", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        next.vci_delta,
+        Some(next.vci.unwrap() - closed.vci.unwrap())
+    );
+    drop(client);
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_checkpoints_open_epochs() {
+    let (k, d) = (4u32, 10u32);
+    let (x, y) = dataset(77, 2000, k, d, 1.5);
+    let mut all = batches("ckpt", "", 3, d, &x, &y, 100);
+    for (i, b) in all.iter_mut().enumerate() {
+        b.writer_id = "rank0".into();
+        b.sequence = i as u64;
+    }
+    let (first, second) = all.split_at(12);
+
+    // Reference: the same pushes into a daemon that is never restarted.
+    let ref_dir = tempfile::tempdir().unwrap();
+    let reference_server = start(ServeConfig::ephemeral(ref_dir.path())).await;
+    let mut rc = connect(&reference_server.grpc_url()).await;
+    create_run(&mut rc, "ckpt", k, d).await;
+    rc.push(tokio_stream::iter(first.to_vec())).await.unwrap();
+    rc.push(tokio_stream::iter(second.to_vec())).await.unwrap();
+    let expected = rc
+        .close_epoch(close_req("ckpt", 3))
+        .await
+        .unwrap()
+        .into_inner();
+    reference_server.stop().await.unwrap();
+    assert_matches(&expected, &reference(&x, &y, k, d), 1e-9);
+
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::spawn(dir.path(), &[]);
+    let mut client = connect(&daemon.url()).await;
+    create_run(&mut client, "ckpt", k, d).await;
+    client
+        .push(tokio_stream::iter(first.to_vec()))
+        .await
+        .unwrap();
+    drop(client);
+    assert_eq!(daemon.terminate(), Some(0), "SIGTERM exits with status 0");
+
+    let daemon = Daemon::spawn(dir.path(), &[]);
+    let mut client = connect(&daemon.url()).await;
+    let run = get_run(&mut client, "ckpt").await;
+    assert_eq!(open_samples(&run, "train", 3), 1200, "checkpoint restored");
+    assert_eq!(run.rows_ingested, 1200);
+    // The duplicate filter came back too: resending batch 11 is skipped.
+    let resent = client
+        .push(tokio_stream::iter(vec![first[11].clone()]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((resent.batches_applied, resent.duplicates), (0, 1));
+    client
+        .push(tokio_stream::iter(second.to_vec()))
+        .await
+        .unwrap();
+    let after_restart = client
+        .close_epoch(close_req("ckpt", 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_same_metrics(&after_restart, &expected, 1e-12);
+    drop(client);
+    assert_eq!(daemon.terminate(), Some(0));
+
+    // Checkpoints are consumed at start-up: after another restart (even a
+    // crash) the closed epoch stays closed and nothing reappears as open.
+    let daemon = Daemon::spawn(dir.path(), &[]);
+    let mut client = connect(&daemon.url()).await;
+    let run = get_run(&mut client, "ckpt").await;
+    assert!(run.open_epochs.is_empty());
+    assert_eq!(run.closed_epochs, 1);
+    drop(client);
+    daemon.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_in_flight_at_shutdown_keeps_applied_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (k, d) = (2u32, 3u32);
+    let (x, y) = dataset(4, 50, k, d, 1.0);
+    let server = start(ServeConfig::ephemeral(dir.path())).await;
+    let mut client = connect(&server.grpc_url()).await;
+    create_run(&mut client, "inflight", k, d).await;
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<FeatureBatch>(4);
+    let mut push_client = client.clone();
+    let push = tokio::spawn(async move { push_client.push(ReceiverStream::new(rx)).await });
+    for b in batches("inflight", "", 0, d, &x, &y, 10)
+        .into_iter()
+        .take(2)
+    {
+        tx.send(b).await.unwrap();
+    }
+    // Wait until both are applied, then shut down with the stream still open.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while open_samples(&get_run(&mut client, "inflight").await, "train", 0) < 20 {
+        assert!(std::time::Instant::now() < deadline, "batches not applied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(client);
+    server.shutdown();
+    let err = tokio::time::timeout(Duration::from_secs(10), push)
+        .await
+        .expect("push ends at shutdown")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("after 2 batches"),
+        "{}",
+        err.message()
+    );
+    drop(tx);
+    server.wait().await.unwrap();
+
+    let server = start(ServeConfig::ephemeral(dir.path())).await;
+    let mut client = connect(&server.grpc_url()).await;
+    let run = get_run(&mut client, "inflight").await;
+    assert_eq!(open_samples(&run, "train", 0), 20);
+    server.stop().await.unwrap();
+}
