@@ -2,7 +2,9 @@
 //!
 //! - `batch_update/{d}`: `Accumulator::from_batch` + `merge` of a 256-row
 //!   batch into a running accumulator (K = 10), d ∈ {128, 512, 2048}, with
-//!   all cores (`Par::rayon(0)`), reported as rows/s.
+//!   all cores (`Par::rayon(0)`), reported as rows/s: the daemon's path.
+//! - `batch_fold/{d}`: the same batch folded in place with
+//!   `Accumulator::fold_batch` (no second d × d scatter): `vcid compute`'s path.
 //! - `faer_syrk/{d}` and `faer_gemm/{d}`: faer's lower-triangular product
 //!   and its dense `matmul` on the same operands (the 256 × d centred batch
 //!   times its transpose), measured in the same run as the baseline.
@@ -80,6 +82,35 @@ fn batch_update(c: &mut Criterion) {
                 }
                 let elapsed = start.elapsed();
                 record(&format!("batch_update/{d}"), iters, elapsed, flops);
+                elapsed
+            })
+        });
+    }
+    group.finish();
+}
+
+/// The same batches folded in place (`fold_batch`), as `vcid compute` does.
+fn batch_fold(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut group = c.benchmark_group("batch_fold");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    group.throughput(Throughput::Elements(ROWS as u64));
+    for d in DIMS {
+        let (x, labels) = features(&mut rng, ROWS, d, CLASSES);
+        let mut acc = Accumulator::new(CLASSES, d);
+        let flops = (ROWS * d * (d + 1)) as f64;
+        group.bench_with_input(BenchmarkId::from_parameter(d), &d, |b, _| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    acc.fold_batch(x.view(), &labels, Par::rayon(0))
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
+                let elapsed = start.elapsed();
+                record(&format!("batch_fold/{d}"), iters, elapsed, flops);
                 elapsed
             })
         });
@@ -198,7 +229,7 @@ fn summary() {
     }
 }
 
-criterion_group!(benches, batch_update, faer_products, close);
+criterion_group!(benches, batch_update, batch_fold, faer_products, close);
 
 fn main() {
     benches();

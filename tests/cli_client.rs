@@ -1,6 +1,6 @@
-//! The command-line client (`vcid runs`, `vcid history`) and `vcid demo`,
-//! run as the built binary against a real daemon on ephemeral loopback
-//! ports. The daemon is started in-process (`vcid::server::spawn`) so the
+//! The command-line client (`vcid runs`, `vcid history`, `vcid delete`) and
+//! `vcid demo`, run as the built binary against a real daemon on ephemeral
+//! loopback ports. The daemon is started in-process (`vcid::server::spawn`) so the
 //! test knows its bound address; data goes in over the generated tonic
 //! client, and what the binary prints is checked against what the server
 //! returns over gRPC.
@@ -349,6 +349,72 @@ async fn errors_name_the_run_or_the_address() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_removes_the_run_and_says_what_it_held() {
+    let (server, _dir) = start(None).await;
+    let mut client = Client::connect(server.grpc_url()).await.unwrap();
+    populate(&mut client).await;
+    let addr = server.grpc_url();
+
+    let out = vcid(&["delete", "alpha", "--addr", &addr], &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    // What GetRun said before: 39 rows, 3 closed epochs, 1 open (train 2).
+    assert_eq!(
+        stdout(&out),
+        "deleted run \"alpha\" (K=3, d=2, rows ingested 39, closed epochs 3, open epochs 1)\n"
+    );
+    // Gone from `vcid runs`, from GetRun and from `vcid history`; beta stays.
+    let out = vcid(&["runs", "--addr", &addr], &[]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    assert!(!table.lines().any(|l| l.starts_with("alpha")), "{table}");
+    assert_eq!(
+        row(&table, &["beta"]),
+        ["beta", "2", "5", "0", "0", "0", "-"]
+    );
+    let status = client
+        .get_run(GetRunRequest {
+            run_id: "alpha".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    let out = vcid(&["history", "alpha", "--addr", &addr], &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+
+    // Deleting it again (or any unknown run): exit 1, the run named,
+    // nothing on stdout, nothing else deleted.
+    for name in ["alpha", "nope"] {
+        let out = vcid(&["delete", name, "--addr", &addr], &[]).await;
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let want = format!("vcid: error: no run named \"{name}\"");
+        assert!(stderr(&out).starts_with(&want), "{}", stderr(&out));
+        assert!(stdout(&out).is_empty());
+    }
+    // The address from the environment; the last run goes, nothing is left.
+    let out = vcid(&["delete", "beta"], &[("VCID_ADDR", &addr)]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("deleted run \"beta\" (K=2, d=5,"));
+    let out = vcid(&["runs", "--addr", &addr], &[]).await;
+    assert_eq!(stdout(&out), "no runs\n");
+
+    // An unreachable daemon is named as such.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = format!("http://127.0.0.1:{port}");
+    let out = vcid(&["delete", "beta", "--addr", &dead], &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("cannot reach the vcid server at {dead}")),
+        "{}",
+        stderr(&out)
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_from_flag_or_environment() {
     let (server, dir) = start(Some("s3cret-token")).await;
     let addr = server.grpc_url();
@@ -381,6 +447,33 @@ async fn bearer_token_from_flag_or_environment() {
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "no runs\n");
+
+    // `vcid delete` needs the token too, and with it reaches the server.
+    let out = vcid(&["delete", "ghost", "--addr", &addr], &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("requires a valid bearer token"),
+        "{}",
+        stderr(&out)
+    );
+    let out = vcid(
+        &[
+            "delete",
+            "ghost",
+            "--addr",
+            &addr,
+            "--auth-token-file",
+            &path(&good),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no run named \"ghost\""),
+        "{}",
+        stderr(&out)
+    );
 
     // Both settings from the environment.
     let out = vcid(

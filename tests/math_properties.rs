@@ -89,18 +89,31 @@ fn parts_close(a: &AccumulatorParts, b: &AccumulatorParts, rel: f64) -> Result<(
             a.unit_count, b.unit_count
         ));
     }
-    for (name, x, y) in [
-        ("class_means", &a.class_means, &b.class_means),
-        ("scatter", &a.scatter, &b.scatter),
-        ("within_trace", &a.within_trace, &b.within_trace),
-        ("unit_sum", &a.unit_sum, &b.unit_sum),
+    // Unit vectors have norm 1: their sums and spreads are judged on that
+    // scale, not on the size of a spread that may itself be rounding noise.
+    for (name, x, y, floor) in [
+        (
+            "class_means",
+            &a.class_means,
+            &b.class_means,
+            f64::MIN_POSITIVE,
+        ),
+        ("scatter", &a.scatter, &b.scatter, f64::MIN_POSITIVE),
+        (
+            "within_trace",
+            &a.within_trace,
+            &b.within_trace,
+            f64::MIN_POSITIVE,
+        ),
+        ("unit_sum", &a.unit_sum, &b.unit_sum, 1.0),
         (
             "unit_within_trace",
             &a.unit_within_trace,
             &b.unit_within_trace,
+            1.0,
         ),
     ] {
-        let scale = max_abs(y).max(max_abs(x)).max(f64::MIN_POSITIVE);
+        let scale = max_abs(y).max(max_abs(x)).max(floor);
         let diff = x
             .iter()
             .zip(y)

@@ -306,6 +306,165 @@ async fn duplicates_are_applied_once() {
     server.stop().await.unwrap();
 }
 
+/// The duplicate filter never drops data: a sequence that would give its
+/// writer more gaps than `--max-sequence-gaps-per-writer` is refused with
+/// FAILED_PRECONDITION (over Push and PushStats, nothing applied), late
+/// batches filling remembered gaps are applied, and the filter with its
+/// limit survives a graceful restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequence_gaps_beyond_the_limit_are_refused_never_dropped() {
+    const GAPS: u64 = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let config = || ServeConfig {
+        limits: Limits {
+            max_sequence_gaps_per_writer: GAPS,
+            ..Limits::default()
+        },
+        ..ServeConfig::ephemeral(dir.path())
+    };
+    let server = start(config()).await;
+    let mut client = connect(&server.grpc_url()).await;
+    let (k, d) = (3u32, 4u32);
+    create_run(&mut client, "gaps", k, d).await;
+    let (x, y) = dataset(13, 200, k, d, 1.0);
+    // Five rows of writer "rank0" numbered `seq`.
+    let numbered = |seq: u64| {
+        let start = (seq as usize % 40) * 5;
+        FeatureBatch {
+            writer_id: "rank0".into(),
+            sequence: seq,
+            ..batch("gaps", "", 0, d, &x, &y, start, start + 5)
+        }
+    };
+    let stats = |seq: u64| {
+        let start = (seq as usize % 40) * 5;
+        StatsBlock {
+            run_id: "gaps".into(),
+            writer_id: "rank0".into(),
+            sequence: seq,
+            ..stats_of(
+                &x[start * d as usize..(start + 5) * d as usize],
+                &y[start..start + 5],
+                k,
+                d,
+            )
+        }
+    };
+
+    // Sequences 0, 2, …, 2·GAPS: exactly GAPS gaps, all applied.
+    let evens: Vec<FeatureBatch> = (0..=GAPS).map(|i| numbered(2 * i)).collect();
+    let s = client
+        .push(tokio_stream::iter(evens))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (s.batches_applied, s.rows_applied, s.duplicates),
+        (GAPS + 1, 5 * (GAPS + 1), 0)
+    );
+    let mut rows = 5 * (GAPS + 1);
+
+    // One gap more: refused, over Push and over PushStats; nothing applied.
+    let over = 2 * GAPS + 2;
+    let err = client
+        .push(tokio_stream::iter(vec![numbered(over)]))
+        .await
+        .unwrap_err();
+    let received = format!("received {over}");
+    let limit = format!("limit {GAPS}");
+    let needles = [
+        "sequence:",
+        "writer_id \"rank0\"",
+        "run \"gaps\"",
+        received.as_str(),
+        limit.as_str(),
+        "--max-sequence-gaps-per-writer",
+        "Nothing was applied",
+        "increasing order",
+        "new writer_id",
+    ];
+    assert_status(&err, Code::FailedPrecondition, &needles);
+    assert!(
+        err.message().contains("batch 0 of this Push stream"),
+        "{err:?}"
+    );
+    let err = client.push_stats(stats(over)).await.unwrap_err();
+    assert_status(&err, Code::FailedPrecondition, &needles);
+    let run = get_run(&mut client, "gaps").await;
+    assert_eq!(open_samples(&run, "train", 0), rows);
+    assert_eq!(run.rows_ingested, rows);
+
+    // Remembered, not forgotten: an old sequence is still a duplicate, and
+    // a late batch filling a gap is applied, which makes room for `over`.
+    let s = client
+        .push(tokio_stream::iter(vec![
+            numbered(0),
+            numbered(1),
+            numbered(over),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (s.batches_applied, s.rows_applied, s.duplicates),
+        (2, 10, 1)
+    );
+    rows += 10;
+    // At the limit again; a late stats block filling gap 3 is applied too.
+    let s = client.push_stats(stats(3)).await.unwrap().into_inner();
+    assert_eq!((s.batches_applied, s.rows_applied), (1, 5));
+    rows += 5;
+    let run = get_run(&mut client, "gaps").await;
+    assert_eq!(open_samples(&run, "train", 0), rows);
+
+    let (_, metrics) = http_get(server.http_addr(), "/metrics");
+    assert!(
+        metrics.contains("vcid_batches_rejected_total{reason=\"sequence_gaps\"} 2"),
+        "{metrics}"
+    );
+    server.stop().await.unwrap();
+
+    // After a graceful restart the filter is back, exactly, with its limit:
+    // GAPS − 1 gaps now, so one new gap is admitted and the next refused.
+    let server = start(config()).await;
+    let mut client = connect(&server.grpc_url()).await;
+    let s = client
+        .push(tokio_stream::iter(vec![numbered(4), numbered(100)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((s.batches_applied, s.duplicates), (1, 1));
+    rows += 5;
+    let err = client
+        .push(tokio_stream::iter(vec![numbered(200)]))
+        .await
+        .unwrap_err();
+    assert_status(
+        &err,
+        Code::FailedPrecondition,
+        &["received 200", &format!("already has {GAPS} gaps")],
+    );
+    // Another writer has its own filter.
+    let mut other = numbered(200);
+    other.writer_id = "rank1".into();
+    let s = client
+        .push(tokio_stream::iter(vec![other]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.batches_applied, 1);
+    rows += 5;
+    let run = get_run(&mut client, "gaps").await;
+    assert_eq!(open_samples(&run, "train", 0), rows);
+    let result = client
+        .close_epoch(close_req("gaps", "", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(result.samples, rows);
+    server.stop().await.unwrap();
+}
+
 fn assert_status(err: &tonic::Status, code: Code, needles: &[&str]) {
     assert_eq!(err.code(), code, "{err:?}");
     for needle in needles {
@@ -707,6 +866,7 @@ async fn limits_answer_resource_exhausted_with_numbers() {
             max_message_bytes: 4096,
             max_batch_rows: 100,
             max_accumulator_bytes: 1500,
+            ..Limits::default()
         },
         ..ServeConfig::ephemeral(dir.path())
     };

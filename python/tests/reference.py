@@ -16,7 +16,9 @@ EPS = np.finfo(np.float64).eps
 
 
 def sufficient_statistics(x: np.ndarray, y: np.ndarray, k: int) -> dict:
-    """§2.1 by definition (two passes over the data)."""
+    """§2.1 by definition (two passes over the data), plus the daemon's
+    ``unit_within_trace``: Σ_{i∈k} ‖u_i − ū_k‖² over the normalised rows
+    (a second pass about their mean, never c − ‖Σu‖²/c)."""
     x = np.asarray(x, dtype=np.float64)
     d = x.shape[1]
     counts = np.array([(y == c).sum() for c in range(k)], dtype=np.int64)
@@ -24,6 +26,7 @@ def sufficient_statistics(x: np.ndarray, y: np.ndarray, k: int) -> dict:
     within = np.zeros(k)
     unit_sum = np.zeros((k, d))
     unit_count = np.zeros(k, dtype=np.int64)
+    unit_within = np.zeros(k)
     for c in range(k):
         xc = x[y == c]
         if len(xc) == 0:
@@ -35,10 +38,47 @@ def sufficient_statistics(x: np.ndarray, y: np.ndarray, k: int) -> dict:
             if norm > 0:
                 unit_sum[c] += row / norm
                 unit_count[c] += 1
+        units = unit_vectors(xc)
+        if len(units):
+            unit_within[c] = ((units - units.mean(axis=0)) ** 2).sum()
     centred = x - x.mean(axis=0)
     scatter = centred.T @ centred
     return dict(class_counts=counts, class_means=means, scatter=scatter,
-                within_trace=within, unit_sum=unit_sum, unit_count=unit_count)
+                within_trace=within, unit_sum=unit_sum, unit_count=unit_count,
+                unit_within_trace=unit_within)
+
+
+def unit_vectors(rows: np.ndarray) -> np.ndarray:
+    """The rows with a non-zero norm, each divided by its norm."""
+    norms = np.linalg.norm(rows, axis=1)
+    keep = norms > 0
+    return rows[keep] / norms[keep][:, None]
+
+
+def mean_cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean of 1 − cos(h_i, h_j) over all pairs i ∈ a, j ∈ b of unit vectors,
+    as ‖u_i − u_j‖²/2 from the differences themselves (no Gram matrix, so
+    nearly parallel vectors keep their digits)."""
+    total = 0.0
+    for start in range(0, len(a), 64):
+        diff = a[start:start + 64, None, :] - b[None, :, :]
+        total += np.einsum("ijk,ijk->", diff, diff) / 2.0
+    return total / (len(a) * len(b))
+
+
+def class_separation(x: np.ndarray, y: np.ndarray) -> float:
+    """R² with cosine distance (Kornblith et al. 2021) by its definition,
+    over the classes with a non-zero row: d̄_within is the mean over classes
+    of the mean cosine distance between two rows of the class, d̄_total the
+    mean over all pairs of classes (k, l), k = l included, of the mean cosine
+    distance between a row of k and a row of l; R² = 1 − d̄_within/d̄_total.
+    Equal to SPEC §2.6's formula in exact arithmetic (1 − cos = ‖u_i − u_j‖²/2
+    for unit vectors), but independent of the unit sums."""
+    units = [unit_vectors(np.asarray(x, dtype=np.float64)[y == c]) for c in np.unique(y)]
+    units = [u for u in units if len(u)]
+    within = np.mean([mean_cosine_distance(u, u) for u in units])
+    total = np.mean([mean_cosine_distance(a, b) for a in units for b in units])
+    return 1.0 - within / total
 
 
 def _kept_eigen(s: np.ndarray, m: int):
@@ -86,16 +126,7 @@ def metrics(x: np.ndarray, y: np.ndarray, k: int) -> dict:
         (var_k[a] + var_k[b]) / (2 * ((mu_k[a] - mu_k[b]) ** 2).sum())
         for a, b in itertools.combinations(range(k_obs), 2)
     ])
-    units = []
-    for c in classes:
-        rows = x[y == c]
-        norms = np.linalg.norm(rows, axis=1)
-        rows = rows[norms > 0] / norms[norms > 0][:, None]
-        if len(rows):
-            units.append(rows)
-    within_dist = np.mean([1.0 - (u.sum(axis=0) ** 2).sum() / len(u) ** 2 for u in units])
-    total_dist = 1.0 - (np.mean([u.mean(axis=0) for u in units], axis=0) ** 2).sum()
-    out["class_separation"] = 1.0 - within_dist / total_dist
+    out["class_separation"] = class_separation(x, y)
     norms = np.linalg.norm(mu_k - mu, axis=1)
     out["equinorm"] = norms.std() / norms.mean()  # population std (ddof=0)
     cos = [

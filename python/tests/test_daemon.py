@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 
+import grpc
 import numpy as np
 import pytest
 
@@ -186,7 +187,7 @@ def test_push_stats_equals_raw_push_and_merge_equals_whole(daemon, run_id):
     for r in ranks:
         merged.merge(r)
     for name in ("class_counts", "class_means", "scatter", "within_trace", "unit_sum",
-                 "unit_count"):
+                 "unit_count", "unit_within_trace"):
         np.testing.assert_allclose(getattr(merged, name), getattr(whole, name),
                                    rtol=1e-10, atol=1e-8, err_msg=name)
     with vcid.Monitor(daemon.address, run_id, k, d) as mon:
@@ -203,6 +204,56 @@ def test_push_stats_equals_raw_push_and_merge_equals_whole(daemon, run_id):
     for name in METRICS:
         assert getattr(via_stats, name) == pytest.approx(getattr(via_raw, name), rel=1e-9)
         assert getattr(via_halves, name) == pytest.approx(getattr(via_raw, name), rel=1e-9)
+
+
+def test_class_separation_with_a_large_common_offset(daemon, run_id):
+    """Features 1e4 + 1e-2·(centre + noise): every direction lies within ~1e-6
+    of the others. class_separation from raw pushes and from push_stats must
+    match the pairwise-cosine reference (on the normalised rows themselves) to
+    1e-9; from the unit sums alone (a StatsBlock without unit_within_trace,
+    which the daemon then derives as c − ‖Σu‖²/c) it cannot."""
+    rng = np.random.default_rng(5)
+    k, d, n = 4, 8, 800
+    y = rng.integers(0, k, size=n)
+    centres = rng.normal(size=(k, d)) * 3.0
+    x = 1e4 + 1e-2 * (centres[y] + rng.normal(size=(n, d)))
+    x32 = x.astype(np.float32).astype(np.float64)  # what a float32 push delivers
+    want = ref.class_separation(x32, y)
+    assert 0.1 < want < 0.99  # a separation the test can get wrong
+    acc = vcid.LocalAccumulator(k, d)
+    for start in range(0, n, 64):
+        acc.update(x32[start:start + 64], y[start:start + 64])
+    with vcid.Monitor(daemon.address, run_id, k, d) as mon:
+        push_in_uneven_batches(mon, x, y, epoch=0, split="raw", rng=rng)
+        mon.push_stats(acc, epoch=0, split="stats")
+        without = acc.to_proto(run_id, "sums-only", "penultimate", 0)
+        without.ClearField("unit_within_trace")
+        mon._stub.PushStats(without, timeout=30)
+        via_raw = mon.close_epoch(0, split="raw")
+        via_stats = mon.close_epoch(0, split="stats")
+        via_sums = mon.close_epoch(0, split="sums-only")
+    assert via_raw.class_separation == pytest.approx(want, rel=1e-9, abs=0)
+    assert via_stats.class_separation == pytest.approx(want, rel=1e-9, abs=0)
+    assert abs(via_sums.class_separation / want - 1) > 1e-7  # ~2e-6 here
+
+
+def test_daemon_rejects_an_invalid_unit_within_trace(daemon, run_id):
+    """Forced past local validation (raw stub): the daemon names the field and
+    changes nothing."""
+    x, y = np.array([[3.0, 4.0], [4.0, 3.0], [0.0, 1.0]]), np.array([0, 0, 1])
+    acc = vcid.LocalAccumulator(2, 2).update(x, y)
+    with vcid.Monitor(daemon.address, run_id, 2, 2) as mon:
+        for bad in ([0.04, -0.5], [3.0, 0.0], [0.04]):
+            block = acc.to_proto(run_id, "train", "penultimate", 0)
+            del block.unit_within_trace[:]
+            block.unit_within_trace.extend(bad)
+            with pytest.raises(grpc.RpcError) as info:
+                mon._stub.PushStats(block, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "unit_within_trace" in info.value.details(), info.value.details()
+        assert mon.run_info().rows_ingested == 0
+        mon.push_stats(acc, epoch=0)
+        assert mon.run_info().rows_ingested == 3
 
 
 def test_push_stats_checks_its_argument(daemon, run_id):

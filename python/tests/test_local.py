@@ -15,7 +15,7 @@ from vcid._arrays import Features, check_features, encode
 import reference as ref
 
 STAT_NAMES = ("class_counts", "class_means", "scatter", "within_trace", "unit_sum",
-              "unit_count")
+              "unit_count", "unit_within_trace")
 
 
 def assert_stats_close(acc: vcid.LocalAccumulator, expected: dict, rtol=1e-10, atol=1e-9):
@@ -90,13 +90,10 @@ def test_merge_rejects_other_shapes():
         vcid.LocalAccumulator(3, 4).merge("nope")
 
 
-def test_all_reduce_across_simulated_ranks_equals_merge(rng):
-    """Three 'ranks' in threads with a shared sum collective (what
-    torch.distributed.all_reduce does) give the merged statistics on every rank."""
-    x, y = ref.clustered(rng, 450, 7, 4, offset=50.0)
-    shards = [slice(0, 100), slice(100, 120), slice(120, 450)]
-    ranks = [vcid.LocalAccumulator(4, 7).update(x[s], y[s]) for s in shards]
-    barrier = threading.Barrier(3)
+def all_reduce_in_threads(ranks: list) -> list:
+    """Each accumulator's ``all_reduce`` in a thread of its own, with a shared
+    sum collective (what torch.distributed.all_reduce does)."""
+    barrier = threading.Barrier(len(ranks))
     lock = threading.Lock()
     box: dict = {}
 
@@ -111,16 +108,26 @@ def test_all_reduce_across_simulated_ranks_equals_merge(rng):
         barrier.wait()
         return total
 
-    results = [None] * 3
+    results = [None] * len(ranks)
 
     def work(i):
         results[i] = ranks[i].all_reduce(sum_fn)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(ranks))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+def test_all_reduce_across_simulated_ranks_equals_merge(rng):
+    """Three 'ranks' in threads with a shared sum collective (what
+    torch.distributed.all_reduce does) give the merged statistics on every rank."""
+    x, y = ref.clustered(rng, 450, 7, 4, offset=50.0)
+    shards = [slice(0, 100), slice(100, 120), slice(120, 450)]
+    ranks = [vcid.LocalAccumulator(4, 7).update(x[s], y[s]) for s in shards]
+    results = all_reduce_in_threads(ranks)
     expected = ref.sufficient_statistics(x, y, 4)
     for out in results:
         assert_stats_close(out, expected, rtol=1e-9, atol=1e-8)
@@ -130,7 +137,8 @@ def test_from_stats_round_trip_and_checks(rng):
     x, y = ref.clustered(rng, 80, 3, 3)
     acc = vcid.LocalAccumulator(3, 3).update(x, y)
     again = vcid.LocalAccumulator.from_stats(acc.class_counts, acc.class_means, acc.scatter,
-                                             acc.within_trace, acc.unit_sum, acc.unit_count)
+                                             acc.within_trace, acc.unit_sum, acc.unit_count,
+                                             acc.unit_within_trace)
     for name in STAT_NAMES:
         np.testing.assert_array_equal(getattr(again, name), getattr(acc, name))
     bad = acc.scatter
@@ -160,6 +168,128 @@ def test_zero_rows_do_not_enter_unit_sums():
     acc = vcid.LocalAccumulator(2, 2).update(x, np.array([0, 0, 1]))
     np.testing.assert_array_equal(acc.unit_count, [1, 1])
     np.testing.assert_allclose(acc.unit_sum, [[0.6, 0.8], [0.0, 1.0]])
+
+
+# ------------------------------------------------- unit-vector within trace
+
+
+def stats_args(acc: vcid.LocalAccumulator, **changes) -> list:
+    args = {name: getattr(acc, name) for name in STAT_NAMES}
+    args.update(changes)
+    return [args[name] for name in STAT_NAMES]
+
+
+def offset_data(rng, n=600, d=8, k=4):
+    """Features 1e4 + 1e-2·(class centre + noise): every direction within
+    ~1e-6 of the others, so c − ‖Σu‖²/c keeps only ~4 digits."""
+    y = rng.integers(0, k, size=n)
+    centres = rng.normal(size=(k, d)) * 3.0
+    return 1e4 + 1e-2 * (centres[y] + rng.normal(size=(n, d))), y
+
+
+def test_unit_within_trace_reference_value():
+    # Class 0: u = (.6, .8), (.8, .6), mean (.7, .7): Σ‖u − ū‖² = 4·0.01;
+    # the zero row enters neither the unit sums nor the trace.
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [4.0, 3.0], [0.0, 2.0], [5.0, 0.0]])
+    acc = vcid.LocalAccumulator(3, 2).update(x, np.array([0, 0, 0, 1, 1]))
+    np.testing.assert_array_equal(acc.unit_count, [2, 2, 0])
+    # Class 1: u = (0, 1), (1, 0), mean (.5, .5): 4·0.25.
+    np.testing.assert_allclose(acc.unit_within_trace, [0.04, 1.0, 0.0], rtol=1e-14, atol=1e-16)
+    # The same value when the rows arrive one at a time (Chan merge).
+    one_by_one = vcid.LocalAccumulator(3, 2)
+    for row, label in zip(x, [0, 0, 0, 1, 1]):
+        one_by_one.update(row[None, :], [label])
+    np.testing.assert_allclose(one_by_one.unit_within_trace, [0.04, 1.0, 0.0],
+                               rtol=1e-14, atol=1e-16)
+
+
+def test_tiny_rows_are_normalised_without_underflow():
+    """‖h‖² underflows to 0 for 3e-170; the row is still a unit vector (the
+    daemon rescales such rows too)."""
+    x = np.array([[3e-170, 4e-170], [6e-170, 8e-170]])
+    acc = vcid.LocalAccumulator(2, 2).update(x, np.array([0, 0]))
+    np.testing.assert_array_equal(acc.unit_count, [2, 0])
+    np.testing.assert_allclose(acc.unit_sum[0], [1.2, 1.6], rtol=1e-15)
+    assert acc.unit_within_trace[0] < 1e-30
+
+
+def test_unit_within_trace_keeps_its_digits_with_a_large_common_offset(rng):
+    x, y = offset_data(rng)
+    want = ref.sufficient_statistics(x, y, 4)["unit_within_trace"]
+    assert np.all(want < 1e-9 * np.bincount(y))  # directions within ~1e-6 of each other
+    whole = vcid.LocalAccumulator(4, 8).update(x, y)
+    batched = vcid.LocalAccumulator(4, 8)
+    start = 0
+    while start < len(y):  # uneven batches, some missing classes
+        size = int(rng.integers(1, 60))
+        batched.update(x[start:start + size], y[start:start + size])
+        start += size
+    parts = [vcid.LocalAccumulator(4, 8).update(x[s], y[s])
+             for s in (slice(0, 10), slice(10, 300), slice(300, 600))]
+    merged = vcid.LocalAccumulator(4, 8)
+    for part in parts[::-1]:
+        merged.merge(part)
+    for acc in (whole, batched, merged):
+        np.testing.assert_allclose(acc.unit_within_trace, want, rtol=1e-9, atol=0)
+    # What the unit sums alone give (from_stats without the trace, which is
+    # what the daemon derives for a block that lacks it) is far off: the test
+    # above can fail.
+    derived = vcid.LocalAccumulator.from_stats(*stats_args(whole)[:6])
+    assert np.max(np.abs(derived.unit_within_trace / want - 1)) > 1e-6
+
+
+def test_unit_within_trace_is_invariant_to_the_batch_split(rng):
+    x, y = offset_data(rng, n=300)
+    single = vcid.LocalAccumulator(4, 8).update(x, y)
+    for size in (1, 7, 64, 299):
+        acc = vcid.LocalAccumulator(4, 8)
+        for start in range(0, 300, size):
+            acc.update(x[start:start + size], y[start:start + size])
+        np.testing.assert_allclose(acc.unit_within_trace, single.unit_within_trace,
+                                   rtol=1e-9, atol=0, err_msg=f"batches of {size}")
+        np.testing.assert_array_equal(acc.unit_count, single.unit_count)
+
+
+def test_all_reduce_corrects_the_unit_within_trace(rng):
+    """Summing the ranks' traces would miss c_r·‖ū_r − ū‖²; all_reduce adds it."""
+    x, y = offset_data(rng)
+    shards = [slice(0, 50), slice(50, 400), slice(400, 600)]
+    ranks = [vcid.LocalAccumulator(4, 8).update(x[s], y[s]) for s in shards]
+    want = ref.sufficient_statistics(x, y, 4)["unit_within_trace"]
+    for out in all_reduce_in_threads(ranks):
+        np.testing.assert_allclose(out.unit_within_trace, want, rtol=1e-9, atol=0)
+    naive = sum(r.unit_within_trace for r in ranks)
+    assert np.max(np.abs(naive / want - 1)) > 1e-3
+
+
+def test_from_stats_checks_the_unit_within_trace(rng):
+    x, y = ref.clustered(rng, 60, 3, 3)
+    x[y == 2] = 0.0  # class 2: rows, but no unit vectors
+    acc = vcid.LocalAccumulator(3, 3).update(x, y)
+    assert acc.unit_count[2] == 0 and acc.class_counts[2] > 0
+    T = acc.unit_within_trace
+    cases = [
+        ([T[0], T[1]], r"unit_within_trace: expected shape \(3,\), received \(2,\)"),
+        ([np.nan, T[1], 0.0], r"unit_within_trace: expected finite values"),
+        ([-1e-3, T[1], 0.0], r"unit_within_trace: expected a value in \[0, unit_count\[0\]="
+                             rf"{acc.unit_count[0]}\] for class 0, received -0.001"),
+        ([T[0], acc.unit_count[1] * 1.01, 0.0],
+         rf"unit_within_trace: expected a value in \[0, unit_count\[1\]={acc.unit_count[1]}\] "
+         r"for class 1, received"),
+        ([T[0], T[1], 0.5], r"unit_within_trace: expected 0 for class 2, which has "
+                            r"unit_count 0, received 0.5"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            vcid.LocalAccumulator.from_stats(*stats_args(acc, unit_within_trace=bad))
+    unit_sum = acc.unit_sum
+    unit_sum[2, 1] = 0.25
+    with pytest.raises(ValueError, match="unit_sum: expected zeros for class 2, which has "
+                                         "unit_count 0"):
+        vcid.LocalAccumulator.from_stats(*stats_args(acc, unit_sum=unit_sum))
+    # Omitted: derived from the unit sums (c − ‖s‖²/c), close on benign data.
+    derived = vcid.LocalAccumulator.from_stats(*stats_args(acc)[:6])
+    np.testing.assert_allclose(derived.unit_within_trace, T, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------- inputs

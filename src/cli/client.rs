@@ -1,10 +1,11 @@
-//! `vcid runs` and `vcid history`: the command-line client of a running
-//! daemon, plus the connection helper (address, bearer token, error wording)
-//! that `vcid demo` and the load generator share.
+//! `vcid runs`, `vcid history` and `vcid delete`: the command-line client of
+//! a running daemon, plus the connection helper (address, bearer token, error
+//! wording) that `vcid demo` and the load generator share.
 //!
 //! Owns: turning a gRPC outcome into a table, JSON or a one-line error that
 //! names the address or the run. It must not compute any metric itself: every
-//! number shown comes from the server's `EpochResult`s as received.
+//! number shown comes from the server's `EpochResult`s as received. It never
+//! prompts: `vcid delete` deletes at once, so scripts can call it.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,9 @@ use tonic::{Code, Status};
 
 use super::CliError;
 use crate::proto::vci_monitor_client::VciMonitorClient;
-use crate::proto::{EpochResult, GetHistoryRequest, ListRunsRequest, Run};
+use crate::proto::{
+    DeleteRunRequest, EpochResult, GetHistoryRequest, GetRunRequest, ListRunsRequest, Run,
+};
 
 /// The daemon's default gRPC address (what `vcid serve` binds when not told
 /// otherwise).
@@ -208,6 +211,16 @@ pub struct HistoryArgs {
     pub connect: ConnectArgs,
 }
 
+/// Arguments of `vcid delete`.
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    /// The run to delete, with its open epochs, history and exported
+    /// series. There is no confirmation prompt and no undo.
+    pub run: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -263,6 +276,49 @@ pub fn history(args: HistoryArgs) -> Result<(), CliError> {
     };
     print!("{text}");
     Ok(())
+}
+
+/// Runs `vcid delete RUN`: reads the run (to say what is deleted), then
+/// deletes it. No prompt, so it can be scripted.
+pub fn delete(args: DeleteArgs) -> Result<(), CliError> {
+    let auth = args.connect.auth()?;
+    let addr = args.connect.addr.clone();
+    let run_id = args.run.clone();
+    let run = runtime()?.block_on(async {
+        let mut client = connect(&addr, auth).await?;
+        let not_ok = |status: Status| status_error(&status, &addr, Some(&run_id));
+        let run = client
+            .get_run(GetRunRequest {
+                run_id: run_id.clone(),
+            })
+            .await
+            .map_err(not_ok)?
+            .into_inner();
+        // A concurrent delete between the two calls ends as NOT_FOUND here,
+        // reported like an unknown run.
+        client
+            .delete_run(DeleteRunRequest {
+                run_id: run_id.clone(),
+            })
+            .await
+            .map_err(not_ok)?;
+        Ok::<_, CliError>(run)
+    })?;
+    print!("{}", render_deleted(&run));
+    Ok(())
+}
+
+/// The line `vcid delete` prints: what the deleted run held.
+pub fn render_deleted(run: &Run) -> String {
+    format!(
+        "deleted run {:?} (K={}, d={}, rows ingested {}, closed epochs {}, open epochs {})\n",
+        run.run_id,
+        run.num_classes,
+        run.feature_dim,
+        run.rows_ingested,
+        run.closed_epochs,
+        run.open_epochs.len()
+    )
 }
 
 fn filter_text(split: &Option<String>, layer: &Option<String>) -> String {
@@ -566,6 +622,23 @@ mod tests {
     fn addresses_without_scheme_get_http() {
         assert_eq!(normalize_addr("127.0.0.1:1"), "http://127.0.0.1:1");
         assert_eq!(normalize_addr("http://h:2"), "http://h:2");
+    }
+
+    #[test]
+    fn deleted_line_says_what_the_run_held() {
+        let run = Run {
+            run_id: "exp-1".into(),
+            num_classes: 10,
+            feature_dim: 512,
+            rows_ingested: 1234,
+            closed_epochs: 7,
+            open_epochs: vec![Default::default(); 2],
+            ..Default::default()
+        };
+        assert_eq!(
+            render_deleted(&run),
+            "deleted run \"exp-1\" (K=10, d=512, rows ingested 1234, closed epochs 7, open epochs 2)\n"
+        );
     }
 
     #[test]

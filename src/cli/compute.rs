@@ -1,8 +1,7 @@
 //! `vcid compute`: the metrics of SPEC §2 for features saved as `.npy`.
 //!
 //! Owns the offline path: validate the label file, stream the feature file
-//! through [`Accumulator::from_batch`] + [`Accumulator::merge`]
-//! `--batch-rows` rows at a time, close with [`metrics::compute`] and print
+//! through [`Accumulator::fold_batch`] `--batch-rows` rows at a time, close with [`metrics::compute`] and print
 //! the result as JSON (keys of SPEC §2.7) or a table. Every problem with an
 //! input file becomes one [`CliError::Input`] line naming the file, what was
 //! expected and what was found (exit status 2).
@@ -11,7 +10,6 @@
 //! whole feature matrix in memory, or print anything but the result on
 //! stdout.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -60,26 +58,6 @@ pub struct ComputeArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
-}
-
-/// The JSON document: exactly the SPEC §2.7 names, in this order.
-#[derive(serde::Serialize)]
-struct JsonOutput<'a> {
-    vci: Option<f64>,
-    linear_probe_mse: Option<f64>,
-    nc1: Option<f64>,
-    cdnv: Option<f64>,
-    class_separation: Option<f64>,
-    equinorm: Option<f64>,
-    equiangularity: Option<f64>,
-    effective_rank: Option<f64>,
-    samples: u64,
-    classes_observed: usize,
-    feature_dim: usize,
-    rank_total: usize,
-    rank_between: usize,
-    small_sample: bool,
-    notes: &'a BTreeMap<String, String>,
 }
 
 /// Runs `vcid compute`.
@@ -194,7 +172,7 @@ struct Plan {
 /// Plans the batches for `total` rows, at most `max_rows` per batch, on
 /// `cores` cores. With several batches each core folds its own share with
 /// sequential kernels (measured ~15% faster end to end on 2 cores than
-/// folding one batch at a time with both cores, because from_batch's
+/// folding one batch at a time with both cores, because fold_batch's
 /// per-row passes then run in parallel too); the batch count is rounded up
 /// to a multiple of the worker count so the shares are even. A single batch
 /// gets all cores inside its kernels instead.
@@ -256,12 +234,8 @@ fn fold(
                     // Returning early drops `inbox`, which stops the reader.
                     for (start, batch) in inbox {
                         let batch_labels = &labels[start..start + batch.nrows()];
-                        let stats =
-                            Accumulator::from_batch(batch.view(), batch_labels, num_classes, par)
-                                .map_err(|e| (start, batch_error(path, start, e)))?;
-                        acc.merge(&stats).map_err(|e| {
-                            (start, CliError::Failed(format!("{}: {e}", path.display())))
-                        })?;
+                        acc.fold_batch(batch.view(), batch_labels, par)
+                            .map_err(|e| (start, batch_error(path, start, e)))?;
                         // The reader may have finished; then the buffer is just freed.
                         let _ = recycle.send(batch);
                     }
@@ -332,25 +306,10 @@ fn batch_error(path: &Path, start: usize, err: StatsError) -> CliError {
     }
 }
 
+/// The JSON document: `EpochMetrics` serialises to exactly the SPEC §2.7
+/// names (metrics, counts, ranks, `small_sample`, `notes`).
 fn render_json(m: &EpochMetrics) -> Result<String, CliError> {
-    let doc = JsonOutput {
-        vci: m.vci,
-        linear_probe_mse: m.linear_probe_mse,
-        nc1: m.nc1,
-        cdnv: m.cdnv,
-        class_separation: m.class_separation,
-        equinorm: m.equinorm,
-        equiangularity: m.equiangularity,
-        effective_rank: m.effective_rank,
-        samples: m.samples,
-        classes_observed: m.classes_observed,
-        feature_dim: m.feature_dim,
-        rank_total: m.rank_total,
-        rank_between: m.rank_between,
-        small_sample: m.small_sample,
-        notes: &m.notes,
-    };
-    serde_json::to_string_pretty(&doc).map_err(|e| CliError::Failed(format!("encoding JSON: {e}")))
+    serde_json::to_string_pretty(m).map_err(|e| CliError::Failed(format!("encoding JSON: {e}")))
 }
 
 fn render_table(args: &ComputeArgs, a: &Analysis) -> String {

@@ -56,6 +56,9 @@ enum Command {
     Runs(client::RunsArgs),
     /// Show the epoch results (metrics) of one run.
     History(client::HistoryArgs),
+    /// Delete a run of a running daemon: its open epochs, history and
+    /// exported series (no prompt, no undo).
+    Delete(client::DeleteArgs),
 }
 
 /// Parses the command line, runs the subcommand and maps its outcome to an
@@ -68,6 +71,7 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Runs(args) => client::runs(args),
         Command::History(args) => client::history(args),
+        Command::Delete(args) => client::delete(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Memory budget of all open accumulators in bytes [default: 2147483648 = 2 GiB].
     #[arg(long, env = "VCID_MAX_ACCUMULATOR_BYTES", value_name = "BYTES")]
     pub max_accumulator_bytes: Option<u64>,
+    /// Most gaps between the sequence numbers one writer_id has sent to a
+    /// run; a batch that would open another is rejected [default: 1024].
+    #[arg(long, env = "VCID_MAX_SEQUENCE_GAPS_PER_WRITER", value_name = "GAPS")]
+    pub max_sequence_gaps_per_writer: Option<u64>,
     /// File holding a bearer token; when set, every gRPC call must send
     /// `authorization: Bearer <token>` [default: no authentication].
     #[arg(long, env = "VCID_AUTH_TOKEN_FILE", value_name = "FILE")]
@@ -87,6 +91,8 @@ pub struct FileConfig {
     pub max_batch_rows: Option<u32>,
     #[serde(alias = "max-accumulator-bytes")]
     pub max_accumulator_bytes: Option<u64>,
+    #[serde(alias = "max-sequence-gaps-per-writer")]
+    pub max_sequence_gaps_per_writer: Option<u64>,
     #[serde(alias = "auth-token-file")]
     pub auth_token_file: Option<PathBuf>,
     #[serde(alias = "shutdown-grace-seconds")]
@@ -138,6 +144,10 @@ pub fn resolve(args: ServeArgs) -> Result<(ServeConfig, LogFormat, String), CliE
             .max_accumulator_bytes
             .or(file.max_accumulator_bytes)
             .unwrap_or(config::DEFAULT_MAX_ACCUMULATOR_BYTES),
+        max_sequence_gaps_per_writer: args
+            .max_sequence_gaps_per_writer
+            .or(file.max_sequence_gaps_per_writer)
+            .unwrap_or(config::DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER),
     };
     if limits.max_batch_rows == 0 || limits.max_message_bytes == 0 {
         return Err(CliError::Input(
@@ -225,7 +235,7 @@ mod tests {
             &file,
             format!(
                 "grpc_addr = \"0.0.0.0:6000\"\nmax-batch-rows = 7\nlog_format = \"json\"\n\
-                 auth_token_file = {:?}\n",
+                 max_sequence_gaps_per_writer = 9\nauth_token_file = {:?}\n",
                 token.display().to_string()
             ),
         )
@@ -242,6 +252,7 @@ mod tests {
         assert_eq!(config.grpc_addr.to_string(), "127.0.0.1:7000");
         assert_eq!(config.http_addr, ServeConfig::default().http_addr);
         assert_eq!(config.limits.max_batch_rows, 7);
+        assert_eq!(config.limits.max_sequence_gaps_per_writer, 9);
         assert_eq!(
             config.limits.max_message_bytes,
             config::DEFAULT_MAX_MESSAGE_BYTES

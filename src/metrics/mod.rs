@@ -45,15 +45,10 @@ pub enum MetricsError {
 }
 
 /// Everything SPEC §2.7 asks of one epoch that can be computed from its
-/// statistics alone.
+/// statistics alone. Serialises with SPEC's names, metrics first (the JSON of
+/// `vcid compute`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct EpochMetrics {
-    /// N.
-    pub samples: u64,
-    /// K_obs, classes with at least one sample.
-    pub classes_observed: usize,
-    /// d.
-    pub feature_dim: usize,
     /// Variability Collapse Index, in [0, 1]; 0 is complete collapse.
     pub vci: Option<f64>,
     /// MSE of the best affine probe from features to one-hot labels.
@@ -70,6 +65,12 @@ pub struct EpochMetrics {
     pub equiangularity: Option<f64>,
     /// exp(entropy) of the normalised singular values of the centred features.
     pub effective_rank: Option<f64>,
+    /// N.
+    pub samples: u64,
+    /// K_obs, classes with at least one sample.
+    pub classes_observed: usize,
+    /// d.
+    pub feature_dim: usize,
     /// rank(Σ_T) under SPEC §2.3.
     pub rank_total: usize,
     /// rank(Σ_B) under SPEC §2.3.

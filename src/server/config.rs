@@ -23,6 +23,11 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub const DEFAULT_MAX_BATCH_ROWS: u32 = 65_536;
 /// Default budget for all open accumulators together: 2 GiB.
 pub const DEFAULT_MAX_ACCUMULATOR_BYTES: u64 = 2 << 30;
+/// Default most gaps one writer's applied sequence numbers may have (see
+/// `state::SeqSet`): a writer numbering its batches 0, 1, 2, … has none, so
+/// this only bounds writers that skip or reorder sequences. About 16 bytes
+/// per gap.
+pub const DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER: u64 = 1024;
 /// How long a graceful shutdown waits for in-flight RPCs before it
 /// checkpoints anyway.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -36,6 +41,10 @@ pub struct Limits {
     pub max_batch_rows: u32,
     /// Budget for the estimated bytes of all open accumulators together.
     pub max_accumulator_bytes: u64,
+    /// Most gaps between the applied sequence numbers of one `writer_id`
+    /// of a run; a batch that would open another one is rejected
+    /// (FAILED_PRECONDITION) rather than remembered inexactly.
+    pub max_sequence_gaps_per_writer: u64,
 }
 
 impl Default for Limits {
@@ -44,6 +53,7 @@ impl Default for Limits {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
             max_accumulator_bytes: DEFAULT_MAX_ACCUMULATOR_BYTES,
+            max_sequence_gaps_per_writer: DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER,
         }
     }
 }
@@ -67,7 +77,8 @@ pub struct ServeConfig {
 
 impl Default for ServeConfig {
     /// grpc 127.0.0.1:50051, http 127.0.0.1:9464, data ./vcid-data,
-    /// 64 MiB messages, 65 536 rows per batch, 2 GiB of accumulators, no auth.
+    /// 64 MiB messages, 65 536 rows per batch, 2 GiB of accumulators, 1024
+    /// sequence gaps per writer, no auth.
     fn default() -> Self {
         ServeConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),

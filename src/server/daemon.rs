@@ -441,7 +441,9 @@ impl Daemon {
     }
 
     /// The serialised half: the O(d²) merge under the epoch's lock (on the
-    /// blocking pool), with the closed-epoch, duplicate and budget checks.
+    /// blocking pool), with the duplicate, sequence-gap, closed-epoch and
+    /// budget checks (batches of one stream arrive here in order, so a
+    /// sequence prepared before its predecessor landed is judged after it).
     pub async fn apply_prepared(&self, prepared: PreparedBatch) -> Result<Ingested, ServerError> {
         let PreparedBatch {
             run,
@@ -454,8 +456,10 @@ impl Daemon {
             return Ok(Ingested::Duplicate);
         };
         let state = Arc::clone(&self.state);
+        let max_gaps = self.limits.max_sequence_gaps_per_writer;
         let applied =
-            blocking(move || run.apply(&key, epoch, &acc, dedup.as_ref(), &state.budget)).await??;
+            blocking(move || run.apply(&key, epoch, &acc, dedup.as_ref(), &state.budget, max_gaps))
+                .await??;
         Ok(applied.into())
     }
 
@@ -476,9 +480,10 @@ impl Daemon {
             dedup,
         } = decoded;
         let state = Arc::clone(&self.state);
+        let max_gaps = self.limits.max_sequence_gaps_per_writer;
         let applied = blocking(move || {
             let acc = Accumulator::from_parts(parts)?;
-            run.apply(&key, epoch, &acc, dedup.as_ref(), &state.budget)
+            run.apply(&key, epoch, &acc, dedup.as_ref(), &state.budget, max_gaps)
         })
         .await??;
         Ok(applied.into())

@@ -63,6 +63,25 @@ pub enum ServerError {
         open: String,
     },
 
+    /// A batch whose `(writer_id, sequence)` would open more gaps in that
+    /// writer's applied sequence numbers than `--max-sequence-gaps-per-writer`
+    /// (FAILED_PRECONDITION: the writer's own history, not a transient
+    /// shortage, is what refuses it; see `state`'s "Duplicate filter").
+    #[error(
+        "sequence: expected a sequence number next to one that writer_id {writer_id:?} of run \
+         {run_id:?} already sent, as that writer already has {gaps} gaps between its sequence \
+         numbers (limit {limit}, --max-sequence-gaps-per-writer); received {sequence}, which \
+         would open another gap. Nothing was applied. Send each writer's sequences in \
+         increasing order, resend the missing ones first, or continue with a new writer_id"
+    )]
+    SequenceGaps {
+        run_id: String,
+        writer_id: String,
+        sequence: u64,
+        gaps: u64,
+        limit: u64,
+    },
+
     /// Opening an accumulator would exceed `--max-accumulator-bytes`
     /// (RESOURCE_EXHAUSTED).
     #[error(
@@ -157,9 +176,9 @@ impl ServerError {
             ServerError::RunNotFound(_) => Code::NotFound,
             ServerError::Invalid { .. } | ServerError::Stats(_) => Code::InvalidArgument,
             ServerError::RunConflict { .. } => Code::AlreadyExists,
-            ServerError::EpochClosed { .. } | ServerError::NoOpenEpoch { .. } => {
-                Code::FailedPrecondition
-            }
+            ServerError::EpochClosed { .. }
+            | ServerError::NoOpenEpoch { .. }
+            | ServerError::SequenceGaps { .. } => Code::FailedPrecondition,
             ServerError::BudgetExceeded { .. }
             | ServerError::TooManyRows { .. }
             | ServerError::MessageTooLarge { .. } => Code::ResourceExhausted,
@@ -181,6 +200,7 @@ impl ServerError {
             ServerError::Invalid { .. } | ServerError::Stats(_) => "invalid_argument",
             ServerError::RunConflict { .. } => "already_exists",
             ServerError::EpochClosed { .. } | ServerError::NoOpenEpoch { .. } => "epoch_closed",
+            ServerError::SequenceGaps { .. } => "sequence_gaps",
             ServerError::BudgetExceeded { .. } => "memory_budget",
             ServerError::TooManyRows { .. } | ServerError::MessageTooLarge { .. } => "too_large",
             ServerError::Unauthenticated(_) => "unauthenticated",
@@ -202,6 +222,7 @@ impl ServerError {
         "invalid_argument",
         "already_exists",
         "epoch_closed",
+        "sequence_gaps",
         "memory_budget",
         "too_large",
         "shutting_down",

@@ -18,7 +18,8 @@
 //! * Lock order: a slot lock may be taken before the run lock, never the
 //!   reverse (no code acquires a slot while holding `RunInner`).
 //!
-//! A batch is applied in three steps: (1) under the run lock, reject closed
+//! A batch is applied in three steps: (1) under the run lock, skip
+//! duplicates, reject a sequence beyond the writer's gap limit and closed
 //! epochs, claim the `(writer_id, sequence)` key as in flight and find or
 //! create the slot (reserving its memory); (2) under the slot lock, check the
 //! slot is still open and merge; (3) under the run lock, record the key as
@@ -31,14 +32,35 @@
 //! # Duplicate filter
 //!
 //! Per run and `writer_id`, a [`SeqSet`] of applied sequence numbers stored
-//! as disjoint inclusive intervals, so a writer numbering its batches
-//! 0, 1, 2, … (from any start) costs one interval; each gap costs one more.
-//! At most [`MAX_INTERVALS_PER_WRITER`] intervals are kept: beyond that the
-//! two lowest intervals are joined, i.e. the oldest gap is treated as
-//! applied (a batch that arrives more than ~1000 gaps late is reported as a
-//! duplicate instead of being applied twice). Claims of batches still being
-//! merged are kept separately (`in_flight`), so a concurrent retry of the
-//! same batch is counted as a duplicate rather than merged twice.
+//! exactly as disjoint inclusive intervals, so a writer numbering its
+//! batches 0, 1, 2, … (from any start) costs one interval; each gap between
+//! the numbers it sent costs one more. The filter never forgets: a batch
+//! whose sequence was applied is a duplicate, any other batch is merged.
+//! Memory is bounded instead by admission: a batch whose sequence is not
+//! next to an applied one (it would open a new gap) is rejected, before
+//! anything is claimed or merged, when the writer already has
+//! `--max-sequence-gaps-per-writer` gaps. A sequence that extends an
+//! interval or fills a remembered gap is always admitted, so a late batch
+//! is either applied or refused with an error, never dropped silently.
+//!
+//! Claims of batches still being merged are kept separately (`in_flight`),
+//! so a concurrent retry of the same batch is counted as a duplicate rather
+//! than merged twice. Such a claim may still fail (its epoch closed
+//! meanwhile) and be released, so admission counts the worst case: every
+//! in-flight sequence that is not next to an applied one is counted as a
+//! gap of its own. Because applied sets only grow while claims settle,
+//! `intervals(applied) + isolated(in_flight)` never rises except through an
+//! admission that checked it, and the applied set stays within the limit
+//! whatever the outcome of the concurrent merges. A checkpoint restores the
+//! intervals as they were, even beyond a since-lowered limit (then only
+//! sequences next to applied ones are admitted until gaps are filled).
+//!
+//! The rejection is FAILED_PRECONDITION, not RESOURCE_EXHAUSTED: no shared
+//! resource is short and waiting does not help; what refuses the batch is
+//! that writer's own history of sequence numbers, which only the client can
+//! change (resend the missing sequences, send in increasing order, or use a
+//! new `writer_id`). gRPC clients treat RESOURCE_EXHAUSTED as retryable with
+//! back-off, which here would repeat the same refusal.
 //!
 //! # Memory budget
 //!
@@ -58,9 +80,6 @@ use crate::stats::Accumulator;
 use super::decode::StreamKey;
 use super::error::ServerError;
 
-/// Most intervals one writer's [`SeqSet`] keeps (16 bytes each).
-pub const MAX_INTERVALS_PER_WRITER: usize = 1024;
-
 /// Locks a mutex, recovering the data if a panicking thread poisoned it
 /// (every critical section leaves the data consistent before it can panic:
 /// merges leave the accumulator unchanged on error).
@@ -69,7 +88,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Applied sequence numbers of one writer, as disjoint, non-adjacent
-/// inclusive intervals `start -> end`.
+/// inclusive intervals `start -> end`. Exact: it never forgets a number
+/// (bounding it is [`RunState::apply`]'s admission check).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SeqSet {
     ranges: BTreeMap<u64, u64>,
@@ -84,8 +104,15 @@ impl SeqSet {
             .is_some_and(|(_, &end)| seq <= end)
     }
 
-    /// Records `seq`, joining adjacent intervals; keeps at most
-    /// [`MAX_INTERVALS_PER_WRITER`] intervals by filling the oldest gap.
+    /// Whether recording `seq` would add an interval: it is neither
+    /// recorded nor next to a recorded number.
+    pub fn is_isolated(&self, seq: u64) -> bool {
+        !self.contains(seq)
+            && seq.checked_sub(1).is_none_or(|prev| !self.contains(prev))
+            && seq.checked_add(1).is_none_or(|next| !self.contains(next))
+    }
+
+    /// Records `seq`, joining adjacent intervals (adds at most one).
     pub fn insert(&mut self, seq: u64) {
         if self.contains(seq) {
             return;
@@ -102,15 +129,6 @@ impl SeqSet {
             }
         }
         self.ranges.insert(start, end);
-        while self.ranges.len() > MAX_INTERVALS_PER_WRITER {
-            let Some((first_start, _)) = self.ranges.pop_first() else {
-                break;
-            };
-            let Some((_, second_end)) = self.ranges.pop_first() else {
-                break;
-            };
-            self.ranges.insert(first_start, second_end);
-        }
     }
 
     /// Number of intervals held.
@@ -118,19 +136,41 @@ impl SeqSet {
         self.ranges.len()
     }
 
+    /// Gaps between the recorded numbers (intervals − 1; 0 when empty).
+    pub fn gaps(&self) -> usize {
+        self.ranges.len().saturating_sub(1)
+    }
+
     /// `[start0, end0, start1, end1, …]` for a checkpoint.
     pub fn to_flat(&self) -> Vec<u64> {
         self.ranges.iter().flat_map(|(&s, &e)| [s, e]).collect()
     }
 
-    /// Rebuilds from [`SeqSet::to_flat`] output (malformed pairs are
-    /// skipped: the checkpoint was written by this code).
+    /// Rebuilds from [`SeqSet::to_flat`] output. Reversed pairs are skipped
+    /// and overlapping or adjacent ones joined, so the gap count stays
+    /// exact even for a hand-edited checkpoint; nothing is dropped for
+    /// exceeding the limit (admission handles that).
     pub fn from_flat(flat: &[u64]) -> SeqSet {
+        let mut pairs: Vec<(u64, u64)> = flat
+            .chunks_exact(2)
+            .map(|pair| (pair[0], pair[1]))
+            .filter(|(start, end)| start <= end)
+            .collect();
+        pairs.sort_unstable();
         let mut set = SeqSet::default();
-        for pair in flat.chunks_exact(2) {
-            if pair[0] <= pair[1] {
-                set.ranges.insert(pair[0], pair[1]);
-            }
+        let mut current: Option<(u64, u64)> = None;
+        for (start, end) in pairs {
+            current = match current {
+                Some((s, e)) if start <= e.saturating_add(1) => Some((s, e.max(end))),
+                Some((s, e)) => {
+                    set.ranges.insert(s, e);
+                    Some((start, end))
+                }
+                None => Some((start, end)),
+            };
+        }
+        if let Some((s, e)) = current {
+            set.ranges.insert(s, e);
         }
         set
     }
@@ -256,7 +296,37 @@ struct StreamState {
 #[derive(Debug, Default)]
 struct WriterState {
     applied: SeqSet,
+    /// Claimed, being merged; disjoint from `applied`.
     in_flight: BTreeSet<u64>,
+}
+
+impl WriterState {
+    fn is_duplicate(&self, seq: u64) -> bool {
+        self.applied.contains(seq) || self.in_flight.contains(&seq)
+    }
+
+    /// Admission of `seq` against `max_gaps` (see "Duplicate filter" in the
+    /// module doc). `Err` carries the gaps the writer has in the worst case
+    /// before `seq`: applied intervals plus isolated in-flight claims, − 1.
+    fn admit(&self, seq: u64, max_gaps: u64) -> Result<(), u64> {
+        if !self.applied.is_isolated(seq) {
+            // Extends an interval or fills a gap: never adds one.
+            return Ok(());
+        }
+        let pending = self
+            .in_flight
+            .iter()
+            .filter(|&&claimed| self.applied.is_isolated(claimed))
+            .count();
+        let worst_intervals = (self.applied.intervals() + pending) as u64;
+        // With `seq`, the worst case has `worst_intervals + 1` intervals,
+        // i.e. `worst_intervals` gaps.
+        if worst_intervals > max_gaps {
+            Err(worst_intervals.saturating_sub(1))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -344,11 +414,13 @@ impl RunState {
         inner
             .writers
             .get(writer)
-            .is_some_and(|w| w.applied.contains(*seq) || w.in_flight.contains(seq))
+            .is_some_and(|w| w.is_duplicate(*seq))
     }
 
     /// Merges a batch's statistics into the open accumulator of
-    /// `(key, epoch)`, creating it if needed. Whole or nothing.
+    /// `(key, epoch)`, creating it if needed. Whole or nothing: a batch
+    /// whose sequence would give its writer more than `max_gaps` gaps is
+    /// rejected before anything is claimed, created or merged.
     pub fn apply(
         &self,
         key: &StreamKey,
@@ -356,6 +428,7 @@ impl RunState {
         batch: &Accumulator,
         dedup: Option<&(String, u64)>,
         budget: &Budget,
+        max_gaps: u64,
     ) -> Result<Applied, ServerError> {
         // Step 1: admission under the run lock.
         let slot = {
@@ -365,9 +438,17 @@ impl RunState {
             }
             if let Some((writer, seq)) = dedup {
                 if let Some(w) = inner.writers.get(writer) {
-                    if w.applied.contains(*seq) || w.in_flight.contains(seq) {
+                    if w.is_duplicate(*seq) {
                         return Ok(Applied::Duplicate);
                     }
+                    w.admit(*seq, max_gaps)
+                        .map_err(|gaps| ServerError::SequenceGaps {
+                            run_id: self.info.run_id.clone(),
+                            writer_id: writer.clone(),
+                            sequence: *seq,
+                            gaps,
+                            limit: max_gaps,
+                        })?;
                 }
             }
             let stream = inner.streams.entry(key.clone()).or_default();
@@ -778,28 +859,176 @@ mod tests {
     use super::*;
 
     #[test]
-    fn seqset_joins_and_bounds() {
+    fn seqset_is_exact_and_never_forgets() {
         let mut s = SeqSet::default();
+        assert_eq!((s.intervals(), s.gaps()), (0, 0));
         for seq in [5, 7, 6, 1, 2, 3] {
             s.insert(seq);
         }
         assert_eq!(s.to_flat(), vec![1, 3, 5, 7]);
+        assert_eq!(s.gaps(), 1);
         assert!(s.contains(2) && s.contains(6) && !s.contains(4) && !s.contains(0));
+        // 4 and 0 border an interval; 9 and 10 do not; 6 is recorded.
+        assert!(!s.is_isolated(4) && !s.is_isolated(0) && !s.is_isolated(8));
+        assert!(s.is_isolated(10) && s.is_isolated(u64::MAX) && !s.is_isolated(6));
         s.insert(4);
         assert_eq!(s.to_flat(), vec![1, 7]);
         s.insert(u64::MAX);
-        assert!(s.contains(u64::MAX));
+        assert!(s.contains(u64::MAX) && !s.is_isolated(u64::MAX - 1));
         assert_eq!(SeqSet::from_flat(&s.to_flat()), s);
 
+        // Far beyond the default limit every number is still remembered
+        // exactly: bounding is admission's job, not forgetting.
+        let n = 3000u64;
         let mut sparse = SeqSet::default();
-        for i in 0..(MAX_INTERVALS_PER_WRITER as u64 + 10) {
+        for i in 0..n {
             sparse.insert(i * 2);
         }
-        assert_eq!(sparse.intervals(), MAX_INTERVALS_PER_WRITER);
-        // The oldest gaps were filled; the newest are still exact.
-        assert!(sparse.contains(1));
-        let last = (MAX_INTERVALS_PER_WRITER as u64 + 9) * 2;
-        assert!(sparse.contains(last) && !sparse.contains(last - 1));
+        assert_eq!(sparse.intervals(), n as usize);
+        assert!(sparse.contains(0) && !sparse.contains(1) && sparse.contains(2 * (n - 1)));
+        assert_eq!(SeqSet::from_flat(&sparse.to_flat()), sparse);
+    }
+
+    #[test]
+    fn seqset_from_flat_normalises() {
+        // Overlapping, adjacent, unsorted and reversed pairs.
+        let s = SeqSet::from_flat(&[10, 12, 1, 3, 4, 5, 11, 20, 9, 2, 30, 30, 7]);
+        assert_eq!(s.to_flat(), vec![1, 5, 10, 20, 30, 30]);
+        assert_eq!(s.gaps(), 2);
+        assert_eq!(SeqSet::from_flat(&[]), SeqSet::default());
+    }
+
+    #[test]
+    fn admission_counts_in_flight_claims_at_their_worst() {
+        let mut w = WriterState::default();
+        w.applied.insert(0);
+        w.in_flight.insert(5);
+        // {0} plus a pending 5 is one gap; 10 would make two.
+        assert_eq!(w.admit(10, 1), Err(1));
+        assert_eq!(w.admit(10, 2), Ok(()));
+        // Next to an applied number: never a new gap, even at the limit.
+        assert_eq!(w.admit(1, 0), Ok(()));
+
+        // A pending claim that would bridge {0} and {2} may still fail, so
+        // it does not make room: 4 is refused until 1 has landed.
+        let mut w = WriterState::default();
+        w.applied.insert(0);
+        w.applied.insert(2);
+        w.in_flight.insert(1);
+        assert_eq!(w.admit(4, 1), Err(1));
+        w.in_flight.remove(&1);
+        w.applied.insert(1);
+        assert_eq!(w.admit(4, 1), Ok(()));
+    }
+
+    fn tiny_run() -> RunState {
+        RunState::new(
+            RunInfo {
+                run_id: "r".into(),
+                num_classes: 2,
+                feature_dim: 1,
+                metadata: BTreeMap::new(),
+                created_unix_ms: 0,
+            },
+            0,
+        )
+    }
+
+    fn one_row(value: f64, label: u32) -> Accumulator {
+        let x = ndarray::Array2::from_elem((1, 1), value);
+        Accumulator::from_batch(x.view(), &[label], 2, crate::stats::Par::Seq).unwrap()
+    }
+
+    fn samples_of(run: &RunState) -> u64 {
+        run.open_epochs().iter().map(|o| o.samples).sum()
+    }
+
+    #[test]
+    fn a_new_gap_beyond_the_default_limit_is_rejected_and_changes_nothing() {
+        let limit = crate::server::config::DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER;
+        let run = tiny_run();
+        let budget = Budget::new(1 << 20);
+        let key = StreamKey {
+            split: "train".into(),
+            layer: "penultimate".into(),
+        };
+        let batch = one_row(1.5, 1);
+        let apply = |seq: u64| {
+            run.apply(
+                &key,
+                0,
+                &batch,
+                Some(&("w".to_owned(), seq)),
+                &budget,
+                limit,
+            )
+        };
+        // Even sequences 0, 2, …, 2·limit: exactly `limit` gaps.
+        for i in 0..=limit {
+            assert_eq!(apply(2 * i).unwrap(), Applied::Merged(1));
+        }
+        let used = budget.used();
+        let next = 2 * limit + 2;
+        match apply(next) {
+            Err(ServerError::SequenceGaps {
+                writer_id,
+                sequence,
+                gaps,
+                limit: l,
+                ..
+            }) => assert_eq!(
+                (writer_id.as_str(), sequence, gaps, l),
+                ("w", next, limit, limit)
+            ),
+            other => panic!("expected SequenceGaps, got {other:?}"),
+        }
+        // Nothing changed: samples, rows, budget, and no claim left behind
+        // (the same sequence is refused again, not called a duplicate).
+        assert_eq!(samples_of(&run), limit + 1);
+        assert_eq!(run.rows_ingested(), limit + 1);
+        assert_eq!(budget.used(), used);
+        assert!(!run.is_duplicate(Some(&("w".to_owned(), next))));
+        assert!(matches!(apply(next), Err(ServerError::SequenceGaps { .. })));
+        // At the limit, duplicates are still recognised...
+        assert_eq!(apply(0).unwrap(), Applied::Duplicate);
+        // ...a late batch filling a remembered gap is applied...
+        assert_eq!(apply(1).unwrap(), Applied::Merged(1));
+        assert_eq!(apply(2 * limit + 1).unwrap(), Applied::Merged(1));
+        // ...which makes room for the refused one; other writers are
+        // unaffected throughout.
+        assert_eq!(apply(next).unwrap(), Applied::Merged(1));
+        assert_eq!(
+            run.apply(&key, 0, &batch, Some(&("v".to_owned(), 7)), &budget, limit)
+                .unwrap(),
+            Applied::Merged(1)
+        );
+        assert_eq!(samples_of(&run), limit + 5);
+    }
+
+    #[test]
+    fn a_restored_filter_beyond_a_lowered_limit_is_kept_and_bounded() {
+        let run = tiny_run();
+        let budget = Budget::new(1 << 20);
+        let key = StreamKey {
+            split: "train".into(),
+            layer: "penultimate".into(),
+        };
+        // Checkpointed with 3 gaps; restarted with a limit of 1.
+        run.restore_writer("w".into(), SeqSet::from_flat(&[0, 0, 2, 2, 4, 4, 6, 6]));
+        let batch = one_row(0.5, 0);
+        let apply = |seq: u64| run.apply(&key, 0, &batch, Some(&("w".to_owned(), seq)), &budget, 1);
+        assert_eq!(apply(4).unwrap(), Applied::Duplicate);
+        assert!(matches!(
+            apply(9),
+            Err(ServerError::SequenceGaps {
+                gaps: 3,
+                limit: 1,
+                ..
+            })
+        ));
+        assert_eq!(apply(7).unwrap(), Applied::Merged(1));
+        assert_eq!(apply(3).unwrap(), Applied::Merged(1));
+        assert_eq!(samples_of(&run), 2);
     }
 
     #[test]

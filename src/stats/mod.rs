@@ -107,16 +107,9 @@ pub struct AccumulatorParts {
 /// Exact streaming statistics of one (stream, epoch): see the module docs.
 #[derive(Clone, Debug)]
 pub struct Accumulator {
-    num_classes: usize,
-    feature_dim: usize,
-    class_counts: Vec<u64>,
-    class_means: Vec<f64>,
+    classes: ClassStats,
     /// Lower triangle of M2 = Σ (h − μ)(h − μ)ᵀ; the upper triangle is stale.
     scatter: Mat<f64>,
-    within_trace: Vec<f64>,
-    unit_sum: Vec<f64>,
-    unit_count: Vec<u64>,
-    unit_within_trace: Vec<f64>,
 }
 
 impl Accumulator {
@@ -124,15 +117,8 @@ impl Accumulator {
     /// features.
     pub fn new(num_classes: usize, feature_dim: usize) -> Self {
         Self {
-            num_classes,
-            feature_dim,
-            class_counts: vec![0; num_classes],
-            class_means: vec![0.0; num_classes * feature_dim],
+            classes: ClassStats::new(num_classes, feature_dim),
             scatter: Mat::zeros(feature_dim, feature_dim),
-            within_trace: vec![0.0; num_classes],
-            unit_sum: vec![0.0; num_classes * feature_dim],
-            unit_count: vec![0; num_classes],
-            unit_within_trace: vec![0.0; num_classes],
         }
     }
 
@@ -149,106 +135,52 @@ impl Accumulator {
         num_classes: usize,
         par: Par,
     ) -> Result<Self, StatsError> {
-        let (rows, dim) = features.dim();
         validate_batch(features, labels, num_classes)?;
-        let mut acc = Self::new(num_classes, dim);
+        let mut acc = Self::new(num_classes, features.ncols());
+        acc.fold_valid_batch(features, labels, par);
+        Ok(acc)
+    }
 
-        // Pass 1: provisional class means.
-        for (row, &label) in features.rows().into_iter().zip(labels) {
-            let k = label as usize;
-            acc.class_counts[k] += 1;
-            let sum = &mut acc.class_means[k * dim..(k + 1) * dim];
-            for (s, &h) in sum.iter_mut().zip(row.iter()) {
-                *s += h;
-            }
+    /// Folds one batch into `self` in place: the same result as merging
+    /// [`Accumulator::from_batch`] of it, without allocating a second d × d
+    /// scatter (the batch's `XcᵀXc` is accumulated straight into `self`).
+    /// Use it where one owner folds many batches; the daemon instead builds
+    /// batch statistics outside its locks and merges them under one.
+    /// On any error `self` is left unchanged.
+    pub fn fold_batch(
+        &mut self,
+        features: ArrayView2<'_, f64>,
+        labels: &[u32],
+        par: Par,
+    ) -> Result<(), StatsError> {
+        if features.ncols() != self.feature_dim() {
+            return Err(StatsError::ShapeMismatch {
+                field: "feature_dim",
+                expected: self.feature_dim(),
+                received: features.ncols(),
+            });
         }
-        for k in 0..num_classes {
-            let n = acc.class_counts[k];
-            if n > 0 {
-                let inv = 1.0 / n as f64;
-                acc.class_means[k * dim..(k + 1) * dim]
-                    .iter_mut()
-                    .for_each(|s| *s *= inv);
-            }
-        }
+        validate_batch(features, labels, self.num_classes())?;
+        self.fold_valid_batch(features, labels, par);
+        Ok(())
+    }
 
-        // Pass 2: residuals about the provisional means give the correction
-        // of the means and the within-class traces; unit vectors on the way.
-        let mut residual_sum = vec![0.0; num_classes * dim];
-        let mut norms = Vec::with_capacity(rows);
-        for (row, &label) in features.rows().into_iter().zip(labels) {
-            let k = label as usize;
-            let mean = &acc.class_means[k * dim..(k + 1) * dim];
-            let residual = &mut residual_sum[k * dim..(k + 1) * dim];
-            let mut squared = 0.0;
-            for ((r, &m), &h) in residual.iter_mut().zip(mean).zip(row.iter()) {
-                let e = h - m;
-                *r += e;
-                squared += e * e;
-            }
-            acc.within_trace[k] += squared;
-
-            let norm = euclidean_norm(row.iter().copied());
-            norms.push(norm);
-            if norm > 0.0 {
-                let inv = 1.0 / norm;
-                let unit = &mut acc.unit_sum[k * dim..(k + 1) * dim];
-                for (u, &h) in unit.iter_mut().zip(row.iter()) {
-                    *u += h * inv;
-                }
-                acc.unit_count[k] += 1;
-            }
-        }
-        for k in 0..num_classes {
-            let n = acc.class_counts[k];
-            if n == 0 {
-                continue;
-            }
-            let inv = 1.0 / n as f64;
-            let residual = &residual_sum[k * dim..(k + 1) * dim];
-            let mean = &mut acc.class_means[k * dim..(k + 1) * dim];
-            let mut shift_squared = 0.0;
-            for (m, &r) in mean.iter_mut().zip(residual) {
-                let shift = r * inv;
-                *m += shift;
-                shift_squared += shift * shift;
-            }
-            // Σ‖h − μ‖² = Σ‖h − μ₀‖² − n‖μ − μ₀‖² (exact identity).
-            acc.within_trace[k] = (acc.within_trace[k] - n as f64 * shift_squared).max(0.0);
-        }
-
-        // Pass 3: spread of the unit vectors about their class mean direction.
-        for ((row, &label), &norm) in features.rows().into_iter().zip(labels).zip(&norms) {
-            if norm == 0.0 {
-                continue;
-            }
-            let k = label as usize;
-            let inv_count = 1.0 / acc.unit_count[k] as f64;
-            let unit_sum = &acc.unit_sum[k * dim..(k + 1) * dim];
-            let inv_norm = 1.0 / norm;
-            acc.unit_within_trace[k] += row
-                .iter()
-                .zip(unit_sum)
-                .map(|(&h, &s)| {
-                    let e = h * inv_norm - s * inv_count;
-                    e * e
-                })
-                .sum::<f64>();
-        }
-
-        // Scatter of the batch about its own global mean: one syrk.
-        let mean = acc.global_mean();
+    fn fold_valid_batch(&mut self, features: ArrayView2<'_, f64>, labels: &[u32], par: Par) {
+        let batch = ClassStats::of_batch(features, labels, self.num_classes());
+        let batch_mean = batch.global_mean();
+        self.add_to_scatter(None, &batch_mean, batch.samples());
+        let (rows, dim) = features.dim();
         let mut centred = Mat::<f64>::zeros(dim, rows);
         for (i, row) in features.rows().into_iter().enumerate() {
             let column = centred.col_as_slice_mut(i);
-            for ((c, &h), &m) in column.iter_mut().zip(row.iter()).zip(&mean) {
+            for ((c, &h), &m) in column.iter_mut().zip(row.iter()).zip(&batch_mean) {
                 *c = h - m;
             }
         }
         matmul(
-            acc.scatter.as_mut(),
+            self.scatter.as_mut(),
             BlockStructure::TriangularLower,
-            Accum::Replace,
+            Accum::Add,
             centred.as_ref(),
             BlockStructure::Rectangular,
             centred.transpose(),
@@ -256,7 +188,7 @@ impl Accumulator {
             1.0,
             par,
         );
-        Ok(acc)
+        self.classes.merge(&batch);
     }
 
     /// Folds `other` into `self` with the Chan–Golub–LeVeque formula:
@@ -264,54 +196,347 @@ impl Accumulator {
     /// means and within-class traces. On a shape mismatch `self` is left
     /// unchanged.
     pub fn merge(&mut self, other: &Accumulator) -> Result<(), StatsError> {
-        if other.num_classes != self.num_classes {
-            return Err(StatsError::ShapeMismatch {
-                field: "num_classes",
-                expected: self.num_classes,
-                received: other.num_classes,
-            });
+        let shapes = [
+            ("num_classes", self.num_classes(), other.num_classes()),
+            ("feature_dim", self.feature_dim(), other.feature_dim()),
+        ];
+        for (field, expected, received) in shapes {
+            if expected != received {
+                return Err(StatsError::ShapeMismatch {
+                    field,
+                    expected,
+                    received,
+                });
+            }
         }
-        if other.feature_dim != self.feature_dim {
-            return Err(StatsError::ShapeMismatch {
-                field: "feature_dim",
-                expected: self.feature_dim,
-                received: other.feature_dim,
-            });
-        }
-        let n_b = other.samples();
-        if n_b == 0 {
+        if other.samples() == 0 {
             return Ok(());
         }
-        let n_a = self.samples();
-        if n_a == 0 {
-            self.clone_from(other);
-            return Ok(());
-        }
-        let dim = self.feature_dim;
+        self.add_to_scatter(
+            Some(other.scatter.as_ref()),
+            &other.global_mean(),
+            other.samples(),
+        );
+        self.classes.merge(&other.classes);
+        Ok(())
+    }
 
+    /// Adds to the lower triangle of the scatter the Chan correction
+    /// `δδᵀ·n_a·n_b/n` for `n_b` samples with mean `mean_b` about to join,
+    /// plus, if given, their own scatter `M2_b` (lower triangle), in one
+    /// sweep. Must run before the class statistics are merged (it reads
+    /// `self`'s current mean).
+    fn add_to_scatter(&mut self, other: Option<faer::MatRef<'_, f64>>, mean_b: &[f64], n_b: u64) {
+        let n_a = self.samples();
+        let weight = if n_a == 0 || n_b == 0 {
+            0.0
+        } else {
+            n_a as f64 * n_b as f64 / (n_a + n_b) as f64
+        };
+        if weight == 0.0 && other.is_none() {
+            return;
+        }
         let mean_a = self.global_mean();
-        let mean_b = other.global_mean();
         let delta: Vec<f64> = mean_b.iter().zip(&mean_a).map(|(b, a)| b - a).collect();
-        let weight = n_a as f64 * n_b as f64 / (n_a + n_b) as f64;
-        for j in 0..dim {
+        for j in 0..self.feature_dim() {
             let scaled = weight * delta[j];
             let mine = &mut self.scatter.col_as_slice_mut(j)[j..];
-            let theirs = &other.scatter.col_as_slice(j)[j..];
-            for ((s, &t), &d) in mine.iter_mut().zip(theirs).zip(&delta[j..]) {
-                *s += t + scaled * d;
+            match other {
+                Some(theirs) => {
+                    let theirs = theirs.col(j).subrows(j, mine.len());
+                    for (i, (s, &d)) in mine.iter_mut().zip(&delta[j..]).enumerate() {
+                        *s += theirs[i] + scaled * d;
+                    }
+                }
+                None => {
+                    for (s, &d) in mine.iter_mut().zip(&delta[j..]) {
+                        *s += scaled * d;
+                    }
+                }
+            }
+        }
+    }
+
+    /// K, the number of classes this accumulator was made for.
+    pub fn num_classes(&self) -> usize {
+        self.classes.counts.len()
+    }
+
+    /// d, the feature dimension.
+    pub fn feature_dim(&self) -> usize {
+        self.classes.feature_dim
+    }
+
+    /// N, the number of samples folded in.
+    pub fn samples(&self) -> u64 {
+        self.classes.samples()
+    }
+
+    /// `n_k` for every class.
+    pub fn class_counts(&self) -> &[u64] {
+        &self.classes.counts
+    }
+
+    /// Class mean `μ_k` (all zeros for a class with no samples).
+    pub fn class_mean(&self, class: usize) -> &[f64] {
+        self.classes.row(&self.classes.means, class)
+    }
+
+    /// `Σ_{i∈k} ‖h_i − μ_k‖²`.
+    pub fn within_trace(&self) -> &[f64] {
+        &self.classes.within_trace
+    }
+
+    /// `Σ_{i∈k} h_i/‖h_i‖` for one class.
+    pub fn unit_sum(&self, class: usize) -> &[f64] {
+        self.classes.row(&self.classes.unit_sum, class)
+    }
+
+    /// Rows per class that entered the unit sums.
+    pub fn unit_count(&self) -> &[u64] {
+        &self.classes.unit_count
+    }
+
+    /// `Σ_{i∈k} ‖u_i − ū_k‖²` per class (see the module docs).
+    pub fn unit_within_trace(&self) -> &[f64] {
+        &self.classes.unit_within_trace
+    }
+
+    /// M2 with only its lower triangle (diagonal included) meaningful.
+    pub fn scatter_lower(&self) -> faer::MatRef<'_, f64> {
+        self.scatter.as_ref()
+    }
+
+    /// The global mean μ = Σ_k n_k μ_k / N (zeros when empty).
+    pub fn global_mean(&self) -> Vec<f64> {
+        self.classes.global_mean()
+    }
+
+    /// Bytes of statistics this accumulator holds.
+    pub fn memory_bytes(&self) -> usize {
+        Self::estimated_bytes(self.num_classes(), self.feature_dim())
+    }
+
+    /// Bytes an accumulator of this shape holds: `8·(d² + 2Kd + 4K)` (the
+    /// scatter is allocated square, though only its lower triangle is used).
+    pub fn estimated_bytes(num_classes: usize, feature_dim: usize) -> usize {
+        let (k, d) = (num_classes, feature_dim);
+        8 * (d * d + 2 * k * d + 4 * k)
+    }
+
+    /// The statistics as plain vectors (the scatter as a full symmetric
+    /// matrix), e.g. for the wire or a checkpoint.
+    pub fn to_parts(&self) -> AccumulatorParts {
+        let d = self.feature_dim();
+        let mut scatter = vec![0.0; d * d];
+        for j in 0..d {
+            for i in j..d {
+                let value = self.scatter[(i, j)];
+                scatter[i * d + j] = value;
+                scatter[j * d + i] = value;
+            }
+        }
+        let classes = &self.classes;
+        AccumulatorParts {
+            num_classes: self.num_classes(),
+            feature_dim: d,
+            class_counts: classes.counts.clone(),
+            class_means: classes.means.clone(),
+            scatter,
+            within_trace: classes.within_trace.clone(),
+            unit_sum: classes.unit_sum.clone(),
+            unit_count: classes.unit_count.clone(),
+            unit_within_trace: classes.unit_within_trace.clone(),
+        }
+    }
+
+    /// Rebuilds an accumulator from parts computed elsewhere, after checking
+    /// that they describe valid statistics: lengths, finiteness, a symmetric
+    /// scatter with a non-negative diagonal, non-negative traces, unit counts
+    /// within class counts, and nothing recorded for empty classes. An empty
+    /// `unit_within_trace` is derived from the unit sums.
+    pub fn from_parts(mut parts: AccumulatorParts) -> Result<Self, StatsError> {
+        if parts.unit_within_trace.is_empty() {
+            parts.unit_within_trace = derived_unit_within_trace(&parts);
+        }
+        validate_parts(&parts)?;
+        let AccumulatorParts {
+            num_classes: _,
+            feature_dim: d,
+            class_counts,
+            class_means,
+            scatter,
+            within_trace,
+            unit_sum,
+            unit_count,
+            unit_within_trace,
+        } = parts;
+        // Average the two triangles: a client's gemm may leave them a few
+        // ulps apart.
+        let scatter = Mat::from_fn(d, d, |i, j| 0.5 * (scatter[i * d + j] + scatter[j * d + i]));
+        Ok(Self {
+            classes: ClassStats {
+                feature_dim: d,
+                counts: class_counts,
+                means: class_means,
+                within_trace,
+                unit_sum,
+                unit_count,
+                unit_within_trace,
+            },
+            scatter,
+        })
+    }
+}
+
+/// Everything of the statistics but the scatter: per-class counts, means,
+/// within-class traces and unit-vector statistics. Rows of the K × d
+/// matrices are contiguous slices.
+#[derive(Clone, Debug)]
+struct ClassStats {
+    feature_dim: usize,
+    counts: Vec<u64>,
+    means: Vec<f64>,
+    within_trace: Vec<f64>,
+    unit_sum: Vec<f64>,
+    unit_count: Vec<u64>,
+    unit_within_trace: Vec<f64>,
+}
+
+impl ClassStats {
+    fn new(num_classes: usize, feature_dim: usize) -> Self {
+        Self {
+            feature_dim,
+            counts: vec![0; num_classes],
+            means: vec![0.0; num_classes * feature_dim],
+            within_trace: vec![0.0; num_classes],
+            unit_sum: vec![0.0; num_classes * feature_dim],
+            unit_count: vec![0; num_classes],
+            unit_within_trace: vec![0.0; num_classes],
+        }
+    }
+
+    fn row<'a>(&self, matrix: &'a [f64], class: usize) -> &'a [f64] {
+        &matrix[class * self.feature_dim..(class + 1) * self.feature_dim]
+    }
+
+    fn samples(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    fn global_mean(&self) -> Vec<f64> {
+        let mut mean = vec![0.0; self.feature_dim];
+        let total = self.samples();
+        if total == 0 {
+            return mean;
+        }
+        for (k, &n) in self.counts.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let weight = n as f64 / total as f64;
+            for (m, &c) in mean.iter_mut().zip(self.row(&self.means, k)) {
+                *m += weight * c;
+            }
+        }
+        mean
+    }
+
+    /// The class statistics of one validated batch, in three passes over its
+    /// rows: provisional means; residuals (mean correction, within-class
+    /// traces) and unit vectors; spread of the unit vectors.
+    fn of_batch(features: ArrayView2<'_, f64>, labels: &[u32], num_classes: usize) -> Self {
+        let (rows, dim) = features.dim();
+        let mut stats = Self::new(num_classes, dim);
+        let range = |k: u32| k as usize * dim..(k as usize + 1) * dim;
+
+        for (row, &label) in features.rows().into_iter().zip(labels) {
+            stats.counts[label as usize] += 1;
+            for (s, &h) in stats.means[range(label)].iter_mut().zip(row.iter()) {
+                *s += h;
+            }
+        }
+        for (k, &n) in stats.counts.iter().enumerate() {
+            if n > 0 {
+                let inv = 1.0 / n as f64;
+                stats.means[k * dim..(k + 1) * dim]
+                    .iter_mut()
+                    .for_each(|s| *s *= inv);
             }
         }
 
-        for k in 0..self.num_classes {
-            let nb = other.class_counts[k];
+        let mut residual_sum = vec![0.0; num_classes * dim];
+        let mut norms = Vec::with_capacity(rows);
+        for (row, &label) in features.rows().into_iter().zip(labels) {
+            let k = label as usize;
+            let mean = &stats.means[range(label)];
+            let residual = &mut residual_sum[range(label)];
+            let mut squared = 0.0;
+            for ((r, &m), &h) in residual.iter_mut().zip(mean).zip(row.iter()) {
+                let e = h - m;
+                *r += e;
+                squared += e * e;
+            }
+            stats.within_trace[k] += squared;
+
+            let norm = euclidean_norm(row.iter().copied());
+            norms.push(norm);
+            if norm > 0.0 {
+                let inv = 1.0 / norm;
+                for (u, &h) in stats.unit_sum[range(label)].iter_mut().zip(row.iter()) {
+                    *u += h * inv;
+                }
+                stats.unit_count[k] += 1;
+            }
+        }
+        for (k, &n) in stats.counts.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let inv = 1.0 / n as f64;
+            let residual = &residual_sum[k * dim..(k + 1) * dim];
+            let mut shift_squared = 0.0;
+            for (m, &r) in stats.means[k * dim..(k + 1) * dim].iter_mut().zip(residual) {
+                let shift = r * inv;
+                *m += shift;
+                shift_squared += shift * shift;
+            }
+            // Σ‖h − μ‖² = Σ‖h − μ₀‖² − n‖μ − μ₀‖² (exact identity).
+            stats.within_trace[k] = (stats.within_trace[k] - n as f64 * shift_squared).max(0.0);
+        }
+
+        for ((row, &label), &norm) in features.rows().into_iter().zip(labels).zip(&norms) {
+            if norm == 0.0 {
+                continue;
+            }
+            let k = label as usize;
+            let inv_count = 1.0 / stats.unit_count[k] as f64;
+            let inv_norm = 1.0 / norm;
+            stats.unit_within_trace[k] += row
+                .iter()
+                .zip(&stats.unit_sum[range(label)])
+                .map(|(&h, &s)| {
+                    let e = h * inv_norm - s * inv_count;
+                    e * e
+                })
+                .sum::<f64>();
+        }
+        stats
+    }
+
+    /// Chan merge of every class of `other` into `self` (same shape).
+    fn merge(&mut self, other: &ClassStats) {
+        let dim = self.feature_dim;
+        for k in 0..self.counts.len() {
+            let nb = other.counts[k];
             if nb == 0 {
                 continue;
             }
-            let na = self.class_counts[k];
+            let na = self.counts[k];
             let n = na + nb;
             let range = k * dim..(k + 1) * dim;
-            let mean = &mut self.class_means[range.clone()];
-            let their_mean = &other.class_means[range.clone()];
+            let mean = &mut self.means[range.clone()];
+            let their_mean = &other.means[range];
             if na == 0 {
                 mean.copy_from_slice(their_mean);
                 self.within_trace[k] = other.within_trace[k];
@@ -326,14 +551,13 @@ impl Accumulator {
                 self.within_trace[k] +=
                     other.within_trace[k] + delta_squared * (na as f64 * nb as f64 / n as f64);
             }
-            self.class_counts[k] = n;
+            self.counts[k] = n;
             self.merge_unit_vectors(other, k);
         }
-        Ok(())
     }
 
     /// Chan merge of class `k`'s unit-vector statistics.
-    fn merge_unit_vectors(&mut self, other: &Accumulator, k: usize) {
+    fn merge_unit_vectors(&mut self, other: &ClassStats, k: usize) {
         let (ca, cb) = (self.unit_count[k], other.unit_count[k]);
         let range = k * self.feature_dim..(k + 1) * self.feature_dim;
         if ca > 0 && cb > 0 {
@@ -353,151 +577,6 @@ impl Accumulator {
             *u += t;
         }
         self.unit_count[k] += cb;
-    }
-
-    /// K, the number of classes this accumulator was made for.
-    pub fn num_classes(&self) -> usize {
-        self.num_classes
-    }
-
-    /// d, the feature dimension.
-    pub fn feature_dim(&self) -> usize {
-        self.feature_dim
-    }
-
-    /// N, the number of samples folded in.
-    pub fn samples(&self) -> u64 {
-        self.class_counts.iter().sum()
-    }
-
-    /// `n_k` for every class.
-    pub fn class_counts(&self) -> &[u64] {
-        &self.class_counts
-    }
-
-    /// Class mean `μ_k` (all zeros for a class with no samples).
-    pub fn class_mean(&self, class: usize) -> &[f64] {
-        &self.class_means[class * self.feature_dim..(class + 1) * self.feature_dim]
-    }
-
-    /// `Σ_{i∈k} ‖h_i − μ_k‖²`.
-    pub fn within_trace(&self) -> &[f64] {
-        &self.within_trace
-    }
-
-    /// `Σ_{i∈k} h_i/‖h_i‖` for one class.
-    pub fn unit_sum(&self, class: usize) -> &[f64] {
-        &self.unit_sum[class * self.feature_dim..(class + 1) * self.feature_dim]
-    }
-
-    /// Rows per class that entered the unit sums.
-    pub fn unit_count(&self) -> &[u64] {
-        &self.unit_count
-    }
-
-    /// `Σ_{i∈k} ‖u_i − ū_k‖²` per class (see the module docs).
-    pub fn unit_within_trace(&self) -> &[f64] {
-        &self.unit_within_trace
-    }
-
-    /// M2 with only its lower triangle (diagonal included) meaningful.
-    pub fn scatter_lower(&self) -> faer::MatRef<'_, f64> {
-        self.scatter.as_ref()
-    }
-
-    /// The global mean μ = Σ_k n_k μ_k / N (zeros when empty).
-    pub fn global_mean(&self) -> Vec<f64> {
-        let dim = self.feature_dim;
-        let total = self.samples();
-        let mut mean = vec![0.0; dim];
-        if total == 0 {
-            return mean;
-        }
-        for k in 0..self.num_classes {
-            let n = self.class_counts[k];
-            if n == 0 {
-                continue;
-            }
-            let weight = n as f64 / total as f64;
-            for (m, &c) in mean.iter_mut().zip(self.class_mean(k)) {
-                *m += weight * c;
-            }
-        }
-        mean
-    }
-
-    /// Bytes of statistics this accumulator holds.
-    pub fn memory_bytes(&self) -> usize {
-        Self::estimated_bytes(self.num_classes, self.feature_dim)
-    }
-
-    /// Bytes an accumulator of this shape holds: `8·(d² + 2Kd + 4K)` (the
-    /// scatter is allocated square, though only its lower triangle is used).
-    pub fn estimated_bytes(num_classes: usize, feature_dim: usize) -> usize {
-        let (k, d) = (num_classes, feature_dim);
-        8 * (d * d + 2 * k * d + 4 * k)
-    }
-
-    /// The statistics as plain vectors (the scatter as a full symmetric
-    /// matrix), e.g. for the wire or a checkpoint.
-    pub fn to_parts(&self) -> AccumulatorParts {
-        let d = self.feature_dim;
-        let mut scatter = vec![0.0; d * d];
-        for j in 0..d {
-            for i in j..d {
-                let value = self.scatter[(i, j)];
-                scatter[i * d + j] = value;
-                scatter[j * d + i] = value;
-            }
-        }
-        AccumulatorParts {
-            num_classes: self.num_classes,
-            feature_dim: d,
-            class_counts: self.class_counts.clone(),
-            class_means: self.class_means.clone(),
-            scatter,
-            within_trace: self.within_trace.clone(),
-            unit_sum: self.unit_sum.clone(),
-            unit_count: self.unit_count.clone(),
-            unit_within_trace: self.unit_within_trace.clone(),
-        }
-    }
-
-    /// Rebuilds an accumulator from parts computed elsewhere, after checking
-    /// that they describe valid statistics: lengths, finiteness, a symmetric
-    /// scatter with a non-negative diagonal, non-negative traces, unit counts
-    /// within class counts, and nothing recorded for empty classes. An empty
-    /// `unit_within_trace` is derived from the unit sums.
-    pub fn from_parts(mut parts: AccumulatorParts) -> Result<Self, StatsError> {
-        if parts.unit_within_trace.is_empty() {
-            parts.unit_within_trace = derived_unit_within_trace(&parts);
-        }
-        validate_parts(&parts)?;
-        let AccumulatorParts {
-            num_classes,
-            feature_dim: d,
-            class_counts,
-            class_means,
-            scatter,
-            within_trace,
-            unit_sum,
-            unit_count,
-            unit_within_trace,
-        } = parts;
-        // Average the two triangles: a client's gemm may leave them a few
-        // ulps apart.
-        let scatter = Mat::from_fn(d, d, |i, j| 0.5 * (scatter[i * d + j] + scatter[j * d + i]));
-        Ok(Self {
-            num_classes,
-            feature_dim: d,
-            class_counts,
-            class_means,
-            scatter,
-            within_trace,
-            unit_sum,
-            unit_count,
-            unit_within_trace,
-        })
     }
 }
 
@@ -806,6 +885,49 @@ mod tests {
             Accumulator::from_batch(empty.view(), &[], 2, Par::Seq).unwrap_err(),
             StatsError::EmptyBatch
         );
+    }
+
+    #[test]
+    fn folding_in_place_equals_merging_batch_statistics() {
+        let first = batch(&[[1.0, 0.5], [3.0, -1.0], [0.0, 2.0]]);
+        let second = batch(&[[1e3, 1.0], [-2.0, 0.0]]);
+        let mut merged = Accumulator::from_batch(first.view(), &[0, 1, 1], 2, Par::Seq).unwrap();
+        let other = Accumulator::from_batch(second.view(), &[1, 0], 2, Par::Seq).unwrap();
+        merged.merge(&other).unwrap();
+        let mut folded = Accumulator::new(2, 2);
+        folded
+            .fold_batch(first.view(), &[0, 1, 1], Par::Seq)
+            .unwrap();
+        folded.fold_batch(second.view(), &[1, 0], Par::Seq).unwrap();
+        let (a, b) = (merged.to_parts(), folded.to_parts());
+        assert_eq!(a.class_counts, b.class_counts);
+        let pairs = [
+            (&a.class_means, &b.class_means),
+            (&a.scatter, &b.scatter),
+            (&a.within_trace, &b.within_trace),
+            (&a.unit_sum, &b.unit_sum),
+            (&a.unit_within_trace, &b.unit_within_trace),
+        ];
+        for (x, y) in pairs {
+            for (p, q) in x.iter().zip(y) {
+                assert!((p - q).abs() <= 1e-12 * p.abs().max(1.0), "{p} vs {q}");
+            }
+        }
+
+        let before = folded.to_parts();
+        let wrong_width = Array2::<f64>::zeros((1, 3));
+        assert_eq!(
+            folded.fold_batch(wrong_width.view(), &[0], Par::Seq),
+            Err(StatsError::ShapeMismatch {
+                field: "feature_dim",
+                expected: 2,
+                received: 3
+            })
+        );
+        assert!(folded
+            .fold_batch(array![[1.0, 2.0]].view(), &[7], Par::Seq)
+            .is_err());
+        assert_eq!(folded.to_parts(), before);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-"""``LocalAccumulator``: the SPEC §2.1 sufficient statistics computed in the
-client process, exact in float64, mergeable across batches and ranks.
+"""``LocalAccumulator``: the SPEC §2.1 sufficient statistics (plus the
+unit-vector within trace the daemon keeps beyond §2.1) computed in the client
+process, exact in float64, mergeable across batches and ranks.
 
 Owns the batch statistics and the Chan-Golub-LeVeque merge (the same
 formulas as the daemon's ``stats`` module). Must not talk to the daemon;
@@ -33,11 +34,18 @@ class LocalAccumulator:
     Kept in float64 (SPEC §2.1): ``class_counts`` (K, int64), ``class_means``
     (K×d), ``scatter`` (d×d, the full symmetric M2 = Σ (h−μ)(h−μ)ᵀ about the
     global mean), ``within_trace`` (K, Σ_{i∈k} ‖h_i−μ_k‖²), ``unit_sum`` (K×d,
-    Σ h/‖h‖ over rows with ‖h‖ > 0) and ``unit_count`` (K). Every batch is
-    reduced about its own mean and folded in with the Chan-Golub-LeVeque
-    parallel formula, so neither the batch order nor the grouping (batches,
-    ranks) changes the result beyond rounding, and a large common offset of
-    the features costs no digits.
+    Σ u_i over rows with ‖h_i‖ > 0, u_i = h_i/‖h_i‖) and ``unit_count`` (K,
+    c_k); beyond §2.1, ``unit_within_trace`` (K, Σ_{i∈k} ‖u_i − ū_k‖² with
+    ū_k = unit_sum_k / c_k over the same rows). Every batch is reduced about
+    its own means and folded in with the Chan-Golub-LeVeque parallel formula,
+    so neither the batch order nor the grouping (batches, ranks) changes the
+    result beyond rounding, and a large common offset of the features costs no
+    digits.
+
+    ``unit_within_trace`` equals c_k − ‖unit_sum_k‖²/c_k in exact arithmetic,
+    but computed that way it cancels catastrophically when a class's feature
+    directions nearly coincide (a large common offset), which is why it is
+    kept explicitly; the daemon's ``class_separation`` uses it.
 
     Properties return copies; mutate only through ``update`` and ``merge``.
     """
@@ -52,6 +60,7 @@ class LocalAccumulator:
         self._within = np.zeros(k)
         self._unit_sum = np.zeros((k, d))
         self._unit_count = np.zeros(k, dtype=np.int64)
+        self._unit_within = np.zeros(k)
 
     # -- shape and statistics ---------------------------------------------
 
@@ -91,6 +100,12 @@ class LocalAccumulator:
     @property
     def unit_count(self) -> np.ndarray:
         return self._unit_count.copy()
+
+    @property
+    def unit_within_trace(self) -> np.ndarray:
+        """Σ_{i∈k} ‖u_i − ū_k‖² per class (K), the spread of the unit vectors
+        about their class mean direction; 0 for classes with c_k = 0."""
+        return self._unit_within.copy()
 
     @property
     def global_mean(self) -> np.ndarray:
@@ -158,8 +173,19 @@ class LocalAccumulator:
         self._means = means
         self._within = within
         self._counts = n_k
+        # Unit vectors: the same formula on the mean directions ū = s/c and
+        # the unit-vector traces (the factor c_a·c_b/c is 0 when either side
+        # has no unit vectors of the class).
+        ca_k, cb_k = self._unit_count, other._unit_count
+        c_k = ca_k + cb_k
+        ca = ca_k.astype(np.float64)
+        cb = cb_k.astype(np.float64)
+        du = (other._unit_sum / np.maximum(cb, 1.0)[:, None]
+              - self._unit_sum / np.maximum(ca, 1.0)[:, None])
+        self._unit_within = (self._unit_within + other._unit_within
+                             + np.einsum("ij,ij->i", du, du) * (ca * cb / np.maximum(ca + cb, 1.0)))
         self._unit_sum = self._unit_sum + other._unit_sum
-        self._unit_count = self._unit_count + other._unit_count
+        self._unit_count = c_k
         return self
 
     def _assign(self, other: "LocalAccumulator") -> None:
@@ -169,6 +195,7 @@ class LocalAccumulator:
         self._within = other._within.copy()
         self._unit_sum = other._unit_sum.copy()
         self._unit_count = other._unit_count.copy()
+        self._unit_within = other._unit_within.copy()
 
     def copy(self) -> "LocalAccumulator":
         out = LocalAccumulator(self._k, self._d)
@@ -186,12 +213,21 @@ class LocalAccumulator:
         within_trace: Any,
         unit_sum: Any,
         unit_count: Any,
+        unit_within_trace: Any = None,
     ) -> "LocalAccumulator":
-        """An accumulator from the §2.1 statistics (e.g. combined elsewhere).
+        """An accumulator from the statistics (e.g. combined elsewhere).
 
         Checks shapes, finiteness, non-negative integral counts, symmetry of
-        ``scatter`` (to 1e-12 relative; it is then made exactly symmetric)
-        and that empty classes carry zero statistics.
+        ``scatter`` (to 1e-12 relative; it is then made exactly symmetric),
+        ``unit_count`` ≤ ``class_counts``, ``0 ≤ unit_within_trace_k ≤
+        unit_count_k``, and that empty classes carry zero statistics (and
+        classes without unit vectors zero unit sums and traces).
+
+        ``unit_within_trace`` may be omitted; it is then derived as
+        c_k − ‖unit_sum_k‖²/c_k (what the daemon does with a block that lacks
+        it), which loses digits when a class's directions nearly coincide, so
+        ``class_separation`` is then less accurate. Combine it with the Chan
+        correction instead (see ``all_reduce``) whenever you can.
         """
         counts = _as_counts(class_counts, "class_counts")
         k = counts.shape[0]
@@ -236,6 +272,34 @@ class LocalAccumulator:
                 "within_trace/scatter: expected non-negative within traces and scatter "
                 "diagonal, received negative values"
             )
+        no_units = acc._unit_count == 0
+        if np.any(acc._unit_sum[no_units] != 0):
+            k0 = int(np.flatnonzero(no_units & np.any(acc._unit_sum != 0, axis=1))[0])
+            raise ValueError(
+                f"unit_sum: expected zeros for class {k0}, which has unit_count 0, "
+                f"received non-zero values"
+            )
+        if unit_within_trace is None:
+            acc._unit_within = _derived_unit_within(acc._unit_sum, acc._unit_count)
+        else:
+            acc._unit_within = _as_float(unit_within_trace, "unit_within_trace", (k,))
+        if np.any(acc._unit_within[no_units] != 0):
+            k0 = int(np.flatnonzero(no_units & (acc._unit_within != 0))[0])
+            raise ValueError(
+                f"unit_within_trace: expected 0 for class {k0}, which has unit_count 0, "
+                f"received {float(acc._unit_within[k0])!r}"
+            )
+        c = acc._unit_count.astype(np.float64)
+        # Unit vectors spread at most c_k about their mean (c − ‖s‖²/c ≤ c);
+        # the slack admits the rounding of a sum of c values near 1.
+        bad = (acc._unit_within < 0) | (acc._unit_within > c * (1.0 + 1e-12))
+        if np.any(bad):
+            k0 = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"unit_within_trace: expected a value in [0, unit_count[{k0}]="
+                f"{int(acc._unit_count[k0])}] for class {k0}, received "
+                f"{float(acc._unit_within[k0])!r}"
+            )
         return acc
 
     def all_reduce(self, sum_fn: Callable[[np.ndarray], np.ndarray]) -> "LocalAccumulator":
@@ -243,23 +307,34 @@ class LocalAccumulator:
 
         ``sum_fn(v)`` must return the element-wise sum of the float64 vector
         ``v`` over all ranks (e.g. a wrapper of ``torch.distributed.all_reduce``)
-        and is called twice on every rank. Round 1 sums the class counts and
-        the count-weighted class sums n_k·μ_k, which give the global class
-        means. Round 2 sums each rank's scatter and within traces after the
-        Chan correction towards those global means (S_r + n_r·δ_rδ_rᵀ with
-        δ_r = μ_r − μ; W_rk + n_rk·‖μ_rk − μ_k‖²) together with the unit sums
-        and counts. Every rank returns the same combined accumulator.
+        and is called twice on every rank. Round 1 sums the class counts, the
+        count-weighted class sums n_k·μ_k, the unit counts c_k and the unit
+        sums, which give the global class means μ_k and mean directions
+        ū_k = unit_sum_k / c_k. Round 2 sums each rank's second moments after
+        the Chan correction towards those global values: S_r + n_r·δ_rδ_rᵀ
+        with δ_r = μ_r − μ; W_rk + n_rk·‖μ_rk − μ_k‖²; and
+        T_rk + c_rk·‖ū_rk − ū_k‖² for the unit-vector traces. Every rank
+        returns the same combined accumulator.
         """
         k, d = self._k, self._d
         counts = self._counts.astype(np.float64)
-        round1 = np.concatenate([counts, (self._means * counts[:, None]).ravel()])
+        unit_counts = self._unit_count.astype(np.float64)
+        round1 = np.concatenate([
+            counts, (self._means * counts[:, None]).ravel(),
+            unit_counts, self._unit_sum.ravel(),
+        ])
         total1 = np.asarray(sum_fn(round1), dtype=np.float64)
         if total1.shape != round1.shape:
             raise ValueError(
                 f"sum_fn: expected a vector of shape {round1.shape}, received {total1.shape}"
             )
         n_k = np.rint(total1[:k]).astype(np.int64)
-        sums = total1[k:].reshape(k, d)
+        o = k
+        sums = total1[o: o + k * d].reshape(k, d)
+        o += k * d
+        c_k = np.rint(total1[o: o + k]).astype(np.int64)
+        o += k
+        unit_sum = total1[o: o + k * d].reshape(k, d).copy()
         means = np.where(n_k[:, None] > 0, sums / np.maximum(n_k, 1)[:, None], 0.0)
         n = int(n_k.sum())
         mu = (n_k.astype(np.float64) @ means) / n if n else np.zeros(d)
@@ -269,10 +344,11 @@ class LocalAccumulator:
         dk = self._means - means
         within_r = self._within + np.einsum("ij,ij->i", dk, dk) * counts
         within_r[self._counts == 0] = 0.0
-        round2 = np.concatenate([
-            scatter_r.ravel(), within_r, self._unit_sum.ravel(),
-            self._unit_count.astype(np.float64),
-        ])
+        du = (self._unit_sum / np.maximum(unit_counts, 1.0)[:, None]
+              - unit_sum / np.maximum(c_k, 1).astype(np.float64)[:, None])
+        unit_within_r = self._unit_within + np.einsum("ij,ij->i", du, du) * unit_counts
+        unit_within_r[self._unit_count == 0] = 0.0
+        round2 = np.concatenate([scatter_r.ravel(), within_r, unit_within_r])
         total2 = np.asarray(sum_fn(round2), dtype=np.float64)
         if total2.shape != round2.shape:
             raise ValueError(
@@ -286,14 +362,15 @@ class LocalAccumulator:
         o = d * d
         out._within = total2[o: o + k].copy()
         o += k
-        out._unit_sum = total2[o: o + k * d].reshape(k, d).copy()
-        o += k * d
-        out._unit_count = np.rint(total2[o: o + k]).astype(np.int64)
+        out._unit_within = total2[o: o + k].copy()
+        out._unit_sum = unit_sum
+        out._unit_count = c_k
         return out
 
     def to_proto(self, run_id: str, split: str, layer: str, epoch: int,
                  writer_id: str = "", sequence: int = 0) -> pb.StatsBlock:
-        """The wire form (``vcid.v1.StatsBlock``)."""
+        """The wire form (``vcid.v1.StatsBlock``, ``unit_within_trace``
+        included)."""
         return pb.StatsBlock(
             run_id=run_id, split=split, layer=layer, epoch=epoch,
             class_counts=self._counts.tolist(),
@@ -302,8 +379,17 @@ class LocalAccumulator:
             within_trace=self._within.tolist(),
             unit_sum=self._unit_sum.ravel().tolist(),
             unit_count=self._unit_count.tolist(),
+            unit_within_trace=self._unit_within.tolist(),
             writer_id=writer_id, sequence=sequence,
         )
+
+
+def _derived_unit_within(unit_sum: np.ndarray, unit_count: np.ndarray) -> np.ndarray:
+    """c_k − ‖s_k‖²/c_k (clamped at 0; 0 where c_k = 0): the unit-vector trace
+    that the unit sums alone imply, with their cancellation."""
+    c = unit_count.astype(np.float64)
+    squared = np.einsum("ij,ij->i", unit_sum, unit_sum)
+    return np.where(c > 0, np.maximum(c - squared / np.maximum(c, 1.0), 0.0), 0.0)
 
 
 def _as_counts(value: Any, name: str, k: int | None = None) -> np.ndarray:
@@ -331,7 +417,7 @@ def _as_float(value: Any, name: str, shape: tuple) -> np.ndarray:
 
 
 def _batch_statistics(x: np.ndarray, y: np.ndarray, k: int) -> LocalAccumulator:
-    """The §2.1 statistics of one batch, each about the batch's own means."""
+    """The statistics of one batch, each about the batch's own means."""
     n, d = x.shape
     order = np.argsort(y, kind="stable")
     ys = y[order]
@@ -341,11 +427,16 @@ def _batch_statistics(x: np.ndarray, y: np.ndarray, k: int) -> LocalAccumulator:
     means = sums / counts[:, None]
     centred = xs - np.repeat(means, counts, axis=0)
     within = np.add.reduceat(np.einsum("ij,ij->i", centred, centred), starts)
-    norms = np.sqrt(np.einsum("ij,ij->i", xs, xs))
+    norms = _row_norms(xs)
     ok = norms > 0
     unit = np.where(ok[:, None], xs / np.where(ok, norms, 1.0)[:, None], 0.0)
     unit_sum = np.add.reduceat(unit, starts, axis=0)
     unit_count = np.add.reduceat(ok.astype(np.int64), starts)
+    # Second pass over the unit vectors, about their class mean direction:
+    # never c − ‖Σu‖²/c, which cancels when the directions nearly coincide.
+    directions = unit_sum / np.maximum(unit_count, 1)[:, None]
+    spread = np.where(ok[:, None], unit - np.repeat(directions, counts, axis=0), 0.0)
+    unit_within = np.add.reduceat(np.einsum("ij,ij->i", spread, spread), starts)
     xc = x - x.mean(axis=0)
     s = xc.T @ xc
     acc = LocalAccumulator(k, d)
@@ -354,5 +445,22 @@ def _batch_statistics(x: np.ndarray, y: np.ndarray, k: int) -> LocalAccumulator:
     acc._within[classes] = within
     acc._unit_sum[classes] = unit_sum
     acc._unit_count[classes] = unit_count
+    acc._unit_within[classes] = unit_within
     acc._scatter = np.triu(s) + np.triu(s, 1).T
     return acc
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    """‖x_i‖₂ per row; rows whose plain sum of squares over- or underflows are
+    rescaled by their largest magnitude first (as the daemon does)."""
+    squared = np.einsum("ij,ij->i", x, x)
+    norms = np.sqrt(squared)
+    risky = ~(np.isfinite(squared) & (squared >= np.finfo(np.float64).tiny))
+    if np.any(risky):
+        rows = x[risky]
+        scale = np.abs(rows).max(axis=1)
+        safe = np.where(scale > 0, scale, 1.0)
+        scaled = rows / safe[:, None]
+        rescaled = scale * np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
+        norms[risky] = np.where(scale > 0, rescaled, 0.0)
+    return norms

@@ -467,8 +467,9 @@ class Monitor:
         split: str = DEFAULT_SPLIT,
         layer: str = DEFAULT_LAYER,
     ) -> PushSummary:
-        """Send a ``LocalAccumulator`` (``PushStats``); merged exactly into the
-        open epoch. Retried safely (same idempotence key) while the daemon is
+        """Send a ``LocalAccumulator`` (``PushStats``: its §2.1 statistics and
+        its ``unit_within_trace``); merged exactly into the open epoch.
+        Retried safely (same idempotence key) while the daemon is
         unreachable. Returns the daemon's summary of this one call."""
         self._check_usable()
         epoch = check_epoch(epoch)

@@ -135,7 +135,7 @@ class PushSummary(_message.Message):
     def __init__(self, batches_applied: _Optional[int] = ..., rows_applied: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class StatsBlock(_message.Message):
-    __slots__ = ("run_id", "split", "layer", "epoch", "class_counts", "class_means", "scatter", "within_trace", "unit_sum", "unit_count", "writer_id", "sequence")
+    __slots__ = ("run_id", "split", "layer", "epoch", "class_counts", "class_means", "scatter", "within_trace", "unit_sum", "unit_count", "writer_id", "sequence", "unit_within_trace")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class StatsBlock(_message.Message):
     UNIT_COUNT_FIELD_NUMBER: _ClassVar[int]
     WRITER_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    UNIT_WITHIN_TRACE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     split: str
     layer: str
@@ -160,7 +161,8 @@ class StatsBlock(_message.Message):
     unit_count: _containers.RepeatedScalarFieldContainer[int]
     writer_id: str
     sequence: int
-    def __init__(self, run_id: _Optional[str] = ..., split: _Optional[str] = ..., layer: _Optional[str] = ..., epoch: _Optional[int] = ..., class_counts: _Optional[_Iterable[int]] = ..., class_means: _Optional[_Iterable[float]] = ..., scatter: _Optional[_Iterable[float]] = ..., within_trace: _Optional[_Iterable[float]] = ..., unit_sum: _Optional[_Iterable[float]] = ..., unit_count: _Optional[_Iterable[int]] = ..., writer_id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
+    unit_within_trace: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, run_id: _Optional[str] = ..., split: _Optional[str] = ..., layer: _Optional[str] = ..., epoch: _Optional[int] = ..., class_counts: _Optional[_Iterable[int]] = ..., class_means: _Optional[_Iterable[float]] = ..., scatter: _Optional[_Iterable[float]] = ..., within_trace: _Optional[_Iterable[float]] = ..., unit_sum: _Optional[_Iterable[float]] = ..., unit_count: _Optional[_Iterable[int]] = ..., writer_id: _Optional[str] = ..., sequence: _Optional[int] = ..., unit_within_trace: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class CloseEpochRequest(_message.Message):
     __slots__ = ("run_id", "split", "layer", "epoch")
