@@ -166,14 +166,24 @@ impl Accumulator {
     }
 
     fn fold_valid_batch(&mut self, features: ArrayView2<'_, f64>, labels: &[u32], par: Par) {
-        let batch = ClassStats::of_batch(features, labels, self.num_classes());
+        let (rows, dim) = features.dim();
+        // Row-major values as one slice (a copy only for an unusual layout),
+        // so every per-row loop below runs over plain slices.
+        let copied: Vec<f64>;
+        let values = match features.as_slice() {
+            Some(values) => values,
+            None => {
+                copied = features.iter().copied().collect();
+                &copied
+            }
+        };
+        let batch = ClassStats::of_batch(values, dim, labels, self.num_classes());
         let batch_mean = batch.global_mean();
         self.add_to_scatter(None, &batch_mean, batch.samples());
-        let (rows, dim) = features.dim();
         let mut centred = Mat::<f64>::zeros(dim, rows);
-        for (i, row) in features.rows().into_iter().enumerate() {
+        for (i, row) in values.chunks_exact(dim).enumerate() {
             let column = centred.col_as_slice_mut(i);
-            for ((c, &h), &m) in column.iter_mut().zip(row.iter()).zip(&batch_mean) {
+            for ((c, &h), &m) in column.iter_mut().zip(row).zip(&batch_mean) {
                 *c = h - m;
             }
         }
@@ -442,17 +452,17 @@ impl ClassStats {
         mean
     }
 
-    /// The class statistics of one validated batch, in three passes over its
-    /// rows: provisional means; residuals (mean correction, within-class
-    /// traces) and unit vectors; spread of the unit vectors.
-    fn of_batch(features: ArrayView2<'_, f64>, labels: &[u32], num_classes: usize) -> Self {
-        let (rows, dim) = features.dim();
+    /// The class statistics of one validated batch (`rows`: its row-major
+    /// values, `dim` per row), in three passes over its rows: provisional
+    /// means; residuals (mean correction, within-class traces) and unit
+    /// vectors; spread of the unit vectors.
+    fn of_batch(rows: &[f64], dim: usize, labels: &[u32], num_classes: usize) -> Self {
         let mut stats = Self::new(num_classes, dim);
         let range = |k: u32| k as usize * dim..(k as usize + 1) * dim;
 
-        for (row, &label) in features.rows().into_iter().zip(labels) {
+        for (row, &label) in rows.chunks_exact(dim).zip(labels) {
             stats.counts[label as usize] += 1;
-            for (s, &h) in stats.means[range(label)].iter_mut().zip(row.iter()) {
+            for (s, &h) in stats.means[range(label)].iter_mut().zip(row) {
                 *s += h;
             }
         }
@@ -466,24 +476,20 @@ impl ClassStats {
         }
 
         let mut residual_sum = vec![0.0; num_classes * dim];
-        let mut norms = Vec::with_capacity(rows);
-        for (row, &label) in features.rows().into_iter().zip(labels) {
+        let mut norms = Vec::with_capacity(labels.len());
+        for (row, &label) in rows.chunks_exact(dim).zip(labels) {
             let k = label as usize;
             let mean = &stats.means[range(label)];
-            let residual = &mut residual_sum[range(label)];
-            let mut squared = 0.0;
-            for ((r, &m), &h) in residual.iter_mut().zip(mean).zip(row.iter()) {
-                let e = h - m;
-                *r += e;
-                squared += e * e;
+            for ((r, &m), &h) in residual_sum[range(label)].iter_mut().zip(mean).zip(row) {
+                *r += h - m;
             }
-            stats.within_trace[k] += squared;
+            stats.within_trace[k] += squared_difference(row, 1.0, mean, 1.0);
 
-            let norm = euclidean_norm(row.iter().copied());
+            let norm = euclidean_norm(row);
             norms.push(norm);
             if norm > 0.0 {
                 let inv = 1.0 / norm;
-                for (u, &h) in stats.unit_sum[range(label)].iter_mut().zip(row.iter()) {
+                for (u, &h) in stats.unit_sum[range(label)].iter_mut().zip(row) {
                     *u += h * inv;
                 }
                 stats.unit_count[k] += 1;
@@ -505,21 +511,14 @@ impl ClassStats {
             stats.within_trace[k] = (stats.within_trace[k] - n as f64 * shift_squared).max(0.0);
         }
 
-        for ((row, &label), &norm) in features.rows().into_iter().zip(labels).zip(&norms) {
-            if norm == 0.0 {
-                continue;
+        for ((row, &label), &norm) in rows.chunks_exact(dim).zip(labels).zip(&norms) {
+            if norm > 0.0 {
+                let k = label as usize;
+                let inv_count = 1.0 / stats.unit_count[k] as f64;
+                let unit_sum = &stats.unit_sum[range(label)];
+                stats.unit_within_trace[k] +=
+                    squared_difference(row, 1.0 / norm, unit_sum, inv_count);
             }
-            let k = label as usize;
-            let inv_count = 1.0 / stats.unit_count[k] as f64;
-            let inv_norm = 1.0 / norm;
-            stats.unit_within_trace[k] += row
-                .iter()
-                .zip(&stats.unit_sum[range(label)])
-                .map(|(&h, &s)| {
-                    let e = h * inv_norm - s * inv_count;
-                    e * e
-                })
-                .sum::<f64>();
         }
         stats
     }
@@ -602,18 +601,39 @@ fn derived_unit_within_trace(parts: &AccumulatorParts) -> Vec<f64> {
         .collect()
 }
 
+/// `Σ_i (a·x_i − b·y_i)²`. Eight partial sums let the compiler vectorise
+/// the reduction (one running sum cannot be reordered under IEEE rules);
+/// the order is fixed, so the result is deterministic.
+fn squared_difference(x: &[f64], a: f64, y: &[f64], b: f64) -> f64 {
+    const LANES: usize = 8;
+    let mut partial = [0.0; LANES];
+    let (x_chunks, y_chunks) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let (x_rest, y_rest) = (x_chunks.remainder(), y_chunks.remainder());
+    for (xs, ys) in x_chunks.zip(y_chunks) {
+        for lane in 0..LANES {
+            let e = a * xs[lane] - b * ys[lane];
+            partial[lane] += e * e;
+        }
+    }
+    let rest: f64 = x_rest
+        .iter()
+        .zip(y_rest)
+        .map(|(&x, &y)| (a * x - b * y) * (a * x - b * y))
+        .sum();
+    partial.iter().sum::<f64>() + rest
+}
+
 /// `‖x‖₂`, rescaled only when the plain sum of squares over- or underflows.
-fn euclidean_norm(values: impl Iterator<Item = f64> + Clone) -> f64 {
-    let squared: f64 = values.clone().map(|v| v * v).sum();
+fn euclidean_norm(values: &[f64]) -> f64 {
+    let squared = squared_difference(values, 1.0, values, 0.0);
     if squared.is_finite() && squared > f64::MIN_POSITIVE {
         return squared.sqrt();
     }
-    let scale = values.clone().fold(0.0_f64, |m, v| m.max(v.abs()));
+    let scale = values.iter().fold(0.0_f64, |m, v| m.max(v.abs()));
     if scale == 0.0 || !scale.is_finite() {
         return scale;
     }
-    let scaled: f64 = values.map(|v| (v / scale) * (v / scale)).sum();
-    scale * scaled.sqrt()
+    scale * squared_difference(values, 1.0 / scale, values, 0.0).sqrt()
 }
 
 fn validate_batch(
@@ -947,8 +967,8 @@ mod tests {
 
     #[test]
     fn norm_survives_overflow_and_underflow() {
-        assert!((euclidean_norm([3e200, 4e200].into_iter()) / 5e200 - 1.0).abs() < 1e-15);
-        assert!((euclidean_norm([3e-200, 4e-200].into_iter()) - 5e-200).abs() < 1e-214);
-        assert_eq!(euclidean_norm([0.0, 0.0].into_iter()), 0.0);
+        assert!((euclidean_norm(&[3e200, 4e200]) / 5e200 - 1.0).abs() < 1e-15);
+        assert!((euclidean_norm(&[3e-200, 4e-200]) - 5e-200).abs() < 1e-214);
+        assert_eq!(euclidean_norm(&[0.0, 0.0]), 0.0);
     }
 }
