@@ -263,21 +263,13 @@ impl Daemon {
         &self.limits
     }
 
+    /// A run as the API shows it: the stored form plus its open epochs and
+    /// closed-epoch count.
     fn run_proto(&self, run: &RunState) -> Run {
         Run {
-            run_id: run.info.run_id.clone(),
-            num_classes: run.info.num_classes,
-            feature_dim: run.info.feature_dim,
-            metadata: run
-                .info
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            created_unix_ms: run.info.created_unix_ms,
-            rows_ingested: run.rows_ingested(),
             open_epochs: run.open_epochs(),
             closed_epochs: run.closed_epochs(),
+            ..Self::run_record(run)
         }
     }
 
@@ -287,12 +279,7 @@ impl Daemon {
             run_id: run.info.run_id.clone(),
             num_classes: run.info.num_classes,
             feature_dim: run.info.feature_dim,
-            metadata: run
-                .info
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            metadata: run.info.metadata.clone().into_iter().collect(),
             created_unix_ms: run.info.created_unix_ms,
             rows_ingested: run.rows_ingested(),
             open_epochs: Vec::new(),
