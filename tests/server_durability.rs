@@ -1,8 +1,10 @@
 //! Durability of the daemon: runs and closed epochs survive `kill -9` of the
-//! real binary; SIGTERM checkpoints open epochs (and the duplicate filter)
-//! so an epoch closed after a graceful restart has the same metrics as
-//! without the restart; a Push stream in flight at shutdown keeps every
-//! batch it was told was applied.
+//! real binary, and an epoch that was open at the kill is refused with
+//! DATA_LOSS afterwards (never reopened with part of its data); SIGTERM
+//! checkpoints open epochs (and the duplicate filter) so an epoch closed
+//! after a graceful restart has the same metrics as without the restart; a
+//! Push stream in flight at shutdown keeps every batch it was told was
+//! applied.
 
 mod server_support;
 
@@ -13,8 +15,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use vcid::proto::{
     CloseEpochRequest, DeleteRunRequest, FeatureBatch, GetHistoryRequest, ListRunsRequest,
+    StatsBlock,
 };
 use vcid::server::ServeConfig;
+use vcid::stats::{Accumulator, Par};
 
 fn close_req(run: &str, epoch: u64) -> CloseEpochRequest {
     CloseEpochRequest {
@@ -23,6 +27,50 @@ fn close_req(run: &str, epoch: u64) -> CloseEpochRequest {
         layer: String::new(),
         epoch,
     }
+}
+
+/// The statistics of `rows` rows as a `StatsBlock` for `run`, epoch `epoch`.
+fn stats_block(run: &str, epoch: u64, x: &[f64], y: &[u32], k: u32, d: u32) -> StatsBlock {
+    let view = ndarray::ArrayView2::from_shape((y.len(), d as usize), x).unwrap();
+    let p = Accumulator::from_batch(view, y, k as usize, Par::Seq)
+        .unwrap()
+        .to_parts();
+    StatsBlock {
+        run_id: run.into(),
+        epoch,
+        class_counts: p.class_counts,
+        class_means: p.class_means,
+        scatter: p.scatter,
+        within_trace: p.within_trace,
+        unit_sum: p.unit_sum,
+        unit_count: p.unit_count,
+        unit_within_trace: p.unit_within_trace,
+        ..Default::default()
+    }
+}
+
+/// Asserts a DATA_LOSS refusal naming epoch 1 of durable/train/penultimate.
+fn assert_lost(err: &tonic::Status) {
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    let text = err.message();
+    assert!(
+        text.contains("epoch: expected an epoch that still holds its statistics, received 1")
+            && text
+                .contains("epoch 1 of stream durable/train/penultimate lost its open statistics")
+            && text.contains("stopped uncleanly at or before 20")
+            && text.contains("under a new epoch number"),
+        "{text}"
+    );
+}
+
+fn rejected(daemon: &Daemon, reason: &str) -> String {
+    let (status, body) = http_get(daemon.http, "/metrics");
+    assert_eq!(status, 200);
+    let prefix = format!("vcid_batches_rejected_total{{reason=\"{reason}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in metrics"))
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,13 +135,35 @@ async fn kill_9_keeps_runs_and_closed_epochs() {
         vec![closed.clone()],
         "the closed epoch survives kill -9 unchanged"
     );
-    // Open accumulators are only checkpointed on a graceful shutdown: the
-    // open epoch is gone, and closed epoch 0 still refuses pushes.
+    // Open accumulators are only checkpointed on a graceful shutdown, but
+    // the open epoch's durable marker tells the daemon that epoch 1 lost its
+    // data: pushes (streamed or pre-aggregated) and closes of it are refused
+    // with DATA_LOSS and change nothing, instead of reopening it with only
+    // the rows sent after the restart.
+    assert_eq!(rejected(&daemon, "epoch_lost"), "0");
+    let err = client
+        .push(tokio_stream::iter(batches(
+            "durable", "", 1, d, &x, &y, 100,
+        )))
+        .await
+        .unwrap_err();
+    assert_lost(&err);
+    assert!(err.message().starts_with("batch 0 of this Push stream"));
+    let err = client
+        .push_stats(stats_block("durable", 1, &x[..60], &y[..10], k, d))
+        .await
+        .unwrap_err();
+    assert_lost(&err);
     let err = client
         .close_epoch(close_req("durable", 1))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_lost(&err);
+    assert_eq!(rejected(&daemon, "epoch_lost"), "2");
+    let run = get_run(&mut client, "durable").await;
+    assert!(run.open_epochs.is_empty(), "{:?}", run.open_epochs);
+    assert_eq!(run.closed_epochs, 1);
+    // Closed epoch 0 still refuses pushes.
     let err = client
         .push(tokio_stream::iter(batches(
             "durable", "", 0, d, &x, &y, 100,
@@ -101,22 +171,48 @@ async fn kill_9_keeps_runs_and_closed_epochs() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    // The restored history still feeds vci_delta.
+    // A new epoch number works normally, and the restored history still
+    // feeds vci_delta.
     client
         .push(tokio_stream::iter(batches(
-            "durable", "", 1, d, &x, &y, 100,
+            "durable", "", 2, d, &x, &y, 100,
         )))
         .await
         .unwrap();
     let next = client
-        .close_epoch(close_req("durable", 1))
+        .close_epoch(close_req("durable", 2))
         .await
         .unwrap()
         .into_inner();
+    assert_eq!(next.samples, 600);
     assert_eq!(
         next.vci_delta,
         Some(next.vci.unwrap() - closed.vci.unwrap())
     );
+    drop(client);
+    assert_eq!(daemon.terminate(), Some(0));
+
+    // Lost stays lost across later (graceful) restarts; the closed epochs
+    // are unchanged.
+    let daemon = Daemon::spawn(dir.path(), &[]);
+    let mut client = connect(&daemon.url()).await;
+    let err = client
+        .push(tokio_stream::iter(batches(
+            "durable", "", 1, d, &x, &y, 100,
+        )))
+        .await
+        .unwrap_err();
+    assert_lost(&err);
+    let history = client
+        .get_history(GetHistoryRequest {
+            run_id: "durable".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(history, vec![closed, next]);
     drop(client);
     assert_eq!(daemon.terminate(), Some(0));
 }
@@ -180,6 +276,7 @@ async fn sigterm_checkpoints_open_epochs() {
         .unwrap()
         .into_inner();
     assert_same_metrics(&after_restart, &expected, 1e-12);
+    assert_eq!(rejected(&daemon, "epoch_lost"), "0", "restored, not lost");
     drop(client);
     assert_eq!(daemon.terminate(), Some(0));
 

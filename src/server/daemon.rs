@@ -27,8 +27,10 @@ use super::config::Limits;
 use super::decode::{self, StreamKey};
 use super::error::ServerError;
 use super::export::Telemetry;
-use super::state::{accumulator_bytes, Applied, RunInfo, RunState, SeqSet, State};
-use super::store::{RunCheckpoint, Store, WriterCheckpoint};
+use super::state::{
+    accumulator_bytes, utc_timestamp, Applied, EpochMarker, RunInfo, RunState, SeqSet, State,
+};
+use super::store::{EpochKey, RunCheckpoint, Store, WriterCheckpoint};
 
 /// How many results a `Watch` subscriber may fall behind before it is cut
 /// off (it can re-read `GetHistory`).
@@ -46,6 +48,39 @@ pub struct PreparedBatch {
     acc: Option<Accumulator>,
 }
 
+/// A batch's statistics on their way into one epoch's accumulator.
+#[derive(Debug)]
+struct ApplyJob {
+    run: Arc<RunState>,
+    key: StreamKey,
+    epoch: u64,
+    acc: Accumulator,
+    dedup: Option<(String, u64)>,
+}
+
+impl ApplyJob {
+    /// One attempt of [`RunState::apply`] (blocking: the O(d²) merge).
+    fn apply(&self, state: &State, max_gaps: u64) -> Result<Applied, ServerError> {
+        self.run.apply(
+            &self.key,
+            self.epoch,
+            &self.acc,
+            self.dedup.as_ref(),
+            &state.budget,
+            max_gaps,
+        )
+    }
+
+    fn epoch_key(&self) -> EpochKey {
+        EpochKey {
+            run_id: self.run.info.run_id.clone(),
+            split: self.key.split.clone(),
+            layer: self.key.layer.clone(),
+            epoch: self.epoch,
+        }
+    }
+}
+
 /// What `Watch` subscribers receive.
 #[derive(Clone, Debug)]
 pub enum WatchEvent {
@@ -53,15 +88,6 @@ pub enum WatchEvent {
     Result(Arc<EpochResult>),
     /// The run was deleted: its watchers end.
     RunDeleted(String),
-}
-
-impl From<Applied> for Ingested {
-    fn from(applied: Applied) -> Self {
-        match applied {
-            Applied::Merged(rows) => Ingested::Applied(rows),
-            Applied::Duplicate => Ingested::Duplicate,
-        }
-    }
 }
 
 /// Outcome of one ingested batch or stats block.
@@ -205,7 +231,7 @@ impl Daemon {
             };
             run.restore_result(key, Arc::new(result));
         }
-        let mut restored_epochs = 0usize;
+        let mut restored_epochs = Vec::new();
         for (run_id, checkpoint) in &restored.checkpoints {
             let Some(run) = state.find(run_id) else {
                 continue;
@@ -222,8 +248,13 @@ impl Daemon {
                 );
                 match Accumulator::from_parts(parts) {
                     Ok(acc) => {
+                        restored_epochs.push(EpochKey {
+                            run_id: run_id.clone(),
+                            split: key.split.clone(),
+                            layer: key.layer.clone(),
+                            epoch: block.epoch,
+                        });
                         run.restore_open(key, block.epoch, acc, &state.budget);
-                        restored_epochs += 1;
                     }
                     Err(err) => tracing::error!(
                         run = %run_id, epoch = block.epoch, %err,
@@ -235,11 +266,38 @@ impl Daemon {
                 run.restore_writer(writer.writer_id.clone(), SeqSet::from_flat(&writer.ranges));
             }
         }
-        store.clear_checkpoints()?;
+        // Epochs marked open but not restored died with the previous
+        // process: refuse them from now on (see `state`, "Open-epoch
+        // markers").
+        let started = now_unix_ms();
+        let lost = store.finish_restore(&restored_epochs, started)?;
+        for (key, found) in &lost.all {
+            if let Some(run) = state.find(&key.run_id) {
+                let stream = StreamKey {
+                    split: key.split.clone(),
+                    layer: key.layer.clone(),
+                };
+                run.restore_lost(stream, key.epoch, *found);
+            }
+        }
+        if !lost.new.is_empty() {
+            let names: Vec<String> = lost
+                .new
+                .iter()
+                .map(|k| format!("{}/{}/{} epoch {}", k.run_id, k.split, k.layer, k.epoch))
+                .collect();
+            tracing::warn!(
+                epochs = %names.join(", "),
+                stopped_before = %utc_timestamp(started),
+                "open epochs lost their statistics: the daemon stopped uncleanly (no shutdown \
+                 checkpoint); pushes and closes of them are refused with DATA_LOSS"
+            );
+        }
         tracing::info!(
             path = %store.path().display(),
             runs = state.list().len(),
-            open_epochs = restored_epochs,
+            open_epochs = restored_epochs.len(),
+            lost_epochs = lost.all.len(),
             "state restored"
         );
         let (events, _) = broadcast::channel(WATCH_CAPACITY);
@@ -442,12 +500,62 @@ impl Daemon {
         let Some(acc) = acc else {
             return Ok(Ingested::Duplicate);
         };
+        let job = ApplyJob {
+            run,
+            key,
+            epoch,
+            acc,
+            dedup,
+        };
         let state = Arc::clone(&self.state);
         let max_gaps = self.limits.max_sequence_gaps_per_writer;
-        let applied =
-            blocking(move || run.apply(&key, epoch, &acc, dedup.as_ref(), &state.budget, max_gaps))
-                .await??;
-        Ok(applied.into())
+        let (outcome, job) = blocking(move || (job.apply(&state, max_gaps), job)).await?;
+        self.settle(job, outcome?).await
+    }
+
+    /// Finishes [`ApplyJob`]: when the batch opens its epoch, durably writes
+    /// the epoch's marker (once, however many batches wait for it) and
+    /// applies again, so no batch of a new epoch is acknowledged before its
+    /// marker is committed. Batches of an open epoch return at once.
+    async fn settle(&self, mut job: ApplyJob, first: Applied) -> Result<Ingested, ServerError> {
+        let mut outcome = first;
+        // A written marker lets the next attempt create the accumulator, so
+        // one retry suffices; the bound only guards against a logic error.
+        for _ in 0..4 {
+            let marker = match outcome {
+                Applied::Merged(rows) => return Ok(Ingested::Applied(rows)),
+                Applied::Duplicate => return Ok(Ingested::Duplicate),
+                Applied::NeedsMarker(marker) => marker,
+            };
+            self.write_marker(&job, &marker).await?;
+            let state = Arc::clone(&self.state);
+            let max_gaps = self.limits.max_sequence_gaps_per_writer;
+            let (next, back) = blocking(move || (job.apply(&state, max_gaps), job)).await?;
+            job = back;
+            outcome = next?;
+        }
+        Err(ServerError::Internal(format!(
+            "the open marker of epoch {} of stream {} did not settle",
+            job.epoch,
+            job.key.display(&job.run.info.run_id)
+        )))
+    }
+
+    /// Durably writes an epoch's open marker unless it is already written.
+    async fn write_marker(&self, job: &ApplyJob, marker: &EpochMarker) -> Result<(), ServerError> {
+        let store = self.store.clone();
+        let key = job.epoch_key();
+        marker
+            .write_once(|| async move {
+                let run_id = key.run_id.clone();
+                let written = blocking(move || store.open_epoch(&key, now_unix_ms())).await??;
+                if written {
+                    Ok(())
+                } else {
+                    Err(ServerError::RunNotFound(run_id))
+                }
+            })
+            .await
     }
 
     /// `PushStats`: a pre-aggregated accumulator, validated by the math core
@@ -468,12 +576,18 @@ impl Daemon {
         } = decoded;
         let state = Arc::clone(&self.state);
         let max_gaps = self.limits.max_sequence_gaps_per_writer;
-        let applied = blocking(move || {
-            let acc = Accumulator::from_parts(parts)?;
-            run.apply(&key, epoch, &acc, dedup.as_ref(), &state.budget, max_gaps)
+        let (outcome, job) = blocking(move || {
+            let job = ApplyJob {
+                run,
+                key,
+                epoch,
+                acc: Accumulator::from_parts(parts)?,
+                dedup,
+            };
+            Ok::<_, ServerError>((job.apply(&state, max_gaps), job))
         })
         .await??;
-        Ok(applied.into())
+        self.settle(job, outcome?).await
     }
 
     /// `CloseEpoch`: metrics on the blocking pool, result durable before it
@@ -561,13 +675,22 @@ impl Daemon {
     }
 
     /// Freezes and durably writes every open accumulator and duplicate
-    /// filter (graceful shutdown). Blocking.
+    /// filter, and rewrites the open markers to match (graceful shutdown).
+    /// Blocking.
     pub fn checkpoint(&self) -> Result<usize, ServerError> {
         let mut all = Vec::new();
         let mut epochs = 0;
+        let mut closing = Vec::new();
         for run in self.state.list() {
-            let (open, writers) = run.freeze_for_checkpoint();
+            let frozen = run.freeze_for_checkpoint();
+            let (open, writers) = (frozen.open, frozen.writers);
             epochs += open.len();
+            closing.extend(frozen.closing.into_iter().map(|(key, epoch)| EpochKey {
+                run_id: run.info.run_id.clone(),
+                split: key.split,
+                layer: key.layer,
+                epoch,
+            }));
             let checkpoint = RunCheckpoint {
                 epochs: open
                     .into_iter()
@@ -585,7 +708,7 @@ impl Daemon {
             };
             all.push((Self::run_record(&run), checkpoint));
         }
-        self.store.write_checkpoints(&all)?;
+        self.store.write_checkpoints(&all, &closing)?;
         Ok(epochs)
     }
 }

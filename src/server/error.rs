@@ -63,6 +63,21 @@ pub enum ServerError {
         open: String,
     },
 
+    /// Push or close for an epoch whose open statistics died with an
+    /// earlier daemon process (DATA_LOSS; see `state`'s "Open-epoch
+    /// markers"). `stopped_before` is the start-up that found it.
+    #[error(
+        "epoch: expected an epoch that still holds its statistics, received {epoch}: epoch \
+         {epoch} of stream {stream} lost its open statistics when the daemon stopped uncleanly \
+         at or before {stopped_before}. Nothing was applied; push the epoch's data again under \
+         a new epoch number"
+    )]
+    EpochLost {
+        stream: String,
+        epoch: u64,
+        stopped_before: String,
+    },
+
     /// A batch whose `(writer_id, sequence)` would open more gaps in that
     /// writer's applied sequence numbers than `--max-sequence-gaps-per-writer`
     /// (FAILED_PRECONDITION: the writer's own history, not a transient
@@ -182,6 +197,7 @@ impl ServerError {
             ServerError::BudgetExceeded { .. }
             | ServerError::TooManyRows { .. }
             | ServerError::MessageTooLarge { .. } => Code::ResourceExhausted,
+            ServerError::EpochLost { .. } => Code::DataLoss,
             ServerError::Unauthenticated(_) => Code::Unauthenticated,
             ServerError::PushAborted { source, .. } => source.code(),
             ServerError::ShuttingDown(_) => Code::Unavailable,
@@ -201,6 +217,7 @@ impl ServerError {
             ServerError::RunConflict { .. } => "already_exists",
             ServerError::EpochClosed { .. } | ServerError::NoOpenEpoch { .. } => "epoch_closed",
             ServerError::SequenceGaps { .. } => "sequence_gaps",
+            ServerError::EpochLost { .. } => "epoch_lost",
             ServerError::BudgetExceeded { .. } => "memory_budget",
             ServerError::TooManyRows { .. } | ServerError::MessageTooLarge { .. } => "too_large",
             ServerError::Unauthenticated(_) => "unauthenticated",
@@ -223,6 +240,7 @@ impl ServerError {
         "already_exists",
         "epoch_closed",
         "sequence_gaps",
+        "epoch_lost",
         "memory_budget",
         "too_large",
         "shutting_down",

@@ -62,6 +62,27 @@
 //! new `writer_id`). gRPC clients treat RESOURCE_EXHAUSTED as retryable with
 //! back-off, which here would repeat the same refusal.
 //!
+//! # Open-epoch markers and lost epochs
+//!
+//! An accumulator may only exist while its epoch has a durable marker (see
+//! `store`), so that after a crash the daemon knows which epochs lost data.
+//! When a batch is the first of its (stream, epoch), [`RunState::apply`]
+//! changes nothing and returns [`Applied::NeedsMarker`] with the epoch's
+//! [`EpochMarker`] (one per epoch, shared by every batch that asks before
+//! the accumulator exists); the caller writes the marker once (concurrent
+//! ranks wait for the same write) and applies again, which then creates
+//! the accumulator and merges. Batches of an existing accumulator never
+//! touch the marker, so the per-batch path has no disk write. Once the
+//! shutdown checkpoint has frozen a run, no accumulator is created in it.
+//!
+//! Epochs found lost at start-up are kept per stream for the life of the
+//! run: pushes and closes of them fail with DATA_LOSS (reason
+//! `epoch_lost`), changing nothing, naming the start-up at or before which
+//! the daemon stopped uncleanly. Refusing beats the alternative of opening
+//! a fresh accumulator, whose close would report a partial epoch as if it
+//! were whole; the client continues under a new epoch number. SPEC §5 is
+//! silent on this; the decision is recorded here and in `store`.
+//!
 //! # Memory budget
 //!
 //! Creating an open accumulator reserves `Accumulator::estimated_bytes(K, d)`
@@ -242,6 +263,60 @@ pub struct RunInfo {
     pub created_unix_ms: i64,
 }
 
+/// The durable open marker of one epoch that has no accumulator yet:
+/// written at most once by whichever batch gets there first, awaited by
+/// every other batch of that epoch (see "Open-epoch markers").
+#[derive(Clone, Debug, Default)]
+pub struct EpochMarker(Arc<tokio::sync::OnceCell<()>>);
+
+impl EpochMarker {
+    /// Whether the marker is known to be durable.
+    pub fn is_written(&self) -> bool {
+        self.0.initialized()
+    }
+
+    /// Runs `write` unless the marker is written; concurrent callers wait
+    /// for the one write in progress, and after a failed write the next
+    /// caller tries again.
+    pub async fn write_once<F, Fut, E>(&self, write: F) -> Result<(), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        self.0.get_or_try_init(write).await.map(|_| ())
+    }
+}
+
+impl PartialEq for EpochMarker {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for EpochMarker {}
+
+/// `unix_ms` as an RFC 3339 UTC timestamp with second precision, e.g.
+/// `2023-11-14T22:13:20Z` (civil-from-days, proleptic Gregorian).
+pub fn utc_timestamp(unix_ms: i64) -> String {
+    let secs = unix_ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Where an epoch slot is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -291,6 +366,12 @@ struct StreamState {
     open: BTreeMap<u64, Arc<EpochSlot>>,
     closing: BTreeSet<u64>,
     history: BTreeMap<u64, Arc<EpochResult>>,
+    /// Markers of epochs without an accumulator yet (being written, or
+    /// written for a first batch that was then refused).
+    marked: BTreeMap<u64, EpochMarker>,
+    /// Epochs that lost their data, with the unix ms of the start-up that
+    /// found them.
+    lost: BTreeMap<u64, i64>,
 }
 
 #[derive(Debug, Default)]
@@ -333,15 +414,20 @@ impl WriterState {
 struct RunInner {
     streams: BTreeMap<StreamKey, StreamState>,
     writers: HashMap<String, WriterState>,
+    /// Set by the shutdown checkpoint: no new accumulators.
+    frozen: bool,
 }
 
 /// What happened to a batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
     /// Merged; carries the batch's samples.
     Merged(u64),
     /// Its `(writer_id, sequence)` was applied before: skipped.
     Duplicate,
+    /// Nothing happened: the batch opens its epoch, whose marker must be
+    /// durable first (write it, then apply again).
+    NeedsMarker(EpochMarker),
 }
 
 /// An epoch taken out of `open` by [`RunState::begin_close`].
@@ -357,9 +443,16 @@ pub struct Closing {
     pub previous_vci: Option<Option<f64>>,
 }
 
-/// A run's open accumulators `(stream, epoch, statistics)` and its writers'
-/// duplicate filters, as frozen for the shutdown checkpoint.
-pub type FrozenRun = (Vec<(StreamKey, u64, Accumulator)>, Vec<(String, SeqSet)>);
+/// A run as frozen for the shutdown checkpoint.
+#[derive(Debug, Default)]
+pub struct FrozenRun {
+    /// Open accumulators `(stream, epoch, statistics)`.
+    pub open: Vec<(StreamKey, u64, Accumulator)>,
+    /// Epochs being closed (their result may or may not get stored).
+    pub closing: Vec<(StreamKey, u64)>,
+    /// The writers' duplicate filters.
+    pub writers: Vec<(String, SeqSet)>,
+}
 
 /// One run: its description, counters, streams and duplicate filter.
 #[derive(Debug)]
@@ -392,6 +485,14 @@ impl RunState {
         key.display(&self.info.run_id)
     }
 
+    fn lost_error(&self, key: &StreamKey, epoch: u64, found_unix_ms: i64) -> ServerError {
+        ServerError::EpochLost {
+            stream: self.stream_name(key),
+            epoch,
+            stopped_before: utc_timestamp(found_unix_ms),
+        }
+    }
+
     fn budget_error(&self, needed: u64, in_use: u64, budget: &Budget) -> ServerError {
         ServerError::BudgetExceeded {
             run_id: self.info.run_id.clone(),
@@ -418,9 +519,11 @@ impl RunState {
     }
 
     /// Merges a batch's statistics into the open accumulator of
-    /// `(key, epoch)`, creating it if needed. Whole or nothing: a batch
-    /// whose sequence would give its writer more than `max_gaps` gaps is
-    /// rejected before anything is claimed, created or merged.
+    /// `(key, epoch)`, creating it if needed once the epoch's marker is
+    /// durable ([`Applied::NeedsMarker`] until then). Whole or nothing: a
+    /// batch whose sequence would give its writer more than `max_gaps` gaps,
+    /// or whose epoch was lost, is rejected before anything is claimed,
+    /// created or merged.
     pub fn apply(
         &self,
         key: &StreamKey,
@@ -451,7 +554,11 @@ impl RunState {
                         })?;
                 }
             }
+            let frozen = inner.frozen;
             let stream = inner.streams.entry(key.clone()).or_default();
+            if let Some(&found) = stream.lost.get(&epoch) {
+                return Err(self.lost_error(key, epoch, found));
+            }
             if stream.history.contains_key(&epoch) {
                 return Err(ServerError::EpochClosed {
                     stream: self.stream_name(key),
@@ -469,14 +576,31 @@ impl RunState {
             let slot = match stream.open.get(&epoch) {
                 Some(slot) => Arc::clone(slot),
                 None => {
+                    if frozen {
+                        return Err(ServerError::ShuttingDown(
+                            "open accumulators were checkpointed".into(),
+                        ));
+                    }
                     let needed = u64::try_from(accumulator_bytes(
                         self.info.num_classes,
                         self.info.feature_dim,
                     ))
                     .unwrap_or(u64::MAX);
+                    let marker = stream.marked.entry(epoch).or_default();
+                    if !marker.is_written() {
+                        // Refuse a batch the budget cannot take before a
+                        // marker is written for it (try_reserve decides).
+                        let in_use = budget.used();
+                        if in_use.saturating_add(needed) > budget.limit() {
+                            return Err(self.budget_error(needed, in_use, budget));
+                        }
+                        return Ok(Applied::NeedsMarker(marker.clone()));
+                    }
                     budget
                         .try_reserve(needed)
                         .map_err(|in_use| self.budget_error(needed, in_use, budget))?;
+                    // The accumulator now stands for the durable marker.
+                    stream.marked.remove(&epoch);
                     let acc = Accumulator::new(
                         self.info.num_classes as usize,
                         self.info.feature_dim as usize,
@@ -546,6 +670,9 @@ impl RunState {
                     open: "none".into(),
                 });
             };
+            if let Some(&found) = stream.lost.get(&epoch) {
+                return Err(self.lost_error(key, epoch, found));
+            }
             if stream.history.contains_key(&epoch) {
                 return Err(ServerError::EpochClosed {
                     stream: name,
@@ -671,11 +798,18 @@ impl RunState {
     }
 
     /// Freezes every open accumulator and returns copies of them with the
-    /// duplicate filter, for the shutdown checkpoint. Later merges fail with
-    /// UNAVAILABLE, so nothing is acknowledged that the checkpoint misses.
+    /// epochs being closed and the duplicate filter, for the shutdown
+    /// checkpoint. Later merges and new accumulators fail with UNAVAILABLE,
+    /// so nothing is acknowledged that the checkpoint misses.
     pub fn freeze_for_checkpoint(&self) -> FrozenRun {
-        let (slots, writers) = {
-            let inner = lock(&self.inner);
+        let (slots, closing, writers) = {
+            let mut inner = lock(&self.inner);
+            inner.frozen = true;
+            let closing = inner
+                .streams
+                .iter()
+                .flat_map(|(key, s)| s.closing.iter().map(move |&epoch| (key.clone(), epoch)))
+                .collect();
             let slots: Vec<(StreamKey, u64, Arc<EpochSlot>)> = inner
                 .streams
                 .iter()
@@ -690,7 +824,7 @@ impl RunState {
                 .iter()
                 .map(|(w, state)| (w.clone(), state.applied.clone()))
                 .collect();
-            (slots, writers)
+            (slots, closing, writers)
         };
         let mut epochs = Vec::new();
         for (key, epoch, slot) in slots {
@@ -702,7 +836,11 @@ impl RunState {
                 }
             }
         }
-        (epochs, writers)
+        FrozenRun {
+            open: epochs,
+            closing,
+            writers,
+        }
     }
 
     /// Restores an open accumulator from a checkpoint.
@@ -732,6 +870,18 @@ impl RunState {
             .or_default()
             .history
             .insert(result.epoch, result);
+    }
+
+    /// Remembers an epoch that lost its data (found at start-up at
+    /// `found_unix_ms`): pushes and closes of it are refused from now on.
+    pub fn restore_lost(&self, key: StreamKey, epoch: u64, found_unix_ms: i64) {
+        let mut inner = lock(&self.inner);
+        inner
+            .streams
+            .entry(key)
+            .or_default()
+            .lost
+            .insert(epoch, found_unix_ms);
     }
 
     /// Restores a writer's duplicate filter.
@@ -939,6 +1089,27 @@ mod tests {
         Accumulator::from_batch(x.view(), &[label], 2, crate::stats::Par::Seq).unwrap()
     }
 
+    /// [`RunState::apply`], writing the epoch marker when asked (as the
+    /// daemon does, minus the disk).
+    fn apply_marked(
+        run: &RunState,
+        key: &StreamKey,
+        epoch: u64,
+        batch: &Accumulator,
+        dedup: Option<&(String, u64)>,
+        budget: &Budget,
+        max_gaps: u64,
+    ) -> Result<Applied, ServerError> {
+        loop {
+            match run.apply(key, epoch, batch, dedup, budget, max_gaps)? {
+                Applied::NeedsMarker(marker) => futures::executor::block_on(
+                    marker.write_once(|| async { Ok::<(), ServerError>(()) }),
+                )?,
+                other => return Ok(other),
+            }
+        }
+    }
+
     fn samples_of(run: &RunState) -> u64 {
         run.open_epochs().iter().map(|o| o.samples).sum()
     }
@@ -954,7 +1125,8 @@ mod tests {
         };
         let batch = one_row(1.5, 1);
         let apply = |seq: u64| {
-            run.apply(
+            apply_marked(
+                &run,
                 &key,
                 0,
                 &batch,
@@ -998,8 +1170,16 @@ mod tests {
         // unaffected throughout.
         assert_eq!(apply(next).unwrap(), Applied::Merged(1));
         assert_eq!(
-            run.apply(&key, 0, &batch, Some(&("v".to_owned(), 7)), &budget, limit)
-                .unwrap(),
+            apply_marked(
+                &run,
+                &key,
+                0,
+                &batch,
+                Some(&("v".to_owned(), 7)),
+                &budget,
+                limit
+            )
+            .unwrap(),
             Applied::Merged(1)
         );
         assert_eq!(samples_of(&run), limit + 5);
@@ -1016,7 +1196,17 @@ mod tests {
         // Checkpointed with 3 gaps; restarted with a limit of 1.
         run.restore_writer("w".into(), SeqSet::from_flat(&[0, 0, 2, 2, 4, 4, 6, 6]));
         let batch = one_row(0.5, 0);
-        let apply = |seq: u64| run.apply(&key, 0, &batch, Some(&("w".to_owned(), seq)), &budget, 1);
+        let apply = |seq: u64| {
+            apply_marked(
+                &run,
+                &key,
+                0,
+                &batch,
+                Some(&("w".to_owned(), seq)),
+                &budget,
+                1,
+            )
+        };
         assert_eq!(apply(4).unwrap(), Applied::Duplicate);
         assert!(matches!(
             apply(9),
@@ -1039,5 +1229,79 @@ mod tests {
         b.release(60);
         assert!(b.try_reserve(100).is_ok());
         assert_eq!(b.used(), 100);
+    }
+
+    #[test]
+    fn utc_timestamps() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_timestamp(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_timestamp(1_700_000_000_999), "2023-11-14T22:13:20Z");
+        assert_eq!(utc_timestamp(-1), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn a_new_epoch_waits_for_one_marker_and_a_lost_epoch_is_refused() {
+        let run = tiny_run();
+        let budget = Budget::new(1 << 20);
+        let key = StreamKey {
+            split: "train".into(),
+            layer: "penultimate".into(),
+        };
+        let batch = one_row(2.0, 0);
+        // Two ranks open epoch 0 at once: both are told to wait for the
+        // same marker, and nothing is created or counted before it exists.
+        let first = run.apply(&key, 0, &batch, None, &budget, 8).unwrap();
+        let second = run.apply(&key, 0, &batch, None, &budget, 8).unwrap();
+        let Applied::NeedsMarker(marker) = first else {
+            panic!("expected NeedsMarker, got {first:?}");
+        };
+        assert_eq!(second, Applied::NeedsMarker(marker.clone()));
+        assert!(run.open_epochs().is_empty());
+        assert_eq!((budget.used(), run.rows_ingested()), (0, 0));
+        // One write; the second caller finds it done.
+        let writes = AtomicU64::new(0);
+        for _ in 0..2 {
+            futures::executor::block_on(marker.write_once(|| async {
+                writes.fetch_add(1, Ordering::Relaxed);
+                Ok::<(), ServerError>(())
+            }))
+            .unwrap();
+        }
+        assert_eq!(writes.load(Ordering::Relaxed), 1);
+        for _ in 0..2 {
+            assert_eq!(
+                run.apply(&key, 0, &batch, None, &budget, 8).unwrap(),
+                Applied::Merged(1)
+            );
+        }
+        assert_eq!(samples_of(&run), 2);
+
+        // A lost epoch refuses pushes and closes and changes nothing.
+        run.restore_lost(key.clone(), 3, 1_700_000_000_000);
+        let used = budget.used();
+        for err in [
+            run.apply(&key, 3, &batch, None, &budget, 8).unwrap_err(),
+            run.begin_close(&key, 3).unwrap_err(),
+        ] {
+            assert_eq!(err.code(), tonic::Code::DataLoss);
+            let text = err.to_string();
+            assert!(
+                text.starts_with("epoch: ")
+                    && text.contains("epoch 3 of stream r/train/penultimate")
+                    && text.contains("2023-11-14T22:13:20Z")
+                    && text.contains("new epoch number"),
+                "{text}"
+            );
+        }
+        assert_eq!((samples_of(&run), budget.used()), (2, used));
+        assert_eq!(run.open_epochs().len(), 1);
+
+        // After the shutdown checkpoint froze the run, no epoch is opened.
+        let frozen = run.freeze_for_checkpoint();
+        assert_eq!(frozen.open.len(), 1);
+        assert!(matches!(
+            run.apply(&key, 4, &batch, None, &budget, 8),
+            Err(ServerError::ShuttingDown(_))
+        ));
     }
 }
