@@ -17,6 +17,7 @@ use vcid::proto::{
     CloseEpochRequest, CreateRunRequest, DeleteRunRequest, FeatureBatch, GetHistoryRequest,
     GetRunRequest, ListRunsRequest, StatsBlock, WatchRequest,
 };
+use vcid::server::decode::{self, StreamKey};
 use vcid::server::{Limits, ServeConfig};
 use vcid::stats::{Accumulator, Par};
 
@@ -215,21 +216,14 @@ async fn encodings_and_push_stats_merge_exactly() {
     // The same data as a pre-aggregated StatsBlock into another stream.
     let view = ndarray::ArrayView2::from_shape((400, d as usize), &rounded[..]).unwrap();
     let acc = Accumulator::from_batch(view, &y, k as usize, Par::Seq).unwrap();
-    let parts = acc.to_parts();
-    let block = StatsBlock {
-        run_id: "enc".into(),
+    let stream = StreamKey {
         split: "stats".into(),
         layer: String::new(),
-        epoch: 0,
-        class_counts: parts.class_counts,
-        class_means: parts.class_means,
-        scatter: parts.scatter,
-        within_trace: parts.within_trace,
-        unit_sum: parts.unit_sum,
-        unit_count: parts.unit_count,
-        unit_within_trace: parts.unit_within_trace,
+    };
+    let block = StatsBlock {
         writer_id: "stats-writer".into(),
         sequence: 7,
+        ..decode::stats_block("enc", &stream, 0, acc.to_parts())
     };
     let summary = client.push_stats(block.clone()).await.unwrap().into_inner();
     assert_eq!((summary.batches_applied, summary.rows_applied), (1, 400));
@@ -841,19 +835,14 @@ async fn bad_input_is_rejected_and_changes_nothing() {
 /// A StatsBlock (epoch 0, default stream) of some rows.
 fn stats_of(x: &[f64], y: &[u32], k: u32, d: u32) -> StatsBlock {
     let view = ndarray::ArrayView2::from_shape((y.len(), d as usize), x).unwrap();
-    let p = Accumulator::from_batch(view, y, k as usize, Par::Seq)
-        .unwrap()
-        .to_parts();
-    StatsBlock {
-        class_counts: p.class_counts,
-        class_means: p.class_means,
-        scatter: p.scatter,
-        within_trace: p.within_trace,
-        unit_sum: p.unit_sum,
-        unit_count: p.unit_count,
-        unit_within_trace: p.unit_within_trace,
-        ..Default::default()
-    }
+    let acc = Accumulator::from_batch(view, y, k as usize, Par::Seq).unwrap();
+    // Epoch 0 of the default stream (empty names), no run id: the caller
+    // fills those in.
+    let stream = StreamKey {
+        split: String::new(),
+        layer: String::new(),
+    };
+    decode::stats_block("", &stream, 0, acc.to_parts())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ use crate::proto::{
     CloseEpochRequest, CreateRunRequest, EpochResult, FeatureBatch, GetHistoryRequest, History,
     Run, StatsBlock,
 };
-use crate::stats::{Accumulator, AccumulatorParts, Par};
+use crate::stats::{Accumulator, Par};
 
 use super::config::Limits;
 use super::decode::{self, StreamKey};
@@ -177,29 +177,6 @@ fn epoch_result(
         notes,
         close_seconds: 0.0,
         closed_unix_ms: 0,
-    }
-}
-
-fn to_stats_block(
-    run_id: &str,
-    key: &StreamKey,
-    epoch: u64,
-    parts: AccumulatorParts,
-) -> StatsBlock {
-    StatsBlock {
-        run_id: run_id.to_owned(),
-        split: key.split.clone(),
-        layer: key.layer.clone(),
-        epoch,
-        class_counts: parts.class_counts,
-        class_means: parts.class_means,
-        scatter: parts.scatter,
-        within_trace: parts.within_trace,
-        unit_sum: parts.unit_sum,
-        unit_count: parts.unit_count,
-        unit_within_trace: parts.unit_within_trace,
-        writer_id: String::new(),
-        sequence: 0,
     }
 }
 
@@ -695,7 +672,7 @@ impl Daemon {
                 epochs: open
                     .into_iter()
                     .map(|(key, epoch, acc)| {
-                        to_stats_block(&run.info.run_id, &key, epoch, acc.to_parts())
+                        decode::stats_block(&run.info.run_id, &key, epoch, acc.to_parts())
                     })
                     .collect(),
                 writers: writers

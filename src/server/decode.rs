@@ -244,6 +244,31 @@ pub fn decode_stats(
     })
 }
 
+/// The wire/checkpoint form of one epoch's statistics (no idempotence key);
+/// the inverse of [`stats_block_parts`].
+pub fn stats_block(
+    run_id: &str,
+    key: &StreamKey,
+    epoch: u64,
+    parts: AccumulatorParts,
+) -> StatsBlock {
+    StatsBlock {
+        run_id: run_id.to_owned(),
+        split: key.split.clone(),
+        layer: key.layer.clone(),
+        epoch,
+        class_counts: parts.class_counts,
+        class_means: parts.class_means,
+        scatter: parts.scatter,
+        within_trace: parts.within_trace,
+        unit_sum: parts.unit_sum,
+        unit_count: parts.unit_count,
+        unit_within_trace: parts.unit_within_trace,
+        writer_id: String::new(),
+        sequence: 0,
+    }
+}
+
 /// The statistics of a `StatsBlock` (a pushed one or a checkpoint) for a run
 /// of shape K × d, unvalidated.
 pub fn stats_block_parts(

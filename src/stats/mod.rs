@@ -222,11 +222,7 @@ impl Accumulator {
         if other.samples() == 0 {
             return Ok(());
         }
-        self.add_to_scatter(
-            Some(other.scatter.as_ref()),
-            &other.global_mean(),
-            other.samples(),
-        );
+        self.add_to_scatter(Some(&other.scatter), &other.global_mean(), other.samples());
         self.classes.merge(&other.classes);
         Ok(())
     }
@@ -236,7 +232,7 @@ impl Accumulator {
     /// plus, if given, their own scatter `M2_b` (lower triangle), in one
     /// sweep. Must run before the class statistics are merged (it reads
     /// `self`'s current mean).
-    fn add_to_scatter(&mut self, other: Option<faer::MatRef<'_, f64>>, mean_b: &[f64], n_b: u64) {
+    fn add_to_scatter(&mut self, other: Option<&Mat<f64>>, mean_b: &[f64], n_b: u64) {
         let n_a = self.samples();
         let weight = if n_a == 0 || n_b == 0 {
             0.0
@@ -253,9 +249,9 @@ impl Accumulator {
             let mine = &mut self.scatter.col_as_slice_mut(j)[j..];
             match other {
                 Some(theirs) => {
-                    let theirs = theirs.col(j).subrows(j, mine.len());
-                    for (i, (s, &d)) in mine.iter_mut().zip(&delta[j..]).enumerate() {
-                        *s += theirs[i] + scaled * d;
+                    let theirs = &theirs.col_as_slice(j)[j..];
+                    for ((s, &t), &d) in mine.iter_mut().zip(theirs).zip(&delta[j..]) {
+                        *s += t + scaled * d;
                     }
                 }
                 None => {
