@@ -1,9 +1,12 @@
 """Fixtures: the real ``vcid`` binary started on ephemeral loopback ports with
-a temporary data directory (no mocks), and unique run ids."""
+a temporary data directory (no mocks), and unique run ids. Puts the
+repository's numpy reference (``tests/reference/reference.py``, shared with
+the Rust fixtures) on the import path as ``reference``."""
 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import pytest
 from vcid.local import LocalDaemon
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "reference"))
 
 
 @pytest.fixture(scope="session")

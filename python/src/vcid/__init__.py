@@ -15,13 +15,14 @@ is imported on request only, so importing ``vcid`` never imports torch.
 
 from ._accumulator import LocalAccumulator
 from ._arrays import bfloat16_bits_to_float32, float32_to_bfloat16_bits, round_to_encoding
-from ._errors import QueueFullError, VcidError
+from ._errors import ArgumentError, QueueFullError, VcidError
 from ._monitor import DEFAULT_LAYER, DEFAULT_SPLIT, Monitor
 from ._result import EpochResult, OpenEpoch, PushSummary, RunInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "DEFAULT_LAYER",
     "DEFAULT_SPLIT",
     "EpochResult",

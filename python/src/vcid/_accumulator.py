@@ -14,17 +14,18 @@ from typing import Any, Callable
 import numpy as np
 
 from ._arrays import check_features, check_labels
+from ._errors import ArgumentError
 from .v1 import vcid_pb2 as pb
 
 
 def _check_shape_args(num_classes: Any, feature_dim: Any) -> tuple[int, int]:
     for name, value, lo in (("num_classes", num_classes, 2), ("feature_dim", feature_dim, 1)):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise ValueError(
-                f"{name}: expected an integer >= {lo}, received {type(value).__name__} {value!r}"
+            raise ArgumentError(
+                name, f"expected an integer >= {lo}, received {type(value).__name__} {value!r}"
             )
         if not lo <= int(value) < 2**32:
-            raise ValueError(f"{name}: expected an integer in [{lo}, 2**32), received {value}")
+            raise ArgumentError(name, f"expected an integer in [{lo}, 2**32), received {value}")
     return int(num_classes), int(feature_dim)
 
 
@@ -139,12 +140,12 @@ class LocalAccumulator:
     def merge(self, other: "LocalAccumulator") -> "LocalAccumulator":
         """Fold in another accumulator (exact Chan merge); returns ``self``."""
         if not isinstance(other, LocalAccumulator):
-            raise ValueError(
-                f"other: expected a LocalAccumulator, received {type(other).__name__}"
+            raise ArgumentError(
+                "other", f"expected a LocalAccumulator, received {type(other).__name__}"
             )
         if (other._k, other._d) != (self._k, self._d):
-            raise ValueError(
-                f"other: expected num_classes={self._k}, feature_dim={self._d}, received "
+            raise ArgumentError(
+                "other", f"expected num_classes={self._k}, feature_dim={self._d}, received "
                 f"num_classes={other._k}, feature_dim={other._d}"
             )
         na_k, nb_k = self._counts, other._counts
@@ -233,16 +234,16 @@ class LocalAccumulator:
         k = counts.shape[0]
         means = np.asarray(class_means, dtype=np.float64)
         if means.ndim != 2 or means.shape[0] != k:
-            raise ValueError(
-                f"class_means: expected shape ({k}, feature_dim), received {means.shape}"
+            raise ArgumentError(
+                "class_means", f"expected shape ({k}, feature_dim), received {means.shape}"
             )
         d = means.shape[1]
         acc = cls(k, d)
         sc = _as_float(scatter, "scatter", (d, d))
         asym = np.abs(sc - sc.T).max() if d else 0.0
         if asym > 1e-12 * max(1.0, np.abs(sc).max()):
-            raise ValueError(
-                f"scatter: expected a symmetric {d}x{d} matrix, received one with "
+            raise ArgumentError(
+                "scatter", f"expected a symmetric {d}x{d} matrix, received one with "
                 f"max |S - Sᵀ| = {asym}"
             )
         acc._counts = counts
@@ -257,26 +258,26 @@ class LocalAccumulator:
             if np.any(arr[empty] != 0):
                 k0 = int(np.flatnonzero(empty & np.any(
                     (arr != 0).reshape(k, -1), axis=1))[0])
-                raise ValueError(
-                    f"{name}: expected zeros for class {k0}, which has class_counts 0, "
+                raise ArgumentError(
+                    name, f"expected zeros for class {k0}, which has class_counts 0, "
                     f"received non-zero values"
                 )
         if np.any(acc._unit_count > counts):
             k0 = int(np.flatnonzero(acc._unit_count > counts)[0])
-            raise ValueError(
-                f"unit_count: expected at most class_counts[{k0}]={int(counts[k0])}, "
+            raise ArgumentError(
+                "unit_count", f"expected at most class_counts[{k0}]={int(counts[k0])}, "
                 f"received {int(acc._unit_count[k0])}"
             )
-        if np.any(acc._within < 0) or np.any(np.diag(acc._scatter) < 0):
-            raise ValueError(
-                "within_trace/scatter: expected non-negative within traces and scatter "
-                "diagonal, received negative values"
-            )
+        for name, values, what in (("within_trace", acc._within, "non-negative values"),
+                                   ("scatter", np.diag(acc._scatter), "a non-negative diagonal")):
+            if np.any(values < 0):
+                raise ArgumentError(
+                    name, f"expected {what}, received a minimum of {float(values.min())}")
         no_units = acc._unit_count == 0
         if np.any(acc._unit_sum[no_units] != 0):
             k0 = int(np.flatnonzero(no_units & np.any(acc._unit_sum != 0, axis=1))[0])
-            raise ValueError(
-                f"unit_sum: expected zeros for class {k0}, which has unit_count 0, "
+            raise ArgumentError(
+                "unit_sum", f"expected zeros for class {k0}, which has unit_count 0, "
                 f"received non-zero values"
             )
         if unit_within_trace is None:
@@ -285,8 +286,8 @@ class LocalAccumulator:
             acc._unit_within = _as_float(unit_within_trace, "unit_within_trace", (k,))
         if np.any(acc._unit_within[no_units] != 0):
             k0 = int(np.flatnonzero(no_units & (acc._unit_within != 0))[0])
-            raise ValueError(
-                f"unit_within_trace: expected 0 for class {k0}, which has unit_count 0, "
+            raise ArgumentError(
+                "unit_within_trace", f"expected 0 for class {k0}, which has unit_count 0, "
                 f"received {float(acc._unit_within[k0])!r}"
             )
         c = acc._unit_count.astype(np.float64)
@@ -295,8 +296,8 @@ class LocalAccumulator:
         bad = (acc._unit_within < 0) | (acc._unit_within > c * (1.0 + 1e-12))
         if np.any(bad):
             k0 = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"unit_within_trace: expected a value in [0, unit_count[{k0}]="
+            raise ArgumentError(
+                "unit_within_trace", f"expected a value in [0, unit_count[{k0}]="
                 f"{int(acc._unit_count[k0])}] for class {k0}, received "
                 f"{float(acc._unit_within[k0])!r}"
             )
@@ -325,8 +326,8 @@ class LocalAccumulator:
         ])
         total1 = np.asarray(sum_fn(round1), dtype=np.float64)
         if total1.shape != round1.shape:
-            raise ValueError(
-                f"sum_fn: expected a vector of shape {round1.shape}, received {total1.shape}"
+            raise ArgumentError(
+                "sum_fn", f"expected a vector of shape {round1.shape}, received {total1.shape}"
             )
         n_k = np.rint(total1[:k]).astype(np.int64)
         o = k
@@ -351,8 +352,8 @@ class LocalAccumulator:
         round2 = np.concatenate([scatter_r.ravel(), within_r, unit_within_r])
         total2 = np.asarray(sum_fn(round2), dtype=np.float64)
         if total2.shape != round2.shape:
-            raise ValueError(
-                f"sum_fn: expected a vector of shape {round2.shape}, received {total2.shape}"
+            raise ArgumentError(
+                "sum_fn", f"expected a vector of shape {round2.shape}, received {total2.shape}"
             )
         out = LocalAccumulator(k, d)
         out._counts = n_k
@@ -395,24 +396,24 @@ def _derived_unit_within(unit_sum: np.ndarray, unit_count: np.ndarray) -> np.nda
 def _as_counts(value: Any, name: str, k: int | None = None) -> np.ndarray:
     arr = np.asarray(value)
     if arr.ndim != 1 or (k is not None and arr.shape[0] != k):
-        raise ValueError(f"{name}: expected shape ({k if k is not None else 'K'},), "
+        raise ArgumentError(name, f"expected shape ({k if k is not None else 'K'},), "
                          f"received {arr.shape}")
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or np.any(arr != np.rint(arr)):
-            raise ValueError(f"{name}: expected integral counts, received {arr}")
+            raise ArgumentError(name, f"expected integral counts, received {arr}")
     elif arr.dtype.kind not in "iu":
-        raise ValueError(f"{name}: expected integer counts, received dtype {arr.dtype}")
+        raise ArgumentError(name, f"expected integer counts, received dtype {arr.dtype}")
     if np.any(arr < 0):
-        raise ValueError(f"{name}: expected non-negative counts, received {arr}")
+        raise ArgumentError(name, f"expected non-negative counts, received {arr}")
     return arr.astype(np.int64)
 
 
 def _as_float(value: Any, name: str, shape: tuple) -> np.ndarray:
     arr = np.array(value, dtype=np.float64)
     if arr.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape}, received {arr.shape}")
+        raise ArgumentError(name, f"expected shape {shape}, received {arr.shape}")
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name}: expected finite values, received NaN or ±inf")
+        raise ArgumentError(name, "expected finite values, received NaN or ±inf")
     return arr
 
 
