@@ -42,10 +42,10 @@
 use std::time::{Duration, Instant};
 
 use ndarray::Array2;
-use vcid::cli::synthetic::{Split, Synthetic};
 use vcid::proto::vci_monitor_client::VciMonitorClient;
 use vcid::proto::{CloseEpochRequest, CreateRunRequest, Encoding, FeatureBatch};
 use vcid::stats::{Accumulator, Par};
+use vcid::synthetic::{Split, Synthetic};
 
 const ROWS: usize = 256;
 const DIM: usize = 512;

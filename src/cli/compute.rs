@@ -22,7 +22,7 @@ use crate::stats::{Accumulator, Par, StatsError};
 
 /// Largest accumulator `vcid compute` will allocate; a wrong `--num-classes`
 /// or a stray huge label should be an error, not an out-of-memory abort.
-const MAX_ACCUMULATOR_BYTES: usize = 16 << 30;
+const MAX_ACCUMULATOR_BYTES: u64 = 16 << 30;
 
 /// Batches waiting per worker. One keeps the reader ahead of each worker;
 /// memory stays at about (2·workers + 1) batches.
@@ -136,14 +136,9 @@ fn num_classes(args: &ComputeArgs, labels: &[u32]) -> Result<usize, CliError> {
 }
 
 fn check_memory(args: &ComputeArgs, k: usize, d: usize) -> Result<(), CliError> {
-    // The same formula as Accumulator::estimated_bytes, in checked arithmetic
-    // (the label file decides K, so it must not overflow). A batch and the
-    // running total each hold one accumulator.
-    let bytes = d
-        .checked_mul(d)
-        .and_then(|dd| k.checked_mul(d)?.checked_mul(2)?.checked_add(dd))
-        .and_then(|n| n.checked_add(k.checked_mul(3)?))
-        .and_then(|n| n.checked_mul(16));
+    // Checked (the label file decides K, so it must not overflow). A batch
+    // and the running total each hold one accumulator.
+    let bytes = Accumulator::estimated_bytes(k as u64, d as u64).and_then(|b| b.checked_mul(2));
     match bytes {
         Some(b) if b <= MAX_ACCUMULATOR_BYTES => Ok(()),
         _ => Err(CliError::Input(format!(

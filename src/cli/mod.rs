@@ -1,20 +1,28 @@
 //! The command line: argument parsing and dispatch to one module per
 //! subcommand. Owns exit codes and how errors are printed; it must not hold
-//! any logic of its own beyond that.
+//! any logic of its own beyond that. Only [`main`] is public: the
+//! subcommands are the binary's, not a library.
 
+use std::ffi::OsString;
+use std::path::Path;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
-pub mod client;
-pub mod compute;
-pub mod demo;
-pub mod serve;
-pub mod synthetic;
+use crate::auth::BearerToken;
+
+mod client;
+mod compute;
+mod demo;
+mod serve;
 
 /// Why a subcommand stopped.
 #[derive(Debug, thiserror::Error)]
-pub enum CliError {
+pub(crate) enum CliError {
+    /// The command line itself is wrong, or help or the version was asked
+    /// for: clap prints it and picks the exit status (2, or 0 for help).
+    #[error(transparent)]
+    Usage(#[from] clap::Error),
     /// Bad input (a file, an argument): exit status 2.
     #[error("{0}")]
     Input(String),
@@ -26,7 +34,7 @@ pub enum CliError {
 impl CliError {
     fn exit_code(&self) -> u8 {
         match self {
-            CliError::Input(_) => 2,
+            CliError::Usage(_) | CliError::Input(_) => 2,
             CliError::Failed(_) => 1,
         }
     }
@@ -61,20 +69,49 @@ enum Command {
     Delete(client::DeleteArgs),
 }
 
+/// Parses a command line (program name first). `vcid serve --config FILE`
+/// is parsed twice: the second time with the file's settings as the
+/// arguments' defaults, so flags and environment variables still win over
+/// the file, and every value, wherever it came from, goes through the same
+/// clap parser.
+fn parse(args: &[OsString]) -> Result<Cli, CliError> {
+    let cli = Cli::try_parse_from(args)?;
+    let Command::Serve(serve::ServeArgs {
+        config: Some(path), ..
+    }) = &cli.command
+    else {
+        return Ok(cli);
+    };
+    let command = Cli::command();
+    let defaults = match command.find_subcommand("serve") {
+        Some(serve) => serve::file_defaults(serve, path)?,
+        None => return Ok(cli),
+    };
+    let command = command.mut_subcommand("serve", |serve| serve::with_defaults(serve, &defaults));
+    Ok(Cli::from_arg_matches(&command.try_get_matches_from(args)?)?)
+}
+
+/// Reads `--auth-token-file`: the daemon's and the clients' alike.
+fn read_token(path: &Path) -> Result<BearerToken, CliError> {
+    BearerToken::read_file(path)
+        .map_err(|err| CliError::Input(format!("--auth-token-file {}: {err}", path.display())))
+}
+
 /// Parses the command line, runs the subcommand and maps its outcome to an
 /// exit status.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let outcome = match cli.command {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let outcome = parse(&args).and_then(|cli| match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Compute(args) => compute::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Runs(args) => client::runs(args),
         Command::History(args) => client::history(args),
         Command::Delete(args) => client::delete(args),
-    };
+    });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Usage(err)) => err.exit(),
         Err(err) => {
             eprintln!("vcid: error: {err}");
             ExitCode::from(err.exit_code())

@@ -1,42 +1,49 @@
 //! The vcid daemon: gRPC ingest and queries, Prometheus export, redb
 //! persistence.
 //!
-//! This module wires the parts together and owns the process lifecycle;
-//! the parts are split the way mini-redis splits its server:
+//! The public API is small, in the manner of mini-redis: a configuration
+//! ([`ServeConfig`] with its [`Limits`]), [`run`] (serve until a shutdown
+//! future resolves) and [`spawn`] (start in the background and get a
+//! [`ServerHandle`] with the bound addresses), and the one error type
+//! [`ServerError`]. Everything else is internal to the crate; this module
+//! wires the parts together and owns the process lifecycle:
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`config`] | `ServeConfig`, limits and their defaults |
-//! | [`error`] | the one `ServerError` and its mapping to gRPC status |
-//! | [`decode`] | wire message → validated batch (names, shape, encodings) |
-//! | [`state`] | runs, streams, open accumulators, dedup, memory budget, locking |
-//! | [`store`] | the redb layout; durable writes |
-//! | [`daemon`] | request logic over state + store + math core |
-//! | [`export`] | Prometheus names and the scrape-time collector |
-//! | [`http`] | `/metrics`, `/healthz`, `/readyz` |
-//! | [`service`] | the tonic `VciMonitor` implementation |
-//! | [`auth`] | the bearer-token interceptor |
+//! | `config` | `ServeConfig`, limits and their defaults |
+//! | `error` | the one `ServerError` and its mapping to gRPC status |
+//! | `decode` | wire message → validated batch (names, shape, encodings) |
+//! | `state` | runs, streams, open accumulators, dedup, memory budget, locking |
+//! | `store` | the redb layout; durable writes |
+//! | `clock` | wall-clock time and its RFC 3339 rendering |
+//! | `daemon` | request logic over state + store + math core |
+//! | `export` | Prometheus names and the scrape-time collector |
+//! | `http` | `/metrics`, `/healthz`, `/readyz` |
+//! | `service` | the tonic `VciMonitor` implementation |
+//!
+//! The bearer-token check is [`crate::auth`]'s (shared with the client).
 //!
 //! Start-up ([`spawn`]): open the database and restore runs, histories and
 //! the shutdown checkpoint; bind both listeners (port 0 picks a free port;
 //! [`ServerHandle`] reports the bound addresses); serve. Shutdown
-//! ([`ServerHandle::stop`], or SIGTERM/SIGINT in [`serve`]): mark not ready,
-//! stop accepting connections, let every `Push` finish the batch in hand and
-//! end, wait for in-flight RPCs (at most `shutdown_grace`), then freeze and
-//! checkpoint every open accumulator with the duplicate filter in one
-//! durable transaction.
+//! ([`ServerHandle::stop`], or the `shutdown` future of [`run`]): mark not
+//! ready, stop accepting connections, let every `Push` finish the batch in
+//! hand and end, wait for in-flight RPCs (at most `shutdown_grace`), then
+//! freeze and checkpoint every open accumulator with the duplicate filter
+//! in one durable transaction.
 
-pub mod auth;
-pub mod config;
-pub mod daemon;
-pub mod decode;
-pub mod error;
-pub mod export;
-pub mod http;
-pub mod service;
-pub mod state;
-pub mod store;
+pub(crate) mod clock;
+pub(crate) mod config;
+pub(crate) mod daemon;
+pub(crate) mod decode;
+pub(crate) mod error;
+pub(crate) mod export;
+pub(crate) mod http;
+pub(crate) mod service;
+pub(crate) mod state;
+pub(crate) mod store;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -51,10 +58,11 @@ use tower::util::MapResponseLayer;
 use crate::proto::vci_monitor_server::VciMonitorServer;
 
 pub use config::{Limits, ServeConfig};
-pub use daemon::Daemon;
 pub use error::ServerError;
+pub use store::StoreError;
 
-use auth::BearerAuth;
+use crate::auth::RequireToken;
+use daemon::Daemon;
 use service::VciService;
 
 /// A running daemon started with [`spawn`].
@@ -88,11 +96,6 @@ impl ServerHandle {
         format!("http://{}/metrics", self.http_addr)
     }
 
-    /// The daemon core (for in-process callers that skip gRPC).
-    pub fn daemon(&self) -> &Arc<Daemon> {
-        &self.daemon
-    }
-
     /// Begins a graceful shutdown without waiting for it.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
@@ -116,7 +119,8 @@ impl ServerHandle {
     }
 }
 
-async fn shutting_down(rx: &mut watch::Receiver<bool>) {
+/// Resolves when shutdown begins (or the sender is gone).
+pub(crate) async fn shutting_down(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stopping| *stopping).await;
 }
 
@@ -218,7 +222,7 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
     let max_message = config.limits.max_message_bytes;
     let vci = VciMonitorServer::new(VciService::new(Arc::clone(&daemon), shutdown_rx.clone()))
         .max_decoding_message_size(max_message);
-    let auth = BearerAuth::new(config.auth_token.as_deref());
+    let auth = RequireToken::new(config.auth_token.as_deref());
     let remap_daemon = Arc::clone(&daemon);
     let grpc = tonic::transport::Server::builder()
         .layer(MapResponseLayer::new(move |r| {
@@ -372,41 +376,19 @@ fn task_failure(
     }
 }
 
-/// Runs a daemon until SIGTERM or SIGINT, then shuts it down gracefully
-/// (exit status 0 from the CLI when this returns `Ok`).
-pub async fn serve(config: ServeConfig) -> Result<(), ServerError> {
+/// Runs a daemon until `shutdown` resolves (e.g. on a termination signal)
+/// or a listener fails, then shuts it down gracefully. Use [`spawn`] to
+/// learn the bound addresses or to stop it from elsewhere.
+pub async fn run(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let handle = spawn(config).await?;
-    let signal = wait_for_signal();
-    tokio::pin!(signal);
-    let shutdown_rx = handle.shutdown.subscribe();
-    let mut rx = shutdown_rx;
+    let mut stopping = handle.shutdown.subscribe();
     tokio::select! {
-        res = &mut signal => {
-            res?;
-            tracing::info!("termination signal received");
-        }
-        _ = shutting_down(&mut rx) => {}
+        () = shutdown => {}
+        // A listener failed: the supervisor is already stopping.
+        () = shutting_down(&mut stopping) => {}
     }
     handle.stop().await
-}
-
-#[cfg(unix)]
-async fn wait_for_signal() -> Result<(), ServerError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())
-        .map_err(io_error("installing the SIGTERM handler".into()))?;
-    let mut int = signal(SignalKind::interrupt())
-        .map_err(io_error("installing the SIGINT handler".into()))?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-async fn wait_for_signal() -> Result<(), ServerError> {
-    tokio::signal::ctrl_c()
-        .await
-        .map_err(io_error("installing the Ctrl-C handler".into()))
 }

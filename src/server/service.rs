@@ -32,6 +32,7 @@ use crate::proto::{
 use super::daemon::{Daemon, Ingested, PreparedBatch, WatchEvent};
 use super::decode;
 use super::error::ServerError;
+use super::shutting_down;
 
 /// The service object handed to tonic.
 #[derive(Clone, Debug)]
@@ -45,11 +46,6 @@ impl VciService {
     pub fn new(daemon: Arc<Daemon>, shutdown: watch::Receiver<bool>) -> VciService {
         VciService { daemon, shutdown }
     }
-}
-
-/// Resolves when shutdown begins (or the sender is gone).
-async fn shutting_down(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stopping| *stopping).await;
 }
 
 /// Batches of one `Push` stream prepared concurrently (decode and

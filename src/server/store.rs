@@ -49,11 +49,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::proto::{EpochResult, Run, StatsBlock};
 
-fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+use super::clock::now_unix_ms;
 
 const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
 const RESULTS: TableDefinition<(&str, &str, &str, u64), &[u8]> =

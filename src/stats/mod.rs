@@ -318,16 +318,20 @@ impl Accumulator {
         self.classes.global_mean()
     }
 
-    /// Bytes of statistics this accumulator holds.
-    pub fn memory_bytes(&self) -> usize {
-        Self::estimated_bytes(self.num_classes(), self.feature_dim())
-    }
-
-    /// Bytes an accumulator of this shape holds: `8·(d² + 2Kd + 4K)` (the
-    /// scatter is allocated square, though only its lower triangle is used).
-    pub fn estimated_bytes(num_classes: usize, feature_dim: usize) -> usize {
+    /// Bytes of the statistics an accumulator of `num_classes` classes in
+    /// `feature_dim` dimensions holds: 8·(d² + 2Kd + 4K), i.e. the d × d
+    /// scatter (allocated square, though only its lower triangle is used),
+    /// per class the mean and the sum of unit vectors (d values each) and
+    /// four scalars (count, within-class trace, unit count, unit
+    /// within-trace), each 8 bytes. `None` when that exceeds `u64` (no such
+    /// accumulator can exist). The one formula for this size: the daemon's
+    /// memory budget and `vcid compute`'s memory check both use it.
+    pub fn estimated_bytes(num_classes: u64, feature_dim: u64) -> Option<u64> {
         let (k, d) = (num_classes, feature_dim);
-        8 * (d * d + 2 * k * d + 4 * k)
+        let per_class = d.checked_mul(2)?.checked_add(4)?;
+        d.checked_mul(d)?
+            .checked_add(k.checked_mul(per_class)?)?
+            .checked_mul(8)
     }
 
     /// The statistics as plain vectors (the scatter as a full symmetric
@@ -808,6 +812,32 @@ mod tests {
 
     fn batch(rows: &[[f64; 2]]) -> Array2<f64> {
         Array2::from_shape_fn((rows.len(), 2), |(i, j)| rows[i][j])
+    }
+
+    #[test]
+    fn estimated_bytes_counts_every_statistic_held() {
+        for (k, d) in [(2, 1), (4, 8), (10, 128), (1000, 3)] {
+            // The wire form holds exactly the accumulator's statistics
+            // (the scatter expanded to the square it is allocated as).
+            let p = Accumulator::new(k, d).to_parts();
+            let values = p.class_counts.len()
+                + p.class_means.len()
+                + p.scatter.len()
+                + p.within_trace.len()
+                + p.unit_sum.len()
+                + p.unit_count.len()
+                + p.unit_within_trace.len();
+            let expected = 8 * values as u64;
+            assert_eq!(
+                Accumulator::estimated_bytes(k as u64, d as u64),
+                Some(expected)
+            );
+        }
+        // K = 4, d = 8: 8·(64 + 64 + 16).
+        assert_eq!(Accumulator::estimated_bytes(4, 8), Some(1152));
+        let huge = u64::from(u32::MAX);
+        assert_eq!(Accumulator::estimated_bytes(huge, huge), None);
+        assert_eq!(Accumulator::estimated_bytes(u64::MAX, 1), None);
     }
 
     #[test]
