@@ -17,6 +17,7 @@ use tonic::{Code, Status};
 
 use super::{read_token, CliError};
 use crate::auth::AttachToken;
+use crate::metrics::registry::{Source, METRICS};
 use crate::proto::vci_monitor_client::VciMonitorClient;
 use crate::proto::{
     DeleteRunRequest, EpochResult, GetHistoryRequest, GetRunRequest, ListRunsRequest, Run,
@@ -191,8 +192,7 @@ pub fn runs(args: RunsArgs) -> Result<(), CliError> {
         Format::Table => render_runs(&runs),
         Format::Json => runs_json(&runs),
     };
-    print!("{text}");
-    Ok(())
+    super::emit(&text)
 }
 
 /// Runs `vcid history RUN`.
@@ -221,8 +221,7 @@ pub fn history(args: HistoryArgs) -> Result<(), CliError> {
         Format::Table => render_history(&results),
         Format::Json => history_json(&args.run, &results),
     };
-    print!("{text}");
-    Ok(())
+    super::emit(&text)
 }
 
 /// Runs `vcid delete RUN`: reads the run (to say what is deleted), then
@@ -251,8 +250,7 @@ pub fn delete(args: DeleteArgs) -> Result<(), CliError> {
             .map_err(not_ok)?;
         Ok::<_, CliError>(run)
     })?;
-    print!("{}", render_deleted(&run));
-    Ok(())
+    super::emit(&render_deleted(&run))
 }
 
 /// The line `vcid delete` prints: what the deleted run held.
@@ -429,41 +427,30 @@ fn runs_json(runs: &[Run]) -> String {
 }
 
 /// The `vcid history` table: one row per (split, layer, epoch), in the
-/// server's order (split, layer, epoch).
+/// server's order (split, layer, epoch), with a column per metric of the
+/// registry.
 pub fn render_history(results: &[EpochResult]) -> String {
-    let mut table = Table::new(&[
+    let mut columns = vec![
         ("SPLIT", false),
         ("LAYER", false),
         ("EPOCH", true),
         ("N", true),
-        ("VCI", true),
-        ("VCI_DELTA", true),
-        ("PROBE_MSE", true),
-        ("NC1", true),
-        ("CDNV", true),
-        ("CLASS_SEP", true),
-        ("EQUINORM", true),
-        ("EQUIANG", true),
-        ("EFF_RANK", true),
-        ("RANK_T", true),
-        ("RANK_B", true),
-        ("FLAGS", false),
-    ]);
+    ];
+    columns.extend(METRICS.iter().map(|m| (m.column, true)));
+    columns.extend([("RANK_T", true), ("RANK_B", true), ("FLAGS", false)]);
+    let mut table = Table::new(&columns);
     for r in results {
-        table.push(vec![
+        let mut row = vec![
             r.split.clone(),
             r.layer.clone(),
             r.epoch.to_string(),
             r.samples.to_string(),
-            fmt_metric(r.vci),
-            fmt_delta(r.vci_delta),
-            fmt_metric(r.linear_probe_mse),
-            fmt_metric(r.nc1),
-            fmt_metric(r.cdnv),
-            fmt_metric(r.class_separation),
-            fmt_metric(r.equinorm),
-            fmt_metric(r.equiangularity),
-            fmt_metric(r.effective_rank),
+        ];
+        row.extend(METRICS.iter().map(|m| match m.source {
+            Source::Epoch(_) => fmt_metric((m.get)(r)),
+            Source::Change => fmt_delta((m.get)(r)),
+        }));
+        row.extend([
             r.rank_total.to_string(),
             r.rank_between.to_string(),
             if r.small_sample {
@@ -472,6 +459,7 @@ pub fn render_history(results: &[EpochResult]) -> String {
                 "-".into()
             },
         ]);
+        table.push(row);
     }
     let mut text = table.render();
     // Say why a metric is missing, once per distinct reason, so "-" is
@@ -493,7 +481,7 @@ pub fn render_history(results: &[EpochResult]) -> String {
 
 /// One epoch result as JSON; undefined metrics are `null`.
 pub fn result_json(r: &EpochResult) -> serde_json::Value {
-    serde_json::json!({
+    let mut doc = serde_json::json!({
         "run_id": r.run_id,
         "split": r.split,
         "layer": r.layer,
@@ -501,22 +489,17 @@ pub fn result_json(r: &EpochResult) -> serde_json::Value {
         "samples": r.samples,
         "classes_observed": r.classes_observed,
         "feature_dim": r.feature_dim,
-        "vci": r.vci,
-        "linear_probe_mse": r.linear_probe_mse,
-        "nc1": r.nc1,
-        "cdnv": r.cdnv,
-        "class_separation": r.class_separation,
-        "equinorm": r.equinorm,
-        "equiangularity": r.equiangularity,
-        "effective_rank": r.effective_rank,
-        "vci_delta": r.vci_delta,
         "rank_total": r.rank_total,
         "rank_between": r.rank_between,
         "small_sample": r.small_sample,
         "notes": r.notes,
         "close_seconds": r.close_seconds,
         "closed_unix_ms": r.closed_unix_ms,
-    })
+    });
+    for m in METRICS {
+        doc[m.name] = serde_json::json!((m.get)(r));
+    }
+    doc
 }
 
 fn history_json(run: &str, results: &[EpochResult]) -> String {

@@ -31,6 +31,23 @@ pub(crate) enum CliError {
     Failed(String),
 }
 
+/// Writes a command's output to stdout. A reader that went away
+/// (`vcid history RUN | head`) is not an error: it has what it wanted, so
+/// the command ends quietly with status 0, as ripgrep does.
+pub(crate) fn emit(text: &str) -> Result<(), CliError> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => Err(CliError::Failed(format!(
+            "cannot write the output to stdout: {err}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl CliError {
     fn exit_code(&self) -> u8 {
         match self {
@@ -56,6 +73,9 @@ enum Command {
     /// Run the daemon: gRPC ingest, Prometheus /metrics, durable history.
     Serve(serve::ServeArgs),
     /// Compute VCI and companion metrics of saved features (.npy) offline.
+    ///
+    /// Every metric, its range, direction and the cases where it is
+    /// undefined are described in docs/metrics.md of the vcid repository.
     Compute(compute::ComputeArgs),
     /// A live demonstration: an in-process daemon and a synthetic run whose
     /// features collapse epoch by epoch.
@@ -63,6 +83,9 @@ enum Command {
     /// List the runs of a running daemon.
     Runs(client::RunsArgs),
     /// Show the epoch results (metrics) of one run.
+    ///
+    /// The metrics and their columns are described in docs/metrics.md of
+    /// the vcid repository.
     History(client::HistoryArgs),
     /// Delete a run of a running daemon: its open epochs, history and
     /// exported series (no prompt, no undo).

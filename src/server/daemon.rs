@@ -16,7 +16,7 @@ use std::time::Instant;
 use prost::Message;
 use tokio::sync::broadcast;
 
-use crate::metrics::{self, EpochMetrics};
+use crate::metrics::{self, registry, EpochMetrics};
 use crate::proto::{
     CloseEpochRequest, CreateRunRequest, EpochResult, FeatureBatch, GetHistoryRequest, History,
     Run, StatsBlock,
@@ -113,7 +113,8 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ServerError::Internal(format!("worker task failed: {e}")))
 }
 
-/// The proto result of a close.
+/// The proto result of a close: every metric of the registry, `vci_delta`
+/// from the stream's previous closed epoch (`None`: there is none).
 fn epoch_result(
     run_id: &str,
     key: &StreamKey,
@@ -121,10 +122,25 @@ fn epoch_result(
     m: EpochMetrics,
     previous_vci: Option<Option<f64>>,
 ) -> EpochResult {
-    let mut notes: std::collections::HashMap<String, String> = m.notes.into_iter().collect();
-    let vci_delta = match previous_vci {
+    let mut result = EpochResult {
+        run_id: run_id.to_owned(),
+        split: key.split.clone(),
+        layer: key.layer.clone(),
+        epoch,
+        samples: m.samples,
+        classes_observed: u32::try_from(m.classes_observed).unwrap_or(u32::MAX),
+        feature_dim: u32::try_from(m.feature_dim).unwrap_or(u32::MAX),
+        rank_total: u32::try_from(m.rank_total).unwrap_or(u32::MAX),
+        rank_between: u32::try_from(m.rank_between).unwrap_or(u32::MAX),
+        small_sample: m.small_sample,
+        ..EpochResult::default()
+    };
+    for metric in registry::epoch_metrics() {
+        (metric.set)(&mut result, metric.of_epoch(&m));
+    }
+    result.vci_delta = match previous_vci {
         None => {
-            notes.insert(
+            result.notes.insert(
                 "vci_delta".into(),
                 "no earlier closed epoch in this stream".into(),
             );
@@ -133,7 +149,7 @@ fn epoch_result(
         Some(previous) => {
             let delta = metrics::vci_delta(m.vci, previous);
             if delta.is_none() {
-                notes.insert(
+                result.notes.insert(
                     "vci_delta".into(),
                     "vci is undefined in this epoch or the previous closed one".into(),
                 );
@@ -141,30 +157,8 @@ fn epoch_result(
             delta
         }
     };
-    EpochResult {
-        run_id: run_id.to_owned(),
-        split: key.split.clone(),
-        layer: key.layer.clone(),
-        epoch,
-        samples: m.samples,
-        classes_observed: u32::try_from(m.classes_observed).unwrap_or(u32::MAX),
-        feature_dim: u32::try_from(m.feature_dim).unwrap_or(u32::MAX),
-        vci: m.vci,
-        linear_probe_mse: m.linear_probe_mse,
-        nc1: m.nc1,
-        cdnv: m.cdnv,
-        class_separation: m.class_separation,
-        equinorm: m.equinorm,
-        equiangularity: m.equiangularity,
-        effective_rank: m.effective_rank,
-        vci_delta,
-        rank_total: u32::try_from(m.rank_total).unwrap_or(u32::MAX),
-        rank_between: u32::try_from(m.rank_between).unwrap_or(u32::MAX),
-        small_sample: m.small_sample,
-        notes,
-        close_seconds: 0.0,
-        closed_unix_ms: 0,
-    }
+    result.notes.extend(m.notes);
+    result
 }
 
 impl Daemon {

@@ -1,4 +1,4 @@
-//! Turns wire messages into validated values: names (SPEC §1), the
+//! Turns wire messages into validated values: names (README "API"), the
 //! `FeatureBatch` bytes into an f64 matrix, a `StatsBlock` into
 //! [`AccumulatorParts`].
 //!

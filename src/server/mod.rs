@@ -51,14 +51,14 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::codegen::http::{HeaderValue, Response};
+use tonic::codegen::http::Response;
 use tonic::service::InterceptorLayer;
 use tower::util::MapResponseLayer;
 
 use crate::proto::vci_monitor_server::VciMonitorServer;
 
 pub use config::{Limits, ServeConfig};
-pub use error::ServerError;
+pub use error::{Reason, ServerError};
 pub use store::StoreError;
 
 use crate::auth::RequireToken;
@@ -128,46 +128,26 @@ fn io_error(what: String) -> impl FnOnce(std::io::Error) -> ServerError {
     move |source| ServerError::Io { what, source }
 }
 
-/// Percent-encodes a `grpc-message` header value (gRPC over HTTP/2 spec).
-fn grpc_message_header(message: &str) -> Option<HeaderValue> {
-    let mut out = String::with_capacity(message.len());
-    for b in message.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    HeaderValue::from_str(&out).ok()
-}
-
-/// tonic rejects an oversized unary message with OUT_OF_RANGE before any
-/// handler runs; SPEC §5 asks for RESOURCE_EXHAUSTED. This rewrites that
-/// one status (a trailers-only response, so the status is in the headers).
+/// tonic refuses an oversized unary message with OUT_OF_RANGE before any
+/// handler runs; the API answers RESOURCE_EXHAUSTED (README "Errors"). This
+/// rewrites that one status (a trailers-only response, so the status is in
+/// the headers), reading and writing the headers with tonic's own status
+/// encoding.
 fn remap_oversized<B>(mut response: Response<B>, max: usize, daemon: &Daemon) -> Response<B> {
     let headers = response.headers_mut();
     let out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == b"11");
-    let too_large = headers.get("grpc-message").is_some_and(|m| {
-        let m = m.as_bytes();
-        m.windows(b"too%20large".len()).any(|w| w == b"too%20large")
-            || m.windows(b"too large".len()).any(|w| w == b"too large")
-    });
-    if out_of_range && too_large {
-        let original = headers
-            .get("grpc-message")
-            .map(|m| String::from_utf8_lossy(m.as_bytes()).replace("%20", " "))
-            .unwrap_or_default();
-        let status = ServerError::MessageTooLarge {
-            max,
-            detail: original,
-        };
-        daemon.telemetry().reject(status.reason());
-        headers.insert("grpc-status", HeaderValue::from_static("8"));
-        if let Some(value) = grpc_message_header(&status.to_string()) {
-            headers.insert("grpc-message", value);
-        }
+        .get(tonic::Status::GRPC_STATUS)
+        .is_some_and(|code| tonic::Code::from_bytes(code.as_bytes()) == tonic::Code::OutOfRange);
+    let Some(err) = out_of_range
+        .then(|| tonic::Status::from_header_map(headers))
+        .flatten()
+        .and_then(|status| ServerError::from_oversized(&status, max))
+    else {
+        return response;
+    };
+    daemon.telemetry().reject(&err);
+    if let Err(status) = tonic::Status::from(err).add_header(headers) {
+        tracing::warn!(%status, "could not rewrite an oversized-message status");
     }
     response
 }

@@ -20,7 +20,7 @@
 //! start-up consumes (deletes) the checkpoints it restored: a later crash
 //! then loses the open epochs, never resurrects stale ones.
 //!
-//! # Open-epoch markers (SPEC §5 is silent; decided here)
+//! # Open-epoch markers (README "Errors": `DATA_LOSS`; decided here)
 //!
 //! So that a crash cannot make a later close silently report a partial
 //! epoch, every open epoch has a durable marker in `open_epochs`: written

@@ -1,4 +1,5 @@
-//! Exact, single-pass, mergeable class statistics (SPEC §2.1).
+//! Exact, single-pass, mergeable class statistics (`docs/metrics.md`, "The
+//! statistics behind them").
 //!
 //! Owns [`Accumulator`]: per-class counts and means, the total scatter about
 //! the global mean, per-class within-class traces, unit-vector sums and the
@@ -14,11 +15,11 @@
 //! epochs. It must never use the naive `Σx² − N·x̄²` form, which loses every
 //! digit when features share a large offset.
 //!
-//! One statistic beyond SPEC §2.1: `unit_within_trace_k = Σ_{i∈k} ‖u_i − ū_k‖²`
+//! One statistic beyond the usual set: `unit_within_trace_k = Σ_{i∈k} ‖u_i − ū_k‖²`
 //! (u_i = h_i/‖h_i‖, ū_k = unit_sum_k/unit_count_k), merged by the same Chan
 //! formula as `within_trace`. In exact arithmetic it equals
-//! `unit_count_k − ‖unit_sum_k‖²/unit_count_k`, which is what SPEC's
-//! class-separation formula uses; computed that way it cancels
+//! `unit_count_k − ‖unit_sum_k‖²/unit_count_k`, which is what the
+//! textbook class-separation formula uses; computed that way it cancels
 //! catastrophically when a class's directions nearly coincide (a large common
 //! offset makes every cosine distance ~1e-12), so it is kept explicitly.
 //! Statistics that arrive without it (an older or minimal client) get it
@@ -78,7 +79,7 @@ pub enum StatsError {
     },
 }
 
-/// The SPEC §2.1 statistics in plain row-major vectors; mirrors the wire's
+/// The statistics of `docs/metrics.md` in plain row-major vectors; mirrors the wire's
 /// `StatsBlock` field for field.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AccumulatorParts {
