@@ -16,6 +16,7 @@
 //! | [`http`] | `/metrics`, `/healthz`, `/readyz` |
 //! | [`service`] | the tonic `VciMonitor` implementation |
 //! | [`auth`] | the bearer-token interceptor |
+//! | [`discovery`] | `<data-dir>/daemon.json` and the per-user data directory |
 //!
 //! Start-up ([`spawn`]): open the database and restore runs, histories and
 //! the shutdown checkpoint; bind both listeners (port 0 picks a free port;
@@ -30,6 +31,7 @@ pub mod auth;
 pub mod config;
 pub mod daemon;
 pub mod decode;
+pub mod discovery;
 pub mod error;
 pub mod export;
 pub mod http;
@@ -373,9 +375,24 @@ fn task_failure(
 }
 
 /// Runs a daemon until SIGTERM or SIGINT, then shuts it down gracefully
-/// (exit status 0 from the CLI when this returns `Ok`).
+/// (exit status 0 from the CLI when this returns `Ok`). While it serves,
+/// `<data-dir>/daemon.json` names its process and addresses (`vcid stop`
+/// and the Python client read it).
 pub async fn serve(config: ServeConfig) -> Result<(), ServerError> {
+    let data_dir = config.data_dir.clone();
     let handle = spawn(config).await?;
+    let file = discovery::DaemonFile::current(handle.grpc_addr(), handle.http_addr());
+    if let Err(err) = file.write(&data_dir) {
+        tracing::warn!(%err, "could not write {}; `vcid stop` will not find this daemon", discovery::FILE_NAME);
+    }
+    let outcome = serve_until_signal(handle).await;
+    if let Err(err) = discovery::DaemonFile::remove(&data_dir, file.pid) {
+        tracing::warn!(%err, "could not remove {}", discovery::FILE_NAME);
+    }
+    outcome
+}
+
+async fn serve_until_signal(handle: ServerHandle) -> Result<(), ServerError> {
     let signal = wait_for_signal();
     tokio::pin!(signal);
     let shutdown_rx = handle.shutdown.subscribe();
