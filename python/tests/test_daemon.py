@@ -228,7 +228,7 @@ def test_class_separation_with_a_large_common_offset(daemon, run_id):
         mon.push_stats(acc, epoch=0, split="stats")
         without = acc.to_proto(run_id, "sums-only", "penultimate", 0)
         without.ClearField("unit_within_trace")
-        mon._stub.PushStats(without, timeout=30)
+        mon._conn.stub.PushStats(without, timeout=30)
         via_raw = mon.close_epoch(0, split="raw")
         via_stats = mon.close_epoch(0, split="stats")
         via_sums = mon.close_epoch(0, split="sums-only")
@@ -248,7 +248,7 @@ def test_daemon_rejects_an_invalid_unit_within_trace(daemon, run_id):
             del block.unit_within_trace[:]
             block.unit_within_trace.extend(bad)
             with pytest.raises(grpc.RpcError) as info:
-                mon._stub.PushStats(block, timeout=30)
+                mon._conn.stub.PushStats(block, timeout=30)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "unit_within_trace" in info.value.details(), info.value.details()
         assert mon.run_info().rows_ingested == 0

@@ -165,12 +165,50 @@ def test_stats_blocks_are_checked_by_the_daemons_own_function(daemon, run_id):
 def test_python_and_deploy_docs_cite_the_repository_not_spec():
     """The specification is not shipped; docs and comments point to
     docs/metrics.md instead."""
+    needles = ("SPEC" + ".md", "SPEC" + " §")
     cited = []
     for folder in (REPO / "python", REPO / "deploy"):
         for path in folder.rglob("*"):
             if path.is_file() and path.suffix in {".py", ".md", ".yml", ".yaml", ".json",
                                                    ".toml", ".pyi", ".rs"}:
                 text = path.read_text(errors="replace")
-                if "SPEC.md" in text or "SPEC §" in text:
+                if any(needle in text for needle in needles):
                     cited.append(str(path.relative_to(REPO)))
     assert cited == []
+
+
+def test_signals_and_exit_status_match_the_binary(tmp_path):
+    """`vcid serve` ends gracefully on SIGINT and SIGTERM (status 0, no
+    Python traceback, daemon.json removed); a command without a handler dies
+    of SIGINT as the binary does; bad input is status 2."""
+    import signal
+    import time
+
+    from vcid.local import free_port
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        data = tmp_path / f"data-{sig.name}"
+        proc = subprocess.Popen([sys.executable, "-m", "vcid", "serve", "--grpc-addr",
+                                 f"127.0.0.1:{free_port()}", "--http-addr",
+                                 f"127.0.0.1:{free_port()}", "--data-dir", str(data)],
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not (data / "daemon.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err and "checkpointed; stopped" in err
+        assert not (data / "daemon.json").exists()
+
+    demo = subprocess.Popen([sys.executable, "-m", "vcid", "demo", "--epochs", "1000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    demo.send_signal(signal.SIGINT)
+    _, err = demo.communicate(timeout=60)
+    assert demo.returncode == -signal.SIGINT and "Traceback" not in err
+    bad = subprocess.run([sys.executable, "-m", "vcid", "compute", "--features",
+                          str(tmp_path / "missing.npy"), "--labels", str(tmp_path / "y.npy")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("vcid: error: ")

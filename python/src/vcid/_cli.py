@@ -16,9 +16,11 @@ def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
 
     # Python turns SIGINT into KeyboardInterrupt, which it could only raise
     # after the command returned: give it back its default action (the
-    # binary's), which `vcid serve` and `vcid demo` replace with their own
-    # graceful handlers. SIGTERM and SIGPIPE already match the binary's.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # binary's), which `vcid serve` and `vcid demo --serve` replace with
+    # their own graceful handlers. An ignored SIGINT (a background job)
+    # stays ignored, as for the binary. SIGTERM and SIGPIPE already match.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     args = list(sys.argv[1:] if argv is None else argv)
     sys.stdout.flush()
     sys.stderr.flush()

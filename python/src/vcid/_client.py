@@ -8,6 +8,7 @@ anything on the daemon (``Monitor`` does that).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator, List, Optional
 
 from ._connection import CONNECT_TIMEOUT, Connection
@@ -74,7 +75,7 @@ class Client:
                 "vcid.Client.history_frame needs pandas (pip install pandas); without it, "
                 "use [r.to_dict() for r in client.history(run_id)]") from None
         rows = [r.to_dict() for r in self.history(run_id, split, layer)]
-        return pd.DataFrame(rows, columns=list(EpochResult.__dataclass_fields__))
+        return pd.DataFrame(rows, columns=[f.name for f in dataclasses.fields(EpochResult)])
 
     def watch(self, run_id: str, split: Optional[str] = None,
               layer: Optional[str] = None) -> Iterator[EpochResult]:
