@@ -490,3 +490,18 @@ def test_real_torch_bfloat16_tensor_is_sent_bit_for_bit(rng):
     f = check_features(t, 3)
     assert f.is_bfloat16_bits
     np.testing.assert_array_equal(f.array, t.view(torch.int16).numpy().view(np.uint16))
+
+
+def test_an_accumulator_pickles_as_its_statistics(rng):
+    """all_gather_object and multiprocessing pickle accumulators."""
+    import copy
+    import pickle
+
+    x, y = ref.clustered(rng, 300, 6, 4, offset=1e3)
+    acc = vcid.LocalAccumulator(4, 6).update(x, y)
+    for again in (pickle.loads(pickle.dumps(acc)), copy.deepcopy(acc), acc.copy()):
+        assert again is not acc and again.samples == 300
+        for name in STAT_NAMES:
+            np.testing.assert_array_equal(getattr(again, name), getattr(acc, name))
+    empty = pickle.loads(pickle.dumps(vcid.LocalAccumulator(3, 2)))
+    assert (empty.num_classes, empty.feature_dim, empty.samples) == (3, 2, 0)

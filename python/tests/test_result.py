@@ -21,7 +21,7 @@ from google.protobuf.descriptor import FieldDescriptor
 import vcid
 from vcid.v1 import vcid_pb2 as pb
 
-from test_stubs import COMMITTED, _load_generator
+from test_stubs import _load_generator
 
 PROTO_FIELDS = pb.EpochResult.DESCRIPTOR.fields
 

@@ -192,6 +192,13 @@ class LocalAccumulator:
     def copy(self) -> "LocalAccumulator":
         return LocalAccumulator._wrap(self._acc.copy())
 
+    def __reduce__(self) -> tuple:
+        """Pickled as its statistics (for ``all_gather_object``,
+        multiprocessing, ``copy.deepcopy``), rebuilt through ``from_stats``."""
+        return (LocalAccumulator.from_stats,
+                (self.class_counts, self.class_means, self.scatter, self.within_trace,
+                 self.unit_sum, self.unit_count, self.unit_within_trace))
+
     def metrics(self) -> EpochResult:
         """The metrics of the statistics so far (what the daemon returns when
         it closes an epoch holding them; ``run_id``, ``split`` and ``layer``
