@@ -43,7 +43,7 @@ def data_directory() -> Path:
     """``$VCID_DATA_DIR``, else the per-user data directory."""
     env = os.environ.get("VCID_DATA_DIR", "").strip()
     if env:
-        return Path(env).expanduser()
+        return Path(env).expanduser().resolve()
     found = _native.user_data_dir()
     if found is None:
         raise VcidError("FAILED_PRECONDITION",
