@@ -84,12 +84,12 @@ def server():
 
 def test_bad_request_names_the_field(server):
     with pytest.raises(vcid.VcidError) as info:
-        vcid.Monitor(server, "r", 3, 5000)
+        vcid.Monitor("r", 3, 5000, address=server)
     err = info.value
     assert err.code == "INVALID_ARGUMENT"
     assert err.field == "feature_dim"
     assert err.message == "feature_dim: expected at most 4096, received 5000"
-    assert err.context == f"CreateRun to {server}"
+    assert err.context == f"CreateRun to http://{server}"
     assert err.resource is None
     (detail,) = err.details
     assert isinstance(detail, error_details_pb2.BadRequest)
@@ -97,18 +97,18 @@ def test_bad_request_names_the_field(server):
 
 
 def test_not_found_names_the_run(server):
-    with vcid.Monitor(server, "lost-run", 3, 4) as mon:
+    with vcid.Monitor("lost-run", 3, 4, address=server) as mon:
         with pytest.raises(vcid.VcidError) as info:
             mon.run_info()
     err = info.value
     assert (err.code, err.resource, err.field) == ("NOT_FOUND", "lost-run", None)
     assert err.details[0].resource_type == "run"
-    assert err.context == f"GetRun to {server}"
+    assert err.context == f"GetRun to http://{server}"
 
 
 def test_quota_failure_is_decoded(server):
     acc = vcid.LocalAccumulator(3, 4).update(np.eye(4)[:3], np.array([0, 1, 2]))
-    with vcid.Monitor(server, "r", 3, 4) as mon:
+    with vcid.Monitor("r", 3, 4, address=server) as mon:
         with pytest.raises(vcid.VcidError) as info:
             mon.push_stats(acc, epoch=0)
     err = info.value
@@ -121,7 +121,7 @@ def test_quota_failure_is_decoded(server):
 
 def test_push_stream_rejection_keeps_its_details(server):
     """Through the sender thread: the deferred error of a ``Push`` stream."""
-    mon = vcid.Monitor(server, "r", 3, 4)
+    mon = vcid.Monitor("r", 3, 4, address=server)
     mon.push(np.ones((2, 4)), np.array([0, 1]), epoch=0)
     with pytest.raises(vcid.VcidError) as info:
         mon.flush()
@@ -140,7 +140,7 @@ def test_push_stream_rejection_keeps_its_details(server):
 
 
 def test_error_without_details(server):
-    with vcid.Monitor(server, "r", 3, 4) as mon:
+    with vcid.Monitor("r", 3, 4, address=server) as mon:
         with pytest.raises(vcid.VcidError) as info:
             mon.close_epoch(0)
     err = info.value
@@ -169,9 +169,9 @@ def test_name_limits_and_constructor_arguments():
         (lambda: check_run_id("r" * (RUN_ID_MAX_LEN + 1)), "run"),
         (lambda: check_stream_name("layer", "s" * (STREAM_NAME_MAX_LEN + 1)), "layer"),
         (lambda: check_stream_name("split", "a b"), "split"),
-        (lambda: vcid.Monitor("127.0.0.1:1", "r", num_classes=1, feature_dim=4),
+        (lambda: vcid.Monitor("r", num_classes=1, feature_dim=4, address="127.0.0.1:1"),
          "num_classes"),
-        (lambda: vcid.Monitor("127.0.0.1:1", "r", 3, 4, encoding="int8"), "encoding"),
+        (lambda: vcid.Monitor("r", 3, 4, encoding="int8", address="127.0.0.1:1"), "encoding"),
         (lambda: vcid.LocalAccumulator(3, 0), "feature_dim"),
     ]
     for call, field in cases:

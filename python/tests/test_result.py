@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
@@ -20,7 +21,7 @@ from google.protobuf.descriptor import FieldDescriptor
 import vcid
 from vcid.v1 import vcid_pb2 as pb
 
-from test_stubs import COMMITTED, _load_generator
+from test_stubs import _load_generator
 
 PROTO_FIELDS = pb.EpochResult.DESCRIPTOR.fields
 
@@ -80,7 +81,8 @@ def test_a_field_added_to_the_proto_reaches_epoch_result(tmp_path):
     if importlib.util.find_spec("grpc_tools") is None:
         pytest.fail("grpcio-tools is not installed: pip install './python[dev]'")
     package = tmp_path / "pkg"
-    shutil.copytree(COMMITTED.parent, package / "vcid",
+    # The installed package: its Python files and its extension module.
+    shutil.copytree(Path(vcid.__file__).parent, package / "vcid",
                     ignore=shutil.ignore_patterns("__pycache__"))
     proto_root = tmp_path / "proto"
     (proto_root / "vcid" / "v1").mkdir(parents=True)

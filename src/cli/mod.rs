@@ -1,7 +1,9 @@
 //! The command line: argument parsing and dispatch to one module per
 //! subcommand. Owns exit codes and how errors are printed; it must not hold
-//! any logic of its own beyond that. Only [`main`] is public: the
-//! subcommands are the binary's, not a library.
+//! any logic of its own beyond that. Only [`main`] and [`run`] are public:
+//! [`run`] is the whole command for a given argv, so the `vcid` binary and
+//! the Python package's `vcid` command (which calls it through the
+//! extension module) behave the same; the subcommands are not a library.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -15,6 +17,7 @@ mod client;
 mod compute;
 mod demo;
 mod serve;
+mod stop;
 
 /// Why a subcommand stopped.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +93,10 @@ enum Command {
     /// Delete a run of a running daemon: its open epochs, history and
     /// exported series (no prompt, no undo).
     Delete(client::DeleteArgs),
+    /// Stop the daemon that serves a data directory (by default the one a
+    /// Python `vcid.Monitor` starts by itself): SIGTERM, then wait for its
+    /// graceful shutdown.
+    Stop(stop::StopArgs),
 }
 
 /// Parses a command line (program name first). `vcid serve --config FILE`
@@ -120,10 +127,20 @@ fn read_token(path: &Path) -> Result<BearerToken, CliError> {
         .map_err(|err| CliError::Input(format!("--auth-token-file {}: {err}", path.display())))
 }
 
-/// Parses the command line, runs the subcommand and maps its outcome to an
-/// exit status.
+/// The `vcid` binary: [`run`] with the process's arguments.
 pub fn main() -> ExitCode {
-    let args: Vec<OsString> = std::env::args_os().collect();
+    ExitCode::from(run(std::env::args_os()))
+}
+
+/// Parses `args` (the program name first), runs the subcommand and returns
+/// its exit status: 0 on success, 2 for bad input or a usage error, 1 for
+/// anything else. Help and version requests print and return 0.
+pub fn run<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
     let outcome = parse(&args).and_then(|cli| match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Compute(args) => compute::run(args),
@@ -131,13 +148,18 @@ pub fn main() -> ExitCode {
         Command::Runs(args) => client::runs(args),
         Command::History(args) => client::history(args),
         Command::Delete(args) => client::delete(args),
+        Command::Stop(args) => stop::run(args),
     });
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(CliError::Usage(err)) => err.exit(),
+        Ok(()) => 0,
+        Err(CliError::Usage(err)) => {
+            // Help and version go to stdout, usage errors to stderr.
+            let _ = err.print();
+            u8::try_from(err.exit_code()).unwrap_or(2)
+        }
         Err(err) => {
             eprintln!("vcid: error: {err}");
-            ExitCode::from(err.exit_code())
+            err.exit_code()
         }
     }
 }

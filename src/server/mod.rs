@@ -20,6 +20,7 @@
 //! | `export` | Prometheus names and the scrape-time collector |
 //! | `http` | `/metrics`, `/healthz`, `/readyz` |
 //! | `service` | the tonic `VciMonitor` implementation |
+//! | [`discovery`] | `<data-dir>/daemon.json` and the per-user data directory (public: `vcid stop` and the Python client read it) |
 //!
 //! The bearer-token check is [`crate::auth`]'s (shared with the client).
 //!
@@ -36,6 +37,7 @@ pub(crate) mod clock;
 pub(crate) mod config;
 pub(crate) mod daemon;
 pub(crate) mod decode;
+pub mod discovery;
 pub(crate) mod error;
 pub(crate) mod export;
 pub(crate) mod http;
@@ -358,17 +360,28 @@ fn task_failure(
 
 /// Runs a daemon until `shutdown` resolves (e.g. on a termination signal)
 /// or a listener fails, then shuts it down gracefully. Use [`spawn`] to
-/// learn the bound addresses or to stop it from elsewhere.
+/// learn the bound addresses or to stop it from elsewhere. While it serves,
+/// `<data-dir>/daemon.json` names its process and addresses (`vcid stop`
+/// and the Python client read it).
 pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let data_dir = config.data_dir.clone();
     let handle = spawn(config).await?;
+    let file = discovery::DaemonFile::current(handle.grpc_addr(), handle.http_addr());
+    if let Err(err) = file.write(&data_dir) {
+        tracing::warn!(%err, "could not write {}; `vcid stop` will not find this daemon", discovery::FILE_NAME);
+    }
     let mut stopping = handle.shutdown.subscribe();
     tokio::select! {
         () = shutdown => {}
         // A listener failed: the supervisor is already stopping.
         () = shutting_down(&mut stopping) => {}
     }
-    handle.stop().await
+    let outcome = handle.stop().await;
+    if let Err(err) = discovery::DaemonFile::remove(&data_dir, file.pid) {
+        tracing::warn!(%err, "could not remove {}", discovery::FILE_NAME);
+    }
+    outcome
 }

@@ -30,6 +30,8 @@
 //! unit sums are row-major `K × d` vectors so one class is one contiguous
 //! slice.
 
+pub mod reduce;
+
 use faer::linalg::matmul::triangular::{matmul, BlockStructure};
 use faer::{Accum, Mat};
 use ndarray::ArrayView2;
@@ -790,7 +792,13 @@ fn validate_parts(parts: &AccumulatorParts) -> Result<(), StatsError> {
             "non-zero values",
         ));
     }
-    let tolerance = 1e-9 * largest_diagonal;
+    // |S_ij| <= max_i S_ii for a PSD matrix, so this bounds the asymmetry
+    // relative to the largest entry, whatever the units of the features.
+    // 1e-12 is the stricter of the two tolerances the daemon and the Python
+    // client used to apply: a scatter from `to_parts` (or numpy's `x.T @ x`,
+    // one syrk) is exactly symmetric, and two gemm triangles summed in
+    // different orders differ by far less (README: "Statistics from outside").
+    let tolerance = 1e-12 * largest_diagonal;
     for i in 0..d {
         for j in 0..i {
             let (lower, upper) = (scatter[i * d + j], scatter[j * d + i]);

@@ -160,8 +160,9 @@ def _describe(arr: np.ndarray) -> str:
 
 
 def check_features(obj: Any, feature_dim: int, argument: str = "features") -> Features:
-    """2-D, ``feature_dim`` columns, at least one row, real numeric dtype, all finite."""
-    f = to_numpy(obj, argument)
+    """2-D, ``feature_dim`` columns, at least one row, real numeric dtype, all
+    finite. ``obj`` may also be the ``Features`` that ``to_numpy`` made."""
+    f = obj if isinstance(obj, Features) else to_numpy(obj, argument)
     arr = f.array
     if arr.ndim != 2:
         raise ArgumentError(

@@ -125,3 +125,10 @@ class QueueFullError(VcidError):
 
     def __init__(self, message: str) -> None:
         super().__init__("RESOURCE_EXHAUSTED", message)
+
+
+class OpenEpochWarning(UserWarning):
+    """A ``Monitor`` closed while epochs it pushed to were still open in the
+    daemon (their statistics stay in its memory until someone closes them).
+    Filter it on ranks that leave the closing to another process:
+    ``warnings.simplefilter("ignore", vcid.OpenEpochWarning)``."""

@@ -1,12 +1,14 @@
 """``Monitor``: one training process's connection to the vcid daemon.
 
-Owns the public API of a run: the channel, run creation, the checks of the
-caller's arguments, the encoding of pushed batches into wire messages, and
-the unary calls (``CloseEpoch``, ``PushStats``, ``GetHistory``, ``GetRun``,
-``Watch``) with their retries and the recovery of a close whose connection
-broke. Delivery of pushed batches (outbox, sender thread, ``Push`` streams,
-resends) is the ``Sender``'s (``_sender``); errors it defers are raised by
-the next call on the Monitor. Must not compute statistics
+Owns the public API of a run: run creation (``if_exists``), the epoch
+numbering (``epoch=None`` continues after the last closed epoch, so a
+re-run script appends), the checks of the caller's arguments, the encoding
+of pushed batches into wire messages, and the unary calls (``CloseEpoch``,
+``PushStats``, ``GetHistory``, ``GetRun``, ``Watch``) with the recovery of a
+close whose connection broke. Finding and reaching the daemon is
+``_connection``'s; delivery of pushed batches (outbox, sender thread,
+``Push`` streams, resends) is the ``Sender``'s (``_sender``), whose deferred
+errors the next call on the Monitor raises. Must not compute statistics
 (``LocalAccumulator``) or validate arrays itself (``_arrays``).
 """
 
@@ -14,11 +16,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+import warnings
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
-import grpc
 import numpy as np
 
 from ._accumulator import LocalAccumulator, _check_shape_args
@@ -32,47 +33,67 @@ from ._arrays import (
     encode,
     feature_rows_per_message,
 )
-from ._errors import ArgumentError, VcidError
+from ._connection import CONNECT_TIMEOUT, Connection
+from ._errors import ArgumentError, OpenEpochWarning, VcidError
 from ._names import check_run_id, check_stream_filter, check_stream_name
 from ._result import EpochResult, PushSummary, RunInfo
-from ._sender import RETRYABLE, Sender
+from ._sender import Sender
 from .v1 import vcid_pb2 as pb
-from .v1 import vcid_pb2_grpc as pb_grpc
 
 log = logging.getLogger("vcid")
 
 DEFAULT_SPLIT = "train"
 DEFAULT_LAYER = "penultimate"
 
-_CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", 256 << 20),
-    # gRPC's default reconnect backoff grows to 120 s; a restarted daemon
-    # should be found again within a couple of seconds.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-    ("grpc.keepalive_time_ms", 30000),
-    ("grpc.keepalive_permit_without_calls", 0),
-]
+#: What ``Monitor(if_exists=...)`` accepts.
+IF_EXISTS = ("resume", "replace", "fail")
+
+Stream = Tuple[str, str]  # (split, layer)
 
 
 class Monitor:
     """A connection to a vcid daemon for one run.
 
-    ``Monitor(address, run, num_classes, feature_dim)`` connects, creates the
-    run (or finds it, if it exists with the same ``num_classes`` and
-    ``feature_dim``) and starts a background sender thread. Use it as a
-    context manager, or call ``close()``: leaving the ``with`` block flushes
-    every pushed batch and raises any error the daemon reported.
+    ``Monitor(run, num_classes, feature_dim)`` finds the daemon, creates the
+    run (or resumes it, see ``if_exists``) and starts a background sender
+    thread. Use it as a context manager, or call ``close()``: leaving the
+    ``with`` block flushes every pushed batch, raises any error the daemon
+    reported and warns (``OpenEpochWarning``) about epochs left open::
+
+        with vcid.Monitor(run="resnet18-cifar10", num_classes=10,
+                          feature_dim=512) as mon:
+            for epoch in range(epochs):
+                for x, y in loader:
+                    mon.push(model.features(x), y)
+                print(mon.close_epoch().vci)
+
+    Epochs: ``push``, ``push_stats`` and ``close_epoch`` take ``epoch=None``
+    (the default) to mean the stream's current epoch, ``current_epoch()``:
+    it starts at ``start_epoch``, the first epoch after every epoch the run
+    has closed, and moves on when that stream's epoch is closed. So running
+    the same script again appends epochs to the run's history. An explicit
+    epoch works too; one this Monitor knows to be closed is refused at once
+    (``FAILED_PRECONDITION``, with a hint).
 
     Args:
-        address: ``host:port`` of the daemon's gRPC listener.
         run: the run id (1-128 characters of ``[A-Za-z0-9_.:-]``).
         num_classes: K >= 2; labels must lie in ``[0, K)``.
         feature_dim: d >= 1, the number of feature columns.
         metadata: free-form string labels of the run (model, dataset, ...);
             kept as first given when the run already exists.
+        address: ``host:port`` or ``http://host:port`` of the daemon's gRPC
+            listener. None (the default): ``$VCID_ADDR``, else
+            ``127.0.0.1:50051``; when that is on this machine and nothing
+            answers, a local daemon is started (data in ``$VCID_DATA_DIR``
+            or ``~/.local/share/vcid``; it keeps running after the script,
+            ``vcid stop`` ends it; ``VCID_AUTOSTART=0`` turns this off). An
+            explicit address that does not answer within
+            ``connect_timeout`` raises ``VcidError`` ``UNAVAILABLE``.
+        if_exists: what to do when the run already exists: ``"resume"``
+            (the default: keep its history and append epochs; its
+            ``num_classes`` and ``feature_dim`` must match),
+            ``"replace"`` (delete it, with its history, and start over) or
+            ``"fail"`` (raise ``VcidError`` ``ALREADY_EXISTS``).
         encoding: wire encoding of the features: ``"float32"`` (exact for
             float32 input), ``"float16"`` or ``"bfloat16"`` (half the bytes;
             values are rounded to nearest-even, as torch does).
@@ -86,6 +107,7 @@ class Monitor:
             batch is then not queued; nothing is ever dropped silently.
         timeout: deadline in seconds of unary calls (``CreateRun``,
             ``PushStats``, ``GetHistory``, ...) and of ``flush``.
+        connect_timeout: how long the first contact with the daemon may take.
         close_timeout: deadline of ``CloseEpoch`` (large d takes longer).
         reconnect_timeout: how long the sender keeps reconnecting after the
             daemon became unreachable before it gives up and reports an
@@ -101,18 +123,20 @@ class Monitor:
 
     def __init__(
         self,
-        address: str,
         run: str,
         num_classes: int,
         feature_dim: int,
         metadata: Optional[Mapping[str, Any]] = None,
-        encoding: str = "float32",
         *,
+        address: Optional[str] = None,
+        if_exists: str = "resume",
+        encoding: str = "float32",
         token: Optional[str] = None,
         queue_size: int = 64,
         queue_bytes: int = 256 << 20,
         queue_timeout: Optional[float] = 60.0,
         timeout: float = 60.0,
+        connect_timeout: float = CONNECT_TIMEOUT,
         close_timeout: float = 600.0,
         reconnect_timeout: float = 60.0,
         ack_interval: float = 1.0,
@@ -123,8 +147,9 @@ class Monitor:
         self._closed = True  # until fully constructed, close() is a no-op
         self._run_id = check_run_id(run)
         num_classes, feature_dim = _check_shape_args(num_classes, feature_dim)
-        if not isinstance(address, str) or not address:
-            raise ArgumentError("address", f"expected 'host:port', received {address!r}")
+        if if_exists not in IF_EXISTS:
+            raise ArgumentError("if_exists", f"expected one of {list(IF_EXISTS)}, "
+                                             f"received {if_exists!r}")
         self._encoding = check_encoding(encoding)
         self._enum, self._width = ENCODINGS[encoding]
         md: Dict[str, str] = {}
@@ -137,38 +162,96 @@ class Monitor:
         if queue_size < 1:
             raise ArgumentError("queue_size", f"expected at least 1, received {queue_size}")
         self._writer_id = writer_id if writer_id is not None else uuid.uuid4().hex
-        self._timeout = float(timeout)
         self._close_timeout = float(close_timeout)
         self._queue_timeout = queue_timeout
-        self._reconnect_timeout = float(reconnect_timeout)
         self._max_batch_bytes = int(max_batch_bytes)
         self._max_batch_rows = int(max_batch_rows)
-        self._call_md = [("authorization", f"Bearer {token}")] if token else None
-        self._address = address
-        self._closing = threading.Event()  # ends the retries of unary calls
 
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        self._stub = pb_grpc.VciMonitorStub(self._channel)
+        self._conn = Connection(address, token=token, timeout=timeout,
+                                reconnect_timeout=reconnect_timeout,
+                                connect_timeout=connect_timeout)
         try:
-            run_msg = self._unary(
-                self._stub.CreateRun,
-                pb.CreateRunRequest(run_id=self._run_id, num_classes=num_classes,
-                                    feature_dim=feature_dim, metadata=md),
-                what="CreateRun",
-            )
+            run_msg = self._open_run(if_exists, num_classes, feature_dim, md)
+            closed = (self._conn.history(self._run_id, "", "") if run_msg.closed_epochs
+                      else [])
         except BaseException:
-            self._channel.close()
+            self._conn.close()
             raise
         self._num_classes = run_msg.num_classes
         self._feature_dim = run_msg.feature_dim
 
+        # Epoch bookkeeping, per (split, layer): epochs known closed, epochs
+        # this Monitor pushed to and has not closed, the current epoch.
+        self._epochs_lock = threading.Lock()
+        self._closed_epochs: Dict[Stream, Set[int]] = {}
+        for r in closed:
+            self._closed_epochs.setdefault((r.split, r.layer), set()).add(r.epoch)
+        self._start_epoch = 1 + max((r.epoch for r in closed), default=-1)
+        self._current: Dict[Stream, int] = {}
+        self._open: Dict[Stream, Set[int]] = {}
+        self._warn_about_resumed_samples(run_msg)
+
         self._stats_lock = threading.Lock()
         self._stats_sequence = 0
-        self._sender = Sender(self._channel, self._call_md, writer_id=self._writer_id,
-                              run_id=self._run_id, queue_size=queue_size,
+        self._sender = Sender(self._conn.channel, self._conn.metadata,
+                              writer_id=self._writer_id, run_id=self._run_id,
+                              address=self._conn.url, queue_size=queue_size,
                               queue_bytes=queue_bytes, reconnect_timeout=reconnect_timeout,
                               ack_interval=ack_interval)
         self._closed = False
+
+    def _open_run(self, if_exists: str, num_classes: int, feature_dim: int,
+                  metadata: Dict[str, str]) -> pb.Run:
+        stub = self._conn.stub
+        if if_exists == "replace":
+            try:
+                self._conn.unary(stub.DeleteRun, pb.DeleteRunRequest(run_id=self._run_id),
+                                 what="DeleteRun")
+            except VcidError as err:
+                if err.code != "NOT_FOUND":
+                    raise
+        elif if_exists == "fail":
+            try:
+                existing = self._conn.unary(stub.GetRun, pb.GetRunRequest(run_id=self._run_id),
+                                            what="GetRun")
+            except VcidError as err:
+                if err.code != "NOT_FOUND":
+                    raise
+            else:
+                raise VcidError(
+                    "ALREADY_EXISTS",
+                    f"run: expected a new run (if_exists='fail'), received the existing run "
+                    f"{self._run_id!r} ({existing.closed_epochs} closed epochs)",
+                    "pass if_exists='resume' to append epochs to it, or if_exists='replace' "
+                    "to delete it and start over",
+                )
+        try:
+            return self._conn.unary(
+                stub.CreateRun,
+                pb.CreateRunRequest(run_id=self._run_id, num_classes=num_classes,
+                                    feature_dim=feature_dim, metadata=metadata),
+                what="CreateRun",
+            )
+        except VcidError as err:
+            if err.code == "ALREADY_EXISTS":
+                err.context += ("; the run exists with another shape: use another run name, "
+                                "or if_exists='replace' to delete it and start over")
+            raise
+
+    def _warn_about_resumed_samples(self, run_msg: pb.Run) -> None:
+        """The epoch a resumed run continues in may already hold samples:
+        from another process of the same job, or left by an interrupted run
+        of the script (which this Monitor would add to)."""
+        held = [f"{o.split}/{o.layer}: {o.samples} samples" for o in run_msg.open_epochs
+                if o.epoch == self._start_epoch and o.samples]
+        if held:
+            log.warning(
+                "vcid: run %r continues at epoch %d, which already holds data pushed before "
+                "this Monitor started (%s); pushes add to it. If that is left from an "
+                "interrupted run, pass if_exists='replace' to start the run over",
+                self._run_id, self._start_epoch, ", ".join(held))
+        elif self._start_epoch:
+            log.info("vcid: resuming run %r at epoch %d", self._run_id, self._start_epoch)
 
     # ------------------------------------------------------------------ info
 
@@ -207,11 +290,30 @@ class Monitor:
         """How many times the sender re-opened a broken ``Push`` stream."""
         return self._sender.reconnects
 
+    @property
+    def address(self) -> str:
+        """The daemon's gRPC address, ``http://host:port``."""
+        return self._conn.url
+
+    @property
+    def start_epoch(self) -> int:
+        """The first epoch after every epoch the run had closed when this
+        Monitor started (0 for a new run): where ``epoch=None`` begins."""
+        return self._start_epoch
+
+    def current_epoch(self, split: str = DEFAULT_SPLIT, layer: str = DEFAULT_LAYER) -> int:
+        """The epoch ``epoch=None`` means for this stream now: ``start_epoch``
+        until the stream closes an epoch, then the one after the last epoch
+        it closed."""
+        stream = (check_stream_name("split", split), check_stream_name("layer", layer))
+        with self._epochs_lock:
+            return self._current.get(stream, self._start_epoch)
+
     def run_info(self) -> RunInfo:
         """The run as the daemon knows it now (``GetRun``)."""
         self._check_usable()
-        msg = self._unary(self._stub.GetRun, pb.GetRunRequest(run_id=self._run_id),
-                          what="GetRun")
+        msg = self._conn.unary(self._conn.stub.GetRun, pb.GetRunRequest(run_id=self._run_id),
+                               what="GetRun")
         return RunInfo.from_proto(msg)
 
     # ------------------------------------------------------------------ push
@@ -220,7 +322,7 @@ class Monitor:
         self,
         features: Any,
         labels: Any,
-        epoch: int,
+        epoch: Optional[int] = None,
         split: str = DEFAULT_SPLIT,
         layer: str = DEFAULT_LAYER,
     ) -> None:
@@ -229,22 +331,27 @@ class Monitor:
         ``features`` may be a numpy array, anything with ``__array__`` or a
         tensor with ``.detach().cpu().numpy()`` (a torch bfloat16 tensor is
         sent bit for bit when ``encoding="bfloat16"``); ``labels`` any integer
-        array of length rows with values in ``[0, num_classes)``. Everything
-        is checked here, before anything is sent (``vcid.ArgumentError``, a
+        array of length rows with values in ``[0, num_classes)``. ``epoch``
+        None means ``current_epoch(split, layer)``. Everything is checked
+        here, before anything is sent (``vcid.ArgumentError``, a
         ``ValueError``). The call returns once the batch is encoded and
         queued; if the outbox stays full for ``queue_timeout`` seconds it
-        raises ``QueueFullError`` and the batch is not queued. Raises
-        ``VcidError`` for an earlier failure the daemon reported.
+        raises ``QueueFullError`` and the batch is not queued.
+
+        An error the daemon reported for earlier batches is raised after
+        this call's batch is queued (the exception's ``context`` says so):
+        do not push that batch again.
         """
-        self._check_usable()
-        epoch = check_epoch(epoch)
-        split = check_stream_name("split", split)
-        layer = check_stream_name("layer", layer)
+        self._check_open()
+        stream = (check_stream_name("split", split), check_stream_name("layer", layer))
+        epoch = self._epoch_for(stream, epoch, "push")
         f = check_features(features, self._feature_dim)
-        rows = f.array.shape[0]
-        y = check_labels(labels, rows, self._num_classes)
-        self._sender.submit(self._encode_batches(f, y, epoch, split, layer),
-                            self._queue_timeout)
+        y = check_labels(labels, f.array.shape[0], self._num_classes)
+        self._sender.submit(self._encode_batches(f, y, epoch, *stream), self._queue_timeout)
+        with self._epochs_lock:
+            self._open.setdefault(stream, set()).add(epoch)
+        self._raise_pending("raised by push() after queueing its own batch, which is not "
+                            "lost: do not push it again")
 
     def _encode_batches(self, f: Features, y: np.ndarray, epoch: int, split: str,
                         layer: str) -> List[pb.FeatureBatch]:
@@ -278,7 +385,7 @@ class Monitor:
         ``VcidError`` if the daemon rejected something.
         """
         self._check_usable()
-        self._sender.flush(self._timeout if timeout is None else timeout)
+        self._sender.flush(self._conn.timeout if timeout is None else timeout)
         self._raise_pending()
         return self.confirmed
 
@@ -287,21 +394,21 @@ class Monitor:
     def push_stats(
         self,
         acc: LocalAccumulator,
-        epoch: int,
+        epoch: Optional[int] = None,
         split: str = DEFAULT_SPLIT,
         layer: str = DEFAULT_LAYER,
     ) -> PushSummary:
-        """Send a ``LocalAccumulator`` (``PushStats``: its §2.1 statistics and
-        its ``unit_within_trace``); merged exactly into the open epoch.
-        Retried safely (same idempotence key) while the daemon is
-        unreachable. Returns the daemon's summary of this one call."""
+        """Send a ``LocalAccumulator`` (``PushStats``: its statistics,
+        ``unit_within_trace`` included); merged exactly into the open epoch
+        (``epoch`` None: ``current_epoch(split, layer)``). Retried safely
+        (same idempotence key) while the daemon is unreachable. Returns the
+        daemon's summary of this one call."""
         self._check_usable()
-        epoch = check_epoch(epoch)
-        split = check_stream_name("split", split)
-        layer = check_stream_name("layer", layer)
+        stream = (check_stream_name("split", split), check_stream_name("layer", layer))
+        epoch = self._epoch_for(stream, epoch, "push_stats")
         if not isinstance(acc, LocalAccumulator):
             raise ArgumentError("acc", f"expected a vcid.LocalAccumulator, received "
-                             f"{type(acc).__name__}")
+                                       f"{type(acc).__name__}")
         if (acc.num_classes, acc.feature_dim) != (self._num_classes, self._feature_dim):
             raise ArgumentError(
                 "acc", f"expected num_classes={self._num_classes}, feature_dim="
@@ -315,45 +422,74 @@ class Monitor:
             seq = self._stats_sequence
         # A sequence space of its own: stats blocks are sent from the caller's
         # thread, concurrently with the batch stream.
-        block = acc.to_proto(self._run_id, split, layer, epoch,
+        block = acc.to_proto(self._run_id, *stream, epoch,
                              writer_id=self._writer_id + ".stats", sequence=seq)
-        msg = self._unary(self._stub.PushStats, block, what="PushStats", retry=True)
+        msg = self._conn.unary(self._conn.stub.PushStats, block, what="PushStats", retry=True)
+        with self._epochs_lock:
+            self._open.setdefault(stream, set()).add(epoch)
         return PushSummary.from_proto(msg)
 
     def close_epoch(
         self,
-        epoch: int,
+        epoch: Optional[int] = None,
         split: str = DEFAULT_SPLIT,
         layer: str = DEFAULT_LAYER,
     ) -> EpochResult:
-        """Flush this Monitor's pushes, then close the stream's epoch and
-        return its metrics. The result includes every batch pushed through
-        this Monitor before the call."""
+        """Flush this Monitor's pushes, then close the stream's epoch
+        (``epoch`` None: ``current_epoch(split, layer)``, which then moves to
+        the next epoch) and return its metrics. The result includes every
+        batch pushed through this Monitor before the call."""
         self._check_usable()
-        epoch = check_epoch(epoch)
-        split = check_stream_name("split", split)
-        layer = check_stream_name("layer", layer)
+        stream = (check_stream_name("split", split), check_stream_name("layer", layer))
+        epoch = self._epoch_for(stream, epoch, "close_epoch")
         self.flush()
+        result = self._close(stream, epoch)
+        with self._epochs_lock:
+            self._closed_epochs.setdefault(stream, set()).add(epoch)
+            self._open.get(stream, set()).discard(epoch)
+            self._current[stream] = max(self._current.get(stream, self._start_epoch), epoch + 1)
+        return result
+
+    def _close(self, stream: Stream, epoch: int) -> EpochResult:
+        split, layer = stream
         req = pb.CloseEpochRequest(run_id=self._run_id, split=split, layer=layer, epoch=epoch)
+        close = self._conn.stub.CloseEpoch
         try:
-            msg = self._unary(self._stub.CloseEpoch, req, what="CloseEpoch",
-                              timeout=self._close_timeout)
+            msg = self._conn.unary(close, req, what="CloseEpoch", timeout=self._close_timeout)
         except VcidError as err:
             if err.code != "UNAVAILABLE":
                 raise
             # The connection broke during the close: the daemon may or may
             # not have closed it. Ask again; if it did, read the result back.
             try:
-                msg = self._unary(self._stub.CloseEpoch, req, what="CloseEpoch",
-                                  timeout=self._close_timeout, retry=True)
+                msg = self._conn.unary(close, req, what="CloseEpoch",
+                                       timeout=self._close_timeout, retry=True)
             except VcidError as again:
                 if again.code != "FAILED_PRECONDITION":
                     raise
-                for r in self.history(split=split, layer=layer):
+                for r in self._conn.history(self._run_id, split, layer):
                     if r.epoch == epoch:
                         return r
                 raise
         return EpochResult.from_proto(msg)
+
+    def _epoch_for(self, stream: Stream, epoch: Optional[int], what: str) -> int:
+        """``epoch``, or the stream's current epoch for None; an epoch known
+        to be closed is refused here, with the way out."""
+        with self._epochs_lock:
+            current = self._current.get(stream, self._start_epoch)
+            if epoch is None:
+                return current
+            epoch = check_epoch(epoch)
+            if epoch not in self._closed_epochs.get(stream, ()):
+                return epoch
+        raise VcidError(
+            "FAILED_PRECONDITION",
+            f"epoch: expected an epoch not yet closed on {stream[0]}/{stream[1]} of run "
+            f"{self._run_id!r}, received {epoch}, which is closed",
+            f"{what}(..., epoch=None) continues at epoch {current} "
+            f"(Monitor.current_epoch()); if_exists='replace' starts the run over",
+        )
 
     def history(
         self,
@@ -366,13 +502,8 @@ class Monitor:
         everywhere else; pass ``None`` to get every split / every layer.
         """
         self._check_usable()
-        req = pb.GetHistoryRequest(
-            run_id=self._run_id,
-            split=check_stream_filter("split", split),
-            layer=check_stream_filter("layer", layer),
-        )
-        msg = self._unary(self._stub.GetHistory, req, what="GetHistory", retry=True)
-        return [EpochResult.from_proto(r) for r in msg.results]
+        return self._conn.history(self._run_id, check_stream_filter("split", split),
+                                  check_stream_filter("layer", layer))
 
     def watch(
         self,
@@ -382,35 +513,49 @@ class Monitor:
         """Yield every epoch result of this run as the daemon produces it
         (``None`` filters mean all). Stop by breaking out of the loop."""
         self._check_usable()
-        req = pb.WatchRequest(
-            run_id=self._run_id,
-            split=check_stream_filter("split", split),
-            layer=check_stream_filter("layer", layer),
-        )
-        call = self._stub.Watch(req, metadata=self._call_md, wait_for_ready=True)
-        try:
-            for msg in call:
-                yield EpochResult.from_proto(msg)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.CANCELLED:
-                raise VcidError.from_rpc_error(err, "Watch") from None
-        finally:
-            call.cancel()
+        return self._conn.watch(self._run_id, check_stream_filter("split", split),
+                                check_stream_filter("layer", layer))
 
     # ------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
         """Flush, stop the sender thread and close the channel. Raises the
-        pending ``VcidError`` if the daemon rejected something. Idempotent."""
+        pending ``VcidError`` if the daemon rejected something; warns
+        (``OpenEpochWarning``) naming the epochs this Monitor pushed to that
+        are still open. Idempotent."""
         if self._closed:
             return
         try:
             self.flush()
         finally:
+            left = self._left_open()
             self._closed = True
-            self._closing.set()
             self._sender.close()
-            self._channel.close()
+            self._conn.close()
+            if left:
+                warnings.warn(OpenEpochWarning(
+                    f"vcid: run {self._run_id!r}: epochs left open: {', '.join(left)}. Their "
+                    f"statistics stay in the daemon's memory until closed: call "
+                    f"close_epoch() before leaving (a re-run resumes in the first of them and "
+                    f"adds to it; if_exists='replace' starts over). Ignore this on ranks that "
+                    f"leave the closing to another process."), stacklevel=3)
+
+    def _left_open(self) -> List[str]:
+        """The epochs this Monitor pushed to that the daemon still holds
+        open (all of them when it cannot be asked)."""
+        with self._epochs_lock:
+            mine = {(split, layer, e) for (split, layer), epochs in self._open.items()
+                    for e in epochs}
+        if not mine:
+            return []
+        try:
+            run = self._conn.unary(self._conn.stub.GetRun,
+                                   pb.GetRunRequest(run_id=self._run_id), what="GetRun",
+                                   timeout=min(self._conn.timeout, 5.0))
+            mine &= {(o.split, o.layer, o.epoch) for o in run.open_epochs}
+        except VcidError:
+            pass
+        return [f"{split}/{layer} epoch {e}" for split, layer, e in sorted(mine)]
 
     def __enter__(self) -> "Monitor":
         return self
@@ -427,32 +572,18 @@ class Monitor:
 
     # --------------------------------------------------------------- helpers
 
-    def _check_usable(self) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise VcidError("FAILED_PRECONDITION",
                             "monitor: expected an open Monitor, received a closed one")
+
+    def _check_usable(self) -> None:
+        self._check_open()
         self._raise_pending()
 
-    def _raise_pending(self) -> None:
+    def _raise_pending(self, note: str = "") -> None:
         err = self._sender.take_error()
         if err is not None:
+            if note:
+                err.context = f"{err.context}; {note}" if err.context else note
             raise err
-
-    def _unary(self, method: Any, request: Any, what: str, timeout: Optional[float] = None,
-               retry: bool = False) -> Any:
-        """One unary call; waits for the channel to be ready up to the
-        deadline. With ``retry`` (idempotent calls only) an UNAVAILABLE
-        failure is retried until ``reconnect_timeout``."""
-        deadline = time.monotonic() + (self._reconnect_timeout if retry else 0)
-        backoff = 0.05
-        while True:
-            try:
-                return method(request, timeout=self._timeout if timeout is None else timeout,
-                              metadata=self._call_md, wait_for_ready=True)
-            except grpc.RpcError as err:
-                if (retry and err.code() in RETRYABLE and time.monotonic() < deadline
-                        and not self._closing.is_set()):
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 1.0)
-                    continue
-                raise VcidError.from_rpc_error(err, f"{what} to {self._address}") from None

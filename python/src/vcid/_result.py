@@ -5,7 +5,9 @@ Must not hold any logic beyond that conversion."""
 from __future__ import annotations
 
 import collections.abc as _abc
+import dataclasses as _dc
 import datetime as _dt
+import json as _json
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
@@ -81,6 +83,21 @@ class EpochResult(_EpochResultFields):  # type: ignore[misc,valid-type]
     @classmethod
     def from_proto(cls, msg: pb.EpochResult) -> "EpochResult":
         return cls(**{f.name: _plain(msg, f) for f in msg.DESCRIPTOR.fields})
+
+    @classmethod
+    def from_metrics_json(cls, document: str) -> "EpochResult":
+        """A result from the JSON of ``vcid compute --format json`` (the
+        metrics, counts, ranks, ``small_sample`` and ``notes``); the fields
+        it lacks keep their defaults."""
+        values = _json.loads(document)
+        names = {f.name for f in _dc.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Every field as a plain ``dict`` (``notes`` copied), e.g. for
+        ``wandb.log``, ``json.dumps`` or a pandas row; undefined metrics are
+        None."""
+        return _dc.asdict(self)
 
 
 @dataclass(frozen=True)

@@ -36,17 +36,13 @@ from typing import Any, Iterator, List, Optional, Sequence
 
 import grpc
 
+from ._connection import RETRYABLE, jittered
 from ._errors import QueueFullError, VcidError
 from ._result import PushSummary
 from .v1 import vcid_pb2 as pb
 from .v1 import vcid_pb2_grpc as pb_grpc
 
 log = logging.getLogger("vcid")
-
-# Only transport-level unavailability is retried: every other status means
-# the daemon looked at the request and refused it, and a retry would fail
-# the same way.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 
 class _Flush:
@@ -175,7 +171,7 @@ class Sender:
             for ``Push`` calls and to wait for it to become ready again).
         metadata: call metadata of every ``Push`` (the bearer token), or None.
         writer_id: the idempotence key stamped on every batch.
-        run_id: for messages only.
+        run_id, address: for messages only.
         queue_size, queue_bytes: the outbox bound (batches, feature bytes);
             each stream is ended and confirmed after half of it.
         reconnect_timeout: how long to keep reconnecting after the daemon
@@ -184,9 +180,10 @@ class Sender:
     """
 
     def __init__(self, channel: grpc.Channel, metadata: Optional[Sequence[Any]], *,
-                 writer_id: str, run_id: str, queue_size: int, queue_bytes: int,
-                 reconnect_timeout: float, ack_interval: float) -> None:
+                 writer_id: str, run_id: str, address: str, queue_size: int,
+                 queue_bytes: int, reconnect_timeout: float, ack_interval: float) -> None:
         self._channel = channel
+        self._address = address
         self._push = pb_grpc.VciMonitorStub(channel).Push
         self._call_md = metadata
         self._writer_id = writer_id
@@ -284,6 +281,7 @@ class Sender:
     def _run(self) -> None:
         backoff = 0.05
         down_since: Optional[float] = None
+        attempts = 0  # failed attempts in the current outage
         while not self._abort.is_set():
             if not self._unacked:
                 item = self._outbox.get(timeout=0.1)
@@ -318,7 +316,13 @@ class Sender:
                 confirmed = PushSummary.from_proto(summary)
                 with self._state_lock:
                     self._confirmed = self._confirmed + confirmed
+                if down_since is not None:
+                    log.warning("vcid: reconnected to %s after %.1fs (%d attempts); run %s "
+                                "resent its unconfirmed batches (the daemon skips those it "
+                                "had applied)", self._address, time.monotonic() - down_since,
+                                attempts, self._run_id)
                 down_since = None
+                attempts = 0
                 backoff = 0.05
                 handled = confirmed.batches_applied + confirmed.duplicates
                 self._outbox.release(sent[:handled])
@@ -338,7 +342,14 @@ class Sender:
             code = err.code()
             now = time.monotonic()
             if code in RETRYABLE and not self._abort.is_set():
-                down_since = down_since if down_since is not None else now
+                if down_since is None:
+                    down_since = now
+                    # One line when the outage begins, one when it ends.
+                    log.warning("vcid: lost the connection to %s (%s: %s); run %s holds %d "
+                                "unconfirmed batches and keeps reconnecting for up to %gs",
+                                self._address, code.name, err.details(), self._run_id,
+                                self._outbox.held, self._reconnect_timeout)
+                attempts += 1
                 if now - down_since < self._reconnect_timeout:
                     # Nothing on the broken stream is confirmed: resend it
                     # all with the same keys; the daemon skips duplicates.
@@ -346,9 +357,7 @@ class Sender:
                     self._outbox.push_front(markers)
                     with self._state_lock:
                         self._reconnects += 1
-                    log.warning("vcid: Push stream to run %s broke (%s: %s); resending %d "
-                                "batches", self._run_id, code.name, err.details(), len(sent))
-                    self._abort.wait(backoff)
+                    self._abort.wait(jittered(backoff))
                     backoff = min(backoff * 2, 2.0)
                     try:
                         grpc.channel_ready_future(self._channel).result(timeout=1.0)
@@ -358,8 +367,8 @@ class Sender:
             dropped = sent + self._outbox.drain_batches()
             self._outbox.release(dropped)
             rows = sum(b.rows for b in dropped)
-            what = ("gave up reconnecting after "
-                    f"{self._reconnect_timeout:g}s; " if code in RETRYABLE else "")
+            what = (f"gave up reconnecting after {self._reconnect_timeout:g}s "
+                    f"({attempts} attempts); " if code in RETRYABLE else "")
             context = (
                 f"{what}Push stream of run {self._run_id!r}: {len(dropped)} batches "
                 f"({rows} rows) held by this Monitor were not confirmed and are discarded"
@@ -367,6 +376,7 @@ class Sender:
             )
             self._set_error(VcidError.from_rpc_error(err, context))
             down_since = None
+            attempts = 0
             backoff = 0.05
             for m in markers:
                 m.event.set()

@@ -7,15 +7,14 @@ but a module's ``register_forward_hook`` and the output tensor's ``detach`` /
 CPU and the sending. Must not change the module's output.
 
     import vcid, vcid.torch
-    with vcid.Monitor(addr, run="r", num_classes=10, feature_dim=512) as mon:
-        hook = vcid.torch.FeatureHook(mon, model.avgpool, epoch=0)
+    with vcid.Monitor(run="r", num_classes=10, feature_dim=512) as mon:
+        hook = vcid.torch.FeatureHook(mon, model.avgpool)
         for epoch in range(epochs):
-            hook.epoch = epoch
             for x, y in loader:
                 with hook.labels(y):        # outputs seen inside are pushed with y
                     loss = criterion(model(x), y)
                 ...
-            mon.close_epoch(epoch)
+            mon.close_epoch()               # and the hook moves on to the next epoch
         hook.remove()
 
 Forward passes outside a ``labels`` context (or after ``set_labels(None)``)
@@ -38,14 +37,15 @@ class FeatureHook:
 
     The output is detached and copied by ``Monitor.push`` (the autograd graph
     is untouched). Tuple outputs use their first element. Labels set with
-    ``labels``/``set_labels`` are per thread.
+    ``labels``/``set_labels`` are per thread. ``epoch`` None (the default)
+    pushes into the Monitor's current epoch of the hook's stream.
     """
 
     def __init__(
         self,
         monitor: Monitor,
         module: Any,
-        epoch: int = 0,
+        epoch: Optional[int] = None,
         split: str = DEFAULT_SPLIT,
         layer: str = DEFAULT_LAYER,
     ) -> None:
