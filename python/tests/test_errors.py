@@ -178,3 +178,24 @@ def test_name_limits_and_constructor_arguments():
         with pytest.raises(vcid.ArgumentError) as info:
             call()
         assert info.value.field == field, info.value
+
+
+def test_daemon_details_reach_the_client(daemon, run_id):
+    """End to end against the real daemon: the details it attaches
+    (README, API → Errors) arrive decoded in ``VcidError``. Raw stubs, so
+    the request reaches the daemon unchecked by the client."""
+    with grpc.insecure_channel(daemon.address) as channel:
+        stub = pb_grpc.VciMonitorStub(channel)
+        # INVALID_ARGUMENT with a BadRequest naming the field.
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.CreateRun(pb.CreateRunRequest(run_id=run_id, num_classes=1, feature_dim=4))
+        err = vcid.VcidError.from_rpc_error(raised.value)
+        assert err.code == "INVALID_ARGUMENT"
+        assert err.field == "num_classes"
+        assert isinstance(err.details[0], error_details_pb2.BadRequest)
+        # NOT_FOUND with a ResourceInfo naming the run.
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.GetRun(pb.GetRunRequest(run_id=run_id))
+        err = vcid.VcidError.from_rpc_error(raised.value)
+        assert (err.code, err.resource, err.field) == ("NOT_FOUND", run_id, None)
+        assert err.details[0].resource_type == "run"
