@@ -23,8 +23,8 @@
 //! `epoch_lost`), changing nothing, naming the start-up at or before which
 //! the daemon stopped uncleanly. Refusing beats the alternative of opening
 //! a fresh accumulator, whose close would report a partial epoch as if it
-//! were whole; the client continues under a new epoch number. SPEC §5 is
-//! silent on this; the decision is recorded here and in `store`.
+//! were whole; the client continues under a new epoch number. The
+//! decision is recorded here, in `store` and in the README.
 
 use std::sync::Arc;
 
