@@ -13,7 +13,7 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 use vcid::proto::{CreateRunRequest, FeatureBatch, GetRunRequest, StatsBlock};
 use vcid::server::Reason;
-use vcid::server::{Limits, ServeConfig};
+use vcid::server::ServeConfig;
 
 /// The details decode as a google.rpc.Status repeating the code and message.
 fn rpc_status(status: &Status) -> tonic_types::pb::Status {
@@ -172,15 +172,7 @@ async fn unknown_and_conflicting_runs_carry_resource_info() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_carry_quota_failure() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServeConfig {
-        limits: Limits {
-            max_message_bytes: 4096,
-            max_batch_rows: 100,
-            max_accumulator_bytes: 1500,
-            ..Limits::default()
-        },
-        ..ServeConfig::ephemeral(dir.path())
-    };
+    let config = tight_limits(dir.path());
     let server = start(config).await;
     let mut client = connect(&server.grpc_url()).await;
     let quota = |status: &Status| {

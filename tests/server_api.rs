@@ -843,15 +843,7 @@ async fn limits_answer_resource_exhausted_with_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let (k, d) = (4u32, 8u32);
     // One K=4, d=8 accumulator is 8·(64 + 64 + 16) = 1152 bytes.
-    let config = ServeConfig {
-        limits: Limits {
-            max_message_bytes: 4096,
-            max_batch_rows: 100,
-            max_accumulator_bytes: 1500,
-            ..Limits::default()
-        },
-        ..ServeConfig::ephemeral(dir.path())
-    };
+    let config = tight_limits(dir.path());
     let server = start(config).await;
     let mut client = connect(&server.grpc_url()).await;
     // A run whose single accumulator cannot fit.
