@@ -246,9 +246,7 @@ impl ServerError {
                 Reason::EpochClosed
             }
             ServerError::SequenceGaps { .. } => Reason::SequenceGaps,
-            ServerError::EpochLost { .. } | ServerError::WritersMissing { .. } => {
-                Reason::EpochLost
-            }
+            ServerError::EpochLost { .. } | ServerError::WritersMissing { .. } => Reason::EpochLost,
             ServerError::BudgetExceeded { .. } => Reason::MemoryBudget,
             ServerError::TooManyRows { .. } | ServerError::MessageTooLarge { .. } => {
                 Reason::TooLarge

@@ -24,9 +24,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::proto::vci_monitor_server::VciMonitor;
 use crate::proto::{
-    CheckpointReply, CheckpointRequest, CloseEpochRequest, CreateRunRequest, DeleteRunRequest, DeleteRunResponse, EpochResult,
-    FeatureBatch, GetHistoryRequest, GetRunRequest, History, ListRunsRequest, ListRunsResponse,
-    PushSummary, Run, StatsBlock, WatchRequest,
+    CheckpointReply, CheckpointRequest, CloseEpochRequest, CreateRunRequest, DeleteRunRequest,
+    DeleteRunResponse, EpochResult, FeatureBatch, GetHistoryRequest, GetRunRequest, History,
+    ListRunsRequest, ListRunsResponse, PushSummary, Run, StatsBlock, WatchRequest,
 };
 
 use super::daemon::{Daemon, Ingested, PreparedBatch, WatchEvent};

@@ -579,58 +579,6 @@ impl Store {
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trips_and_deletes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let run = Run {
-            run_id: "a".into(),
-            num_classes: 3,
-            feature_dim: 2,
-            ..Default::default()
-        };
-        store.put_run(&run).unwrap();
-        let result = EpochResult {
-            run_id: "a".into(),
-            split: "train".into(),
-            layer: "penultimate".into(),
-            epoch: 4,
-            vci: Some(0.5),
-            ..Default::default()
-        };
-        assert!(store.put_result(&run, &result).unwrap());
-        let ghost = Run {
-            run_id: "ghost".into(),
-            ..Default::default()
-        };
-        assert!(!store.put_result(&ghost, &result).unwrap());
-        let checkpoint = RunCheckpoint {
-            epochs: vec![StatsBlock {
-                epoch: 5,
-                ..Default::default()
-            }],
-            writers: vec![WriterCheckpoint {
-                writer_id: "w".into(),
-                ranges: vec![0, 9],
-            }],
-        };
-        store
-            .write_checkpoints(&[(run.clone(), checkpoint.clone())], &[])
-            .unwrap();
-        drop(store);
-        let store = Store::open(dir.path()).unwrap();
-        let restored = store.load().unwrap();
-        assert_eq!(restored.runs, vec![run]);
-        assert_eq!(restored.results, vec![result]);
-        assert_eq!(restored.checkpoints, vec![("a".to_owned(), checkpoint)]);
-        store.finish_restore(&[], 1).unwrap();
-        assert!(store.load().unwrap().checkpoints.is_empty());
-        store.delete_run("a").unwrap();
-        let restored = store.load().unwrap();
-        assert!(restored.runs.is_empty() && restored.results.is_empty());
-        assert!(restored.checkpoints.is_empty());
-    }
-
     fn key(run: &str, epoch: u64) -> EpochKey {
         EpochKey {
             run_id: run.into(),
@@ -649,79 +597,132 @@ mod tests {
         }
     }
 
+    fn result(run: &str, epoch: u64) -> EpochResult {
+        EpochResult {
+            run_id: run.into(),
+            split: "train".into(),
+            layer: "penultimate".into(),
+            epoch,
+            vci: Some(0.5),
+            ..Default::default()
+        }
+    }
+
+    fn checkpoint(epoch: u64, generation: u64, ranges: Vec<u64>) -> EpochCheckpoint {
+        EpochCheckpoint {
+            stats: Some(StatsBlock {
+                epoch,
+                class_counts: vec![3, 4],
+                ..Default::default()
+            }),
+            writers: vec![WriterCheckpoint {
+                writer_id: "w".into(),
+                ranges,
+            }],
+            generation,
+            unix_ms: 77,
+        }
+    }
+
+    fn dirty(store: &Store) -> Vec<(u64, String, u64)> {
+        let mut out: Vec<_> = store
+            .load()
+            .unwrap()
+            .dirty
+            .into_iter()
+            .map(|(k, w, g)| (k.epoch, w, g))
+            .collect();
+        out.sort();
+        out
+    }
+
     #[test]
-    fn open_markers_become_lost_unless_closed_or_checkpointed() {
+    fn round_trips_and_deletes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.put_run(&run("a")).unwrap();
-        store.put_run(&run("b")).unwrap();
-        // Epochs 1, 2, 3 of run a and 1 of run b are opened; a marker for a
-        // run that is not stored is refused.
-        for k in [key("a", 1), key("a", 2), key("a", 3), key("b", 1)] {
-            assert!(store.open_epoch(&k, 10).unwrap());
-        }
-        assert!(!store.open_epoch(&key("ghost", 1), 10).unwrap());
-        // Epoch 1 of a closes: its marker goes with the stored result.
-        let result = EpochResult {
-            run_id: "a".into(),
-            split: "train".into(),
-            layer: "penultimate".into(),
-            epoch: 1,
-            ..Default::default()
-        };
-        assert!(store.put_result(&run("a"), &result).unwrap());
-        drop(store);
-
-        // "Crash": epochs 2 and 3 of a were only open; a checkpoint saved 3.
-        let store = Store::open(dir.path()).unwrap();
-        let lost = store.finish_restore(&[key("a", 3)], 1234).unwrap();
-        assert_eq!(lost.new, vec![key("a", 2), key("b", 1)]);
-        assert_eq!(lost.all, vec![(key("a", 2), 1234), (key("b", 1), 1234)]);
-        drop(store);
-
-        // Lost stays lost across restarts (with its first start-up time);
-        // the restored epoch 3 is open again and is lost only after the
-        // next unclean stop.
-        let store = Store::open(dir.path()).unwrap();
-        let lost = store.finish_restore(&[], 5678).unwrap();
-        assert_eq!(lost.new, vec![key("a", 3)]);
+        assert!(store.open_epoch(&key("a", 4), 10).unwrap());
+        assert!(store.open_epoch(&key("a", 5), 10).unwrap());
         assert_eq!(
-            lost.all,
-            vec![
-                (key("a", 2), 1234),
-                (key("a", 3), 5678),
-                (key("b", 1), 1234)
-            ]
+            store
+                .write_round(
+                    &[run("a")],
+                    &[(key("a", 5), checkpoint(5, 1, vec![1, 9]), vec![])]
+                )
+                .unwrap(),
+            1
         );
-
-        // A graceful checkpoint keeps exactly the saved and closing epochs
-        // of the runs it covers: the stray marker of a 7 is dropped.
-        assert!(store.open_epoch(&key("a", 6), 10).unwrap());
-        assert!(store.open_epoch(&key("a", 7), 10).unwrap());
-        assert!(store.open_epoch(&key("b", 8), 10).unwrap());
-        let checkpoint = RunCheckpoint {
-            epochs: vec![StatsBlock {
-                run_id: "a".into(),
-                split: "train".into(),
-                layer: "penultimate".into(),
-                epoch: 6,
-                ..Default::default()
-            }],
-            writers: Vec::new(),
+        let w = |ranges: Vec<u64>| WriterCheckpoint {
+            writer_id: "w".into(),
+            ranges,
         };
+        assert!(store
+            .put_result(&run("a"), &result("a", 4), &[w(vec![10, 12])])
+            .unwrap());
+        assert!(store
+            .put_result(&run("a"), &result("a", 3), &[w(vec![13, 20])])
+            .unwrap());
+        assert!(!store
+            .put_result(&run("ghost"), &result("ghost", 4), &[])
+            .unwrap());
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        let restored = store.load().unwrap();
+        assert_eq!(restored.runs, vec![run("a")]);
+        assert_eq!(restored.results, vec![result("a", 3), result("a", 4)]);
+        // Epoch 4 closed: only 5 is open, with its checkpoint; the closed
+        // epochs' sequences are merged into one interval.
+        assert_eq!(
+            restored.open,
+            vec![(key("a", 5), Some(checkpoint(5, 1, vec![1, 9])))]
+        );
+        assert_eq!(
+            restored.closed_writers,
+            vec![("a".to_owned(), w(vec![10, 20]))]
+        );
+        // A round never writes the checkpoint of a closed epoch.
+        assert_eq!(
+            store
+                .write_round(&[], &[(key("a", 4), checkpoint(4, 2, vec![]), vec![])])
+                .unwrap(),
+            0
+        );
+        store.delete_run("a").unwrap();
+        let restored = store.load().unwrap();
+        assert!(restored.runs.is_empty() && restored.results.is_empty());
+        assert!(restored.open.is_empty() && restored.closed_writers.is_empty());
+    }
+
+    #[test]
+    fn a_round_removes_exactly_the_dirty_markers_it_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_run(&run("a")).unwrap();
+        assert!(!store.mark_writer(&key("ghost", 1), "w", 0).unwrap());
+        for w in ["w", "v", ""] {
+            assert!(store.mark_writer(&key("a", 1), w, 0).unwrap());
+        }
+        assert!(store.mark_writer(&key("a", 2), "w", 0).unwrap());
+        // Snapshot 1 of epoch 1 is taken; "w" then applies more and marks
+        // generation 1 before the round commits: that marker stays.
+        assert!(store.mark_writer(&key("a", 1), "w", 1).unwrap());
+        // A lower generation never lowers a stored marker.
+        assert!(store.mark_writer(&key("a", 1), "w", 0).unwrap());
         store
-            .write_checkpoints(
-                &[(run("a"), checkpoint), (run("b"), RunCheckpoint::default())],
-                &[key("b", 8)],
+            .write_round(&[], &[(key("a", 1), checkpoint(1, 1, vec![]), vec![])])
+            .unwrap();
+        assert_eq!(dirty(&store), vec![(1, "w".into(), 1), (2, "w".into(), 0)]);
+        // A writer still missing since an unclean stop keeps its marker.
+        store
+            .write_round(
+                &[],
+                &[(key("a", 1), checkpoint(1, 2, vec![]), vec!["w".into()])],
             )
             .unwrap();
-        let lost = store.finish_restore(&[key("a", 6)], 9999).unwrap();
-        assert_eq!(lost.new, vec![key("b", 8)], "the close never landed");
-
-        // Deleting a run removes its markers and lost epochs.
-        store.delete_run("a").unwrap();
-        store.delete_run("b").unwrap();
-        let lost = store.finish_restore(&[], 1).unwrap();
-        assert_eq!(lost, LostEpochs::default());
+        assert_eq!(dirty(&store), vec![(1, "w".into(), 1), (2, "w".into(), 0)]);
+        // Closing epoch 2 removes its markers with its open marker.
+        assert!(store.put_result(&run("a"), &result("a", 2), &[]).unwrap());
+        assert_eq!(dirty(&store), vec![(1, "w".into(), 1)]);
     }
 }

@@ -277,7 +277,10 @@ mod tests {
         assert_eq!(applied.durable_through(&durable), Some(19));
         durable.union(&SeqSet::from_flat(&[20, 25]));
         assert_eq!(applied.durable_through(&durable), Some(25));
-        assert_eq!(SeqSet::from_flat(&[0, 3]).durable_through(&SeqSet::default()), None);
+        assert_eq!(
+            SeqSet::from_flat(&[0, 3]).durable_through(&SeqSet::default()),
+            None
+        );
         assert_eq!(SeqSet::default().durable_through(&durable), None);
     }
 
