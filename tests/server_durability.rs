@@ -424,7 +424,7 @@ async fn a_kill_during_a_checkpoint_write_restores_one_acknowledged_state() {
     let mut client = connect(&daemon.url()).await;
     create_run(&mut client, "durable", k, d).await;
     let mut durable = 0u64; // batches per epoch in the last durable checkpoint
-    let mut acknowledged = 0;
+    let (mut acknowledged, mut restored_newest) = (0, 0);
     for round in 0..rounds {
         for epoch in &all {
             client
@@ -435,7 +435,7 @@ async fn a_kill_during_a_checkpoint_write_restores_one_acknowledged_state() {
         let mut forcing = client.clone();
         let checkpoint =
             tokio::spawn(async move { forcing.checkpoint(checkpoint_req("w", true)).await });
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..120))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
         daemon.kill9();
         let acked = matches!(checkpoint.await, Ok(Ok(_)));
         acknowledged += usize::from(acked);
@@ -456,6 +456,7 @@ async fn a_kill_during_a_checkpoint_write_restores_one_acknowledged_state() {
             assert_eq!(n, newest, "an acknowledged checkpoint was lost");
         }
         durable = n;
+        restored_newest += usize::from(n == newest);
         for epoch in &all {
             let summary = client
                 .push(tokio_stream::iter(epoch[..=round].to_vec()))
@@ -469,7 +470,10 @@ async fn a_kill_during_a_checkpoint_write_restores_one_acknowledged_state() {
             );
         }
     }
-    eprintln!("{acknowledged} of {rounds} checkpoints answered before the kill");
+    eprintln!(
+        "{acknowledged} of {rounds} checkpoints answered before the kill, \
+         {restored_newest} restored the newest state"
+    );
     let expected = reference(&x, &y, k, d);
     for epoch in 0..epochs {
         let result = client
