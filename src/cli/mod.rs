@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 pub mod client;
 pub mod compute;
 pub mod demo;
+pub mod finish;
+pub mod plot;
 pub mod serve;
 pub mod synthetic;
 
@@ -59,6 +61,11 @@ enum Command {
     /// Delete a run of a running daemon: its open epochs, history and
     /// exported series (no prompt, no undo).
     Delete(client::DeleteArgs),
+    /// Mark a run finished: it keeps its history and series, takes no more
+    /// pushes, and the stall alert ignores it.
+    Finish(finish::FinishArgs),
+    /// Draw one metric of a run over epochs into an SVG or PNG file.
+    Plot(plot::PlotArgs),
 }
 
 /// Parses the command line, runs the subcommand and maps its outcome to an
@@ -72,6 +79,8 @@ pub fn main() -> ExitCode {
         Command::Runs(args) => client::runs(args),
         Command::History(args) => client::history(args),
         Command::Delete(args) => client::delete(args),
+        Command::Finish(args) => finish::run(args),
+        Command::Plot(args) => plot::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -55,6 +55,23 @@ pub enum ServerError {
         state: &'static str,
     },
 
+    /// Push or close for a run that `FinishRun` marked finished
+    /// (FAILED_PRECONDITION).
+    #[error(
+        "run_id: expected a run that is not finished, received {run_id:?}, which was marked \
+         finished at {finished_at} (FinishRun) and takes no more pushes or closes. Nothing was \
+         applied; continue under a new run"
+    )]
+    RunFinished { run_id: String, finished_at: String },
+
+    /// `FinishRun` while epochs are open or being closed
+    /// (FAILED_PRECONDITION).
+    #[error(
+        "run_id: expected a run without open epochs to finish, received {run_id:?}, which has \
+         open epochs ({open}). Close them (CloseEpoch) first, or delete the run"
+    )]
+    OpenEpochsAtFinish { run_id: String, open: String },
+
     /// Close for an epoch that never received data (FAILED_PRECONDITION).
     #[error("epoch: expected an open epoch of stream {stream} (open: {open}), received {epoch}")]
     NoOpenEpoch {
@@ -193,7 +210,9 @@ impl ServerError {
             ServerError::RunConflict { .. } => Code::AlreadyExists,
             ServerError::EpochClosed { .. }
             | ServerError::NoOpenEpoch { .. }
-            | ServerError::SequenceGaps { .. } => Code::FailedPrecondition,
+            | ServerError::SequenceGaps { .. }
+            | ServerError::RunFinished { .. }
+            | ServerError::OpenEpochsAtFinish { .. } => Code::FailedPrecondition,
             ServerError::BudgetExceeded { .. }
             | ServerError::TooManyRows { .. }
             | ServerError::MessageTooLarge { .. } => Code::ResourceExhausted,
@@ -217,6 +236,9 @@ impl ServerError {
             ServerError::RunConflict { .. } => "already_exists",
             ServerError::EpochClosed { .. } | ServerError::NoOpenEpoch { .. } => "epoch_closed",
             ServerError::SequenceGaps { .. } => "sequence_gaps",
+            ServerError::RunFinished { .. } | ServerError::OpenEpochsAtFinish { .. } => {
+                "run_finished"
+            }
             ServerError::EpochLost { .. } => "epoch_lost",
             ServerError::BudgetExceeded { .. } => "memory_budget",
             ServerError::TooManyRows { .. } | ServerError::MessageTooLarge { .. } => "too_large",
@@ -240,6 +262,7 @@ impl ServerError {
         "already_exists",
         "epoch_closed",
         "sequence_gaps",
+        "run_finished",
         "epoch_lost",
         "memory_budget",
         "too_large",

@@ -83,6 +83,13 @@ const STREAM_GAUGES: &[StreamGauge] = &[
     ),
 ];
 
+/// 1 for a run marked finished (FinishRun), 0 otherwise: stall alerts
+/// ignore finished runs with `unless on (run) vcid_run_finished == 1`.
+const RUN_FINISHED: (&str, &str) = (
+    "vcid_run_finished",
+    "1 if the run was marked finished (FinishRun): it takes no more data.",
+);
+
 /// The daemon's metrics registry.
 pub struct Telemetry {
     registry: Registry,
@@ -280,6 +287,7 @@ impl StateCollector {
                 "Rows folded into a run's accumulators.",
                 vec!["run".to_owned()],
             ),
+            (RUN_FINISHED.0, RUN_FINISHED.1, vec!["run".to_owned()]),
             ("vcid_runs", "Runs registered in the daemon.", vec![]),
             (
                 "vcid_accumulator_bytes",
@@ -312,6 +320,7 @@ impl Collector for StateCollector {
 
         let mut info = Vec::with_capacity(runs.len());
         let mut rows = Vec::with_capacity(runs.len());
+        let mut finished = Vec::with_capacity(runs.len());
         let mut per_gauge: Vec<Vec<Metric>> = vec![Vec::new(); STREAM_GAUGES.len()];
         for run in &runs {
             let id = run.info.run_id.as_str();
@@ -328,6 +337,8 @@ impl Collector for StateCollector {
             metric.set_label(vec![label("run", id)]);
             metric.set_counter(counter);
             rows.push(metric);
+            let done = f64::from(u8::from(run.finished_unix_ms().is_some()));
+            finished.push(gauge_metric(vec![label("run", id)], done));
             for result in run.latest_results() {
                 let labels = vec![
                     label("run", id),
@@ -360,6 +371,12 @@ impl Collector for StateCollector {
                 "Rows folded into a run's accumulators.",
                 MetricType::COUNTER,
                 rows,
+            ));
+            out.push(family(
+                RUN_FINISHED.0,
+                RUN_FINISHED.1,
+                MetricType::GAUGE,
+                finished,
             ));
         }
         out.push(family(

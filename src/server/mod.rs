@@ -14,6 +14,7 @@
 //! | [`daemon`] | request logic over state + store + math core |
 //! | [`export`] | Prometheus names and the scrape-time collector |
 //! | [`http`] | `/metrics`, `/healthz`, `/readyz` |
+//! | [`web`] | the web view at `/` and the HTTP API under `/api/v1` |
 //! | [`service`] | the tonic `VciMonitor` implementation |
 //! | [`auth`] | the bearer-token interceptor |
 //!
@@ -36,6 +37,7 @@ pub mod http;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,7 +75,8 @@ impl ServerHandle {
         self.grpc_addr
     }
 
-    /// The bound HTTP address of `/metrics`, `/healthz`, `/readyz`.
+    /// The bound HTTP address of `/metrics`, `/healthz`, `/readyz` and the
+    /// web view.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
@@ -86,6 +89,11 @@ impl ServerHandle {
     /// `http://<http_addr>/metrics`.
     pub fn metrics_url(&self) -> String {
         format!("http://{}/metrics", self.http_addr)
+    }
+
+    /// `http://<http_addr>/`, the web view.
+    pub fn web_url(&self) -> String {
+        format!("http://{}/", self.http_addr)
     }
 
     /// The daemon core (for in-process callers that skip gRPC).
@@ -246,6 +254,8 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
     let router = http::router(http::HttpState {
         daemon: Arc::clone(&daemon),
         ready: Arc::clone(&ready),
+        auth: auth.clone(),
+        shutdown: shutdown_rx.clone(),
     });
     let http_signal = {
         let mut rx = shutdown_rx.clone();
