@@ -1,4 +1,5 @@
-"""``Monitor.finish()`` and ``finish_on_exit`` against the real daemon: a
+"""``Monitor.finish()`` and ``finish_on_exit`` against the real daemon (keyword
+arguments only, so the test reads the same for every Monitor signature): a
 finished run refuses pushes, an open epoch blocks finishing, and leaving a
 ``with`` block by an exception never finishes the run."""
 
@@ -18,7 +19,7 @@ def data(seed: int, k: int = 3, d: int = 4, rows: int = 30):
 
 def test_finish_marks_the_run_and_refuses_later_pushes(daemon, run_id):
     x, y = data(1)
-    with vcid.Monitor(daemon.address, run_id, 3, 4) as mon:
+    with vcid.Monitor(address=daemon.address, run=run_id, num_classes=3, feature_dim=4) as mon:
         mon.push(x, y, epoch=0)
         mon.flush()
         with pytest.raises(vcid.VcidError) as err:
@@ -41,17 +42,17 @@ def test_finish_marks_the_run_and_refuses_later_pushes(daemon, run_id):
 def test_finish_on_exit_only_after_a_clean_exit(daemon, run_id):
     x, y = data(2)
     with pytest.raises(RuntimeError):
-        with vcid.Monitor(daemon.address, run_id + "-crash", 3, 4, finish_on_exit=True) as mon:
+        with vcid.Monitor(address=daemon.address, run=run_id + "-crash", num_classes=3, feature_dim=4, finish_on_exit=True) as mon:
             mon.push(x, y, epoch=0)
             mon.close_epoch(0)
             raise RuntimeError("training crashed")
-    with vcid.Monitor(daemon.address, run_id + "-crash", 3, 4) as check:
+    with vcid.Monitor(address=daemon.address, run=run_id + "-crash", num_classes=3, feature_dim=4) as check:
         assert not check.run_info().finished
 
-    with vcid.Monitor(daemon.address, run_id, 3, 4, finish_on_exit=True) as mon:
+    with vcid.Monitor(address=daemon.address, run=run_id, num_classes=3, feature_dim=4, finish_on_exit=True) as mon:
         mon.push(x, y, epoch=0)
         mon.close_epoch(0)
         assert not mon.run_info().finished
-    with vcid.Monitor(daemon.address, run_id, 3, 4) as check:
+    with vcid.Monitor(address=daemon.address, run=run_id, num_classes=3, feature_dim=4) as check:
         info = check.run_info()
     assert info.finished and info.closed_epochs == 1

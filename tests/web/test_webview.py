@@ -1,5 +1,5 @@
 """The web view in a real browser (Debian's Chromium through Playwright)
-against the real daemon binary fed over gRPC by the Python client.
+against the real daemon binary, fed over gRPC through the generated stubs.
 
 What the page draws is read from the uPlot instances the page exposes as
 ``window.vcid.charts`` (``chart.data`` is exactly what is drawn) and compared
@@ -15,43 +15,21 @@ import subprocess
 import time
 from pathlib import Path
 
-import grpc
-import numpy as np
-import pytest
+from conftest import Daemon, Feeder
 
-from vcid import Monitor
-from vcid.v1 import vcid_pb2 as pb
-from vcid.v1 import vcid_pb2_grpc as pb_grpc
-
-K, D = 3, 4
+METRICS = ("vci", "linear_probe_mse", "nc1", "cdnv", "class_separation", "equinorm",
+           "equiangularity", "effective_rank", "vci_delta")
 
 
-def clusters(seed: int, spread: float, rows: int = 60, classes=range(K)):
-    """Gaussian clusters around fixed, well separated centres."""
-    rng = np.random.default_rng(seed)
-    centres = np.eye(K, D) * 6.0
-    labels = np.array([classes[i % len(classes)] for i in range(rows)], dtype=np.int64)
-    features = centres[labels] + spread * rng.standard_normal((rows, D))
-    return features.astype(np.float32), labels
+def value(result, metric):
+    """A metric of a proto EpochResult; None when undefined (absent)."""
+    return getattr(result, metric) if result.HasField(metric) else None
 
 
-def feed(monitor: Monitor, epochs, splits=("train", "val"), undefined=()):
-    """Push and close each (split, epoch); ``undefined`` lists (split, epoch)
-    pairs sent with one class only (VCI undefined there)."""
-    out = []
-    for epoch in epochs:
-        for split in splits:
-            one = (split, epoch) in undefined
-            x, y = clusters(100 * epoch + len(split), 2.0 / (1 + epoch), classes=[0] if one else range(K))
-            monitor.push(x, y, epoch=epoch, split=split)
-            out.append(monitor.close_epoch(epoch, split=split))
-    return out
-
-
-def streams(monitor: Monitor):
+def streams(feeder: Feeder, run: str):
     """GetHistory grouped by "split/layer", each in epoch order."""
     groups = {}
-    for r in monitor.history(split=None, layer=None):
+    for r in feeder.history(run):
         groups.setdefault(f"{r.split}/{r.layer}", []).append(r)
     return groups
 
@@ -95,13 +73,13 @@ def assert_chart_is_history(ch, groups, metric, log=False):
             if r is None:
                 assert y == "missing", (label, x, y)
                 continue
-            value = getattr(r, metric)
-            if value is None or (log and value <= 0):
-                assert y is None, (label, x, y, value)
+            v = value(r, metric)
+            if v is None or (log and v <= 0):
+                assert y is None, (label, x, y, v)
             else:
-                assert y == value, (label, x, y, value)
+                assert y == v, (label, x, y, v)
         drawn = [y for y in ys if isinstance(y, (int, float)) and not isinstance(y, bool)]
-        defined = [r for r in groups[label] if getattr(r, metric) is not None]
+        defined = [r for r in groups[label] if value(r, metric) is not None]
         assert len(drawn) == len(defined)
 
 
@@ -127,98 +105,87 @@ def run_items(page):
     }))""")
 
 
-def test_run_list_and_charts_show_what_get_history_returns(daemon, page):
-    with Monitor(daemon.address, "older", K, D, metadata={"model": "mlp", "dataset": "toy"}) as old:
-        feed(old, range(4), undefined={("val", 1)})
-        old.finish()
-        groups = streams(old)
-    newer = Monitor(daemon.address, "newer", K, D)
-    feed(newer, range(2), splits=("train",))
-    x, y = clusters(7, 1.0)
-    newer.push(x, y, epoch=2)  # left open
-    newer.flush()
-    try:
-        open_view(page, daemon)
-        page.wait_for_function("() => document.querySelectorAll('#runs li').length === 2")
-        items = run_items(page)
-        assert [i["run"] for i in items] == ["newer", "older"], "newest first"
-        info = {"older": None, "newer": newer.run_info()}
-        with Monitor(daemon.address, "older", K, D) as again:
-            info["older"] = again.run_info()
-        for item in items:
-            run = info[item["run"]]
-            assert (item["k"], item["d"]) == (str(run.num_classes), str(run.feature_dim))
-            assert item["rows"] == str(run.rows_ingested)
-            assert item["closed"] == str(run.closed_epochs)
-            assert item["open"] == str(len(run.open_epochs))
-            assert item["finished"] == ("true" if run.finished else "false")
-            assert sorted(item["chips"]) == sorted(f"{k}={v}" for k, v in run.metadata.items())
-        older = next(i for i in items if i["run"] == "older")
-        last = {split: rs[-1].vci for split, rs in
-                (("train", groups["train/penultimate"]), ("val", groups["val/penultimate"]))}
-        assert older["latest"] == [["train", f"{last['train']:.4f}"], ["val", f"{last['val']:.4f}"]]
-        assert info["older"].finished and not info["newer"].finished
-        assert info["newer"].open_epochs[0].epoch == 2
+def test_run_list_and_charts_show_what_get_history_returns(daemon, feeder, page):
+    feeder.create("older", {"model": "mlp", "dataset": "toy"})
+    feeder.epochs("older", range(4), undefined={("val", 1)})
+    feeder.finish("older")
+    groups = streams(feeder, "older")
+    feeder.create("newer")
+    feeder.epochs("newer", range(2), splits=("train",))
+    feeder.push("newer", 2)  # left open
 
-        page.click('#runs li[data-run="older"]')
-        vci = wait_chart(page, "vci", "vci", 4)
-        assert_chart_is_history(vci, groups, "vci")
-        # The undefined VCI (val epoch 1, one class) is a gap: null.
-        assert vci["data"][2][1] is None
-        metric = wait_chart(page, "metric", "nc1", 4)
-        assert_chart_is_history(metric, groups, "nc1", log=True)
+    open_view(page, daemon)
+    page.wait_for_function("() => document.querySelectorAll('#runs li').length === 2")
+    items = run_items(page)
+    assert [i["run"] for i in items] == ["newer", "older"], "newest first"
+    for item in items:
+        run = feeder.run(item["run"])
+        assert (item["k"], item["d"]) == (str(run.num_classes), str(run.feature_dim))
+        assert item["rows"] == str(run.rows_ingested)
+        assert item["closed"] == str(run.closed_epochs)
+        assert item["open"] == str(len(run.open_epochs))
+        assert item["finished"] == ("true" if run.finished else "false")
+        assert sorted(item["chips"]) == sorted(f"{k}={v}" for k, v in run.metadata.items())
+    assert feeder.run("older").finished and not feeder.run("newer").finished
+    assert feeder.run("newer").open_epochs[0].epoch == 2
+    older = next(i for i in items if i["run"] == "older")
+    last = {split: groups[f"{split}/penultimate"][-1].vci for split in ("train", "val")}
+    assert older["latest"] == [["train", f"{last['train']:.4f}"], ["val", f"{last['val']:.4f}"]]
 
-        # Hover on epoch 1: the exact train value, and why val is undefined.
-        box = page.locator("#chart-vci .u-over").bounding_box()
-        left = page.evaluate("() => window.vcid.charts.vci.valToPos(1, 'x')")
-        page.mouse.move(box["x"] + left, box["y"] + box["height"] / 2)
-        tip = page.locator("#tooltip")
-        tip.wait_for(state="visible")
-        assert "epoch 1" in tip.locator("h4").text_content()
-        cells = tip.locator("tr").evaluate_all(
-            "rows => rows.map(r => Array.from(r.cells, c => c.textContent))")
-        train_1 = groups["train/penultimate"][1].vci
-        val_1 = groups["val/penultimate"][1]
-        assert cells[0][0] == "train/penultimate" and float(cells[0][1]) == train_1
-        assert cells[1][0] == "val/penultimate"
-        assert cells[1][1] == "undefined: " + val_1.notes["vci"]
-    finally:
-        newer.close()
+    page.click('#runs li[data-run="older"]')
+    vci = wait_chart(page, "vci", "vci", 4)
+    assert_chart_is_history(vci, groups, "vci")
+    # The undefined VCI (val epoch 1, one class) is a gap: null.
+    assert vci["data"][2][1] is None
+    metric = wait_chart(page, "metric", "nc1", 4)
+    assert_chart_is_history(metric, groups, "nc1", log=True)
+
+    # Hover on epoch 1: the exact train value, and why val is undefined.
+    box = page.locator("#chart-vci .u-over").bounding_box()
+    left = page.evaluate("() => window.vcid.charts.vci.valToPos(1, 'x')")
+    page.mouse.move(box["x"] + left, box["y"] + box["height"] / 2)
+    tip = page.locator("#tooltip")
+    tip.wait_for(state="visible")
+    assert "epoch 1" in tip.locator("h4").text_content()
+    cells = tip.locator("tr").evaluate_all(
+        "rows => rows.map(r => Array.from(r.cells, c => c.textContent))")
+    val_1 = groups["val/penultimate"][1]
+    assert cells[0][0] == "train/penultimate"
+    assert float(cells[0][1]) == groups["train/penultimate"][1].vci
+    assert cells[1] == ["val/penultimate", "undefined: " + val_1.notes["vci"]]
 
 
-def test_a_closed_epoch_appears_live_without_reload(daemon, page):
-    with Monitor(daemon.address, "live", K, D) as monitor:
-        feed(monitor, range(2))
-        open_view(page, daemon, "live")
-        wait_chart(page, "vci", "vci", 2)
-        page.evaluate("() => { window.__sameDocument = true; }")
-        latencies = []
-        for epoch in (2, 3):
-            x, y = clusters(epoch, 0.5)
-            monitor.push(x, y, epoch=epoch, split="train")
-            monitor.close_epoch(epoch, split="train")
-            closed = time.monotonic()
-            # The acceptance criterion: the point is drawn within a second.
-            page.wait_for_function(
-                "n => window.vcid.charts.vci.data[0].length === n", arg=epoch + 1, timeout=1000)
-            latencies.append(time.monotonic() - closed)
-        assert page.evaluate("() => window.__sameDocument === true"), "the page was not reloaded"
-        vci = chart(page, "vci")
-        assert_chart_is_history(vci, streams(monitor), "vci")
-        # val has no result at epochs 2 and 3: skipped, not a gap.
-        assert vci["data"][2][2:] == ["missing", "missing"]
-        print(f"closed epoch -> point drawn: {[round(t * 1000) for t in latencies]} ms")
+def test_a_closed_epoch_appears_live_without_reload(daemon, feeder, page):
+    feeder.create("live")
+    feeder.epochs("live", range(2))
+    open_view(page, daemon, "live")
+    wait_chart(page, "vci", "vci", 2)
+    page.evaluate("() => { window.__sameDocument = true; }")
+    latencies = []
+    for epoch in (2, 3):
+        feeder.push("live", epoch, spread=0.5)
+        feeder.close("live", epoch)
+        closed = time.monotonic()
+        # The acceptance criterion: the point is drawn within a second.
+        page.wait_for_function(
+            "n => window.vcid.charts.vci.data[0].length === n", arg=epoch + 1, timeout=1000)
+        latencies.append(time.monotonic() - closed)
+    assert page.evaluate("() => window.__sameDocument === true"), "the page was not reloaded"
+    vci = chart(page, "vci")
+    assert_chart_is_history(vci, streams(feeder, "live"), "vci")
+    # val has no result at epochs 2 and 3: skipped, not a gap.
+    assert vci["data"][2][2:] == ["missing", "missing"]
+    print(f"closed epoch -> point drawn: {[round(t * 1000) for t in latencies]} ms")
 
 
-def test_metric_selector_switches_series(daemon, page):
-    with Monitor(daemon.address, "metrics", K, D) as monitor:
-        feed(monitor, range(3))
-        groups = streams(monitor)
+def test_metric_selector_switches_series(daemon, feeder, page):
+    feeder.create("metrics")
+    feeder.epochs("metrics", range(3))
+    groups = streams(feeder, "metrics")
     open_view(page, daemon, "metrics")
     assert_chart_is_history(wait_chart(page, "metric", "nc1", 3), groups, "nc1", log=True)
     options = page.locator("#metric option").evaluate_all("os => os.map(o => o.value)")
-    assert options == ["linear_probe_mse", "nc1", "cdnv", "class_separation", "equinorm",
-                       "equiangularity", "effective_rank", "vci_delta"]
+    assert options == [m for m in METRICS if m != "vci"]
     page.select_option("#metric", "cdnv")
     assert_chart_is_history(wait_chart(page, "metric", "cdnv", 3), groups, "cdnv", log=True)
     assert page.is_checked("#log")
@@ -236,20 +203,18 @@ def test_metric_selector_switches_series(daemon, page):
                             "class_separation", log=True)
 
 
-def test_a_deleted_run_disappears(daemon, page):
+def test_a_deleted_run_disappears(daemon, feeder, page):
     for run in ("keep", "gone", "shown"):
-        with Monitor(daemon.address, run, K, D) as monitor:
-            feed(monitor, range(1), splits=("train",))
+        feeder.create(run)
+        feeder.epochs(run, range(1), splits=("train",))
     open_view(page, daemon, "shown")
     page.wait_for_function("() => document.querySelectorAll('#runs li').length === 3")
     wait_chart(page, "vci", "vci", 1)
-    with grpc.insecure_channel(daemon.address) as channel:
-        stub = pb_grpc.VciMonitorStub(channel)
-        stub.DeleteRun(pb.DeleteRunRequest(run_id="gone"))
-        page.locator('#runs li[data-run="gone"]').wait_for(state="detached", timeout=5000)
-        # Deleting the run on screen clears its charts and says so.
-        stub.DeleteRun(pb.DeleteRunRequest(run_id="shown"))
-        page.locator('#runs li[data-run="shown"]').wait_for(state="detached", timeout=5000)
+    feeder.delete("gone")
+    page.locator('#runs li[data-run="gone"]').wait_for(state="detached", timeout=5000)
+    # Deleting the run on screen clears its charts and says so.
+    feeder.delete("shown")
+    page.locator('#runs li[data-run="shown"]').wait_for(state="detached", timeout=5000)
     assert page.locator("#run-view").is_hidden()
     assert "was deleted" in page.locator("#empty-text").text_content()
     assert page.evaluate("() => window.vcid.charts.vci") is None
@@ -257,21 +222,18 @@ def test_a_deleted_run_disappears(daemon, page):
 
 
 def test_with_a_token_the_page_refuses_until_signed_in(vcid_command, tmp_path, page):
-    from vcid.local import LocalDaemon
-
     token = tmp_path / "token"
     token.write_text("web-s3cret\n")
-    with LocalDaemon(vcid_command, data_dir=tmp_path / "data",
-                     extra_args=["--auth-token-file", str(token)]) as daemon:
-        with Monitor(daemon.address, "private", K, D, token="web-s3cret") as monitor:
-            feed(monitor, range(2))
-        url = f"http://{daemon.http_address}/"
-        response = page.goto(url)
+    daemon = Daemon(vcid_command, tmp_path / "data", ["--auth-token-file", str(token)])
+    try:
+        feeder = Feeder(daemon.address, token="web-s3cret")
+        feeder.create("private")
+        feeder.epochs("private", range(2))
+        response = page.goto(f"http://{daemon.http_address}/")
         assert response.status == 401
         assert page.locator("#runs").count() == 0
         assert page.locator("input[name=token]").is_visible()
-        status = page.evaluate("() => fetch('/api/v1/runs').then(r => r.status)")
-        assert status == 401
+        assert page.evaluate("() => fetch('/api/v1/runs').then(r => r.status)") == 401
         page.fill("input[name=token]", "wrong")
         page.click("button[type=submit]")
         assert "Wrong token" in page.locator("#login-message").text_content()
@@ -286,6 +248,8 @@ def test_with_a_token_the_page_refuses_until_signed_in(vcid_command, tmp_path, p
         page.click("#logout button")
         page.locator("input[name=token]").wait_for()
         assert page.evaluate("() => fetch('/api/v1/runs').then(r => r.status)") == 401
+    finally:
+        daemon.stop()
 
 
 def test_demo_prints_its_web_address_and_the_curves_fill_in(vcid_command, page, tmp_path):
@@ -301,7 +265,7 @@ def test_demo_prints_its_web_address_and_the_curves_fill_in(vcid_command, page, 
         for line in demo.stdout:
             found = re.search(r"web view: (http://\S+/)", line)
             web = web or (found and found.group(1))
-            found = re.search(r"gRPC (http://\S+)", line)
+            found = re.search(r"gRPC http://(\S+)", line)
             grpc_addr = grpc_addr or (found and found.group(1))
             if web and grpc_addr:
                 break
@@ -321,18 +285,15 @@ def test_demo_prints_its_web_address_and_the_curves_fill_in(vcid_command, page, 
         assert len(seen - {0, epochs}) >= 3, f"the curves filled in live: saw {sorted(seen)}"
         assert ch["labels"] == ["train/penultimate", "val/penultimate"]
         train, val = ch["data"][1], ch["data"][2]
-        assert all(isinstance(v, float) for v in train + val)
         assert train[-1] < train[0] and val[-1] > train[-1], "train collapses further than val"
 
         # Two small extra runs so the list shows both states, then the shot.
-        address = grpc_addr.removeprefix("http://")
-        with Monitor(address, "sweep-lr0.01", K, D,
-                     metadata={"model": "synthetic-mlp", "lr": "0.01"}) as m:
-            feed(m, range(6))
-            m.finish()
-        with Monitor(address, "sweep-lr0.1", K, D,
-                     metadata={"model": "synthetic-mlp", "lr": "0.1"}) as m:
-            feed(m, range(3))
+        feeder = Feeder(grpc_addr)
+        feeder.create("sweep-lr0.01", {"model": "synthetic-mlp", "lr": "0.01"})
+        feeder.epochs("sweep-lr0.01", range(6))
+        feeder.finish("sweep-lr0.01")
+        feeder.create("sweep-lr0.1", {"model": "synthetic-mlp", "lr": "0.1"})
+        feeder.epochs("sweep-lr0.1", range(3))
         # The list settles (rows are refreshed shortly after each event).
         page.wait_for_function("""() => Array.from(document.querySelectorAll('#runs li'),
             li => li.querySelector('[data-rows]').dataset.rows).join() === '360,720,98304'""")

@@ -92,7 +92,11 @@ pub(crate) async fn events(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let params = query_params(query, &["run"])?;
-    let run = params.into_iter().next().map(|(_, run)| run);
+    let run = params
+        .into_iter()
+        .next()
+        .map(|(_, run)| run)
+        .filter(|run| !run.is_empty());
     let rx = match &run {
         Some(run) => state.daemon.subscribe(run)?,
         None => state.daemon.subscribe_all(),
