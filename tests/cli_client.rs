@@ -187,11 +187,20 @@ async fn runs_lists_every_run_with_its_counts() {
     // alpha: K 3, d 2, 12+12+3+12 rows, 1 open epoch, 3 closed.
     assert_eq!(
         row(&table, &["alpha"]),
-        ["alpha", "3", "2", "39", "1", "3", "dataset=toy,model=mlp"]
+        [
+            "alpha",
+            "3",
+            "2",
+            "39",
+            "1",
+            "3",
+            "running",
+            "dataset=toy,model=mlp"
+        ]
     );
     assert_eq!(
         row(&table, &["beta"]),
-        ["beta", "2", "5", "0", "0", "0", "-"]
+        ["beta", "2", "5", "0", "0", "0", "running", "-"]
     );
 
     // The address without scheme works as well, and JSON matches GetRun.
@@ -369,7 +378,7 @@ async fn delete_removes_the_run_and_says_what_it_held() {
     assert!(!table.lines().any(|l| l.starts_with("alpha")), "{table}");
     assert_eq!(
         row(&table, &["beta"]),
-        ["beta", "2", "5", "0", "0", "0", "-"]
+        ["beta", "2", "5", "0", "0", "0", "running", "-"]
     );
     let status = client
         .get_run(GetRunRequest {

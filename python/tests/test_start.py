@@ -112,7 +112,7 @@ def test_a_monitor_starts_a_daemon_a_rerun_appends_and_vcid_stop_ends_it(isolate
     started = [line for line in err.splitlines() if "started a local daemon" in line]
     assert len(started) == 1, err
     assert f"gRPC {env['VCID_ADDR']}" in started[0]
-    assert f"metrics http://{env['VCID_HTTP_ADDR']}/metrics" in started[0]
+    assert f"web view http://{env['VCID_HTTP_ADDR']}/" in started[0]
 
     # The daemon outlived the script; its file says where it is.
     info = _daemon_file(isolated["data_dir"])
