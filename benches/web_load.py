@@ -12,7 +12,8 @@ then `CloseEpoch`, each close durable), then measures:
     time from navigation until both charts of r000 are drawn with every
     epoch.
 
-Usage: VCID_BIN=target/release/vcid python benches/web_load.py [RUNS] [EPOCHS]
+Usage (with the package installed: pip install ./python):
+VCID_BIN=target/release/vcid python benches/web_load.py [RUNS] [EPOCHS]
 (defaults 100 and 1000). Bounded: it stops by itself after the measurement.
 """
 
@@ -30,13 +31,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "python" / "src"))
+from vcid import LocalAccumulator
+from vcid.local import LocalDaemon
+from vcid.v1 import vcid_pb2 as pb
+from vcid.v1 import vcid_pb2_grpc as pb_grpc
 
-from vcid import LocalAccumulator  # noqa: E402
-from vcid.local import LocalDaemon  # noqa: E402
-from vcid.v1 import vcid_pb2 as pb  # noqa: E402
-from vcid.v1 import vcid_pb2_grpc as pb_grpc  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def block(run: str, split: str, epoch: int, rng) -> pb.StatsBlock:
