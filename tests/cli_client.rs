@@ -5,6 +5,8 @@
 //! client, and what the binary prints is checked against what the server
 //! returns over gRPC.
 
+mod web_support;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -16,6 +18,7 @@ use vcid::proto::{
     GetRunRequest,
 };
 use vcid::server::{spawn, ServeConfig, ServerHandle};
+use web_support::three_classes;
 
 type Client = VciMonitorClient<tonic::transport::Channel>;
 
@@ -89,22 +92,6 @@ async fn close(client: &mut Client, run: &str, split: &str, epoch: u64) -> Epoch
         .await
         .unwrap()
         .into_inner()
-}
-
-/// 12 rows of K = 3 classes in d = 2 with some within-class spread; the
-/// `shrink` factor scales that spread (smaller: more collapsed).
-fn three_classes(shrink: f32) -> (Vec<f32>, Vec<u32>) {
-    let centres = [(0.0f32, 0.0f32), (4.0, 0.0), (0.0, 4.0)];
-    let offsets = [(1.0f32, 0.5f32), (-1.0, 0.3), (0.4, -1.0), (-0.4, 0.2)];
-    let mut features = Vec::new();
-    let mut labels = Vec::new();
-    for (k, (cx, cy)) in centres.iter().enumerate() {
-        for (ox, oy) in offsets {
-            features.extend([cx + shrink * ox, cy + shrink * oy]);
-            labels.push(k as u32);
-        }
-    }
-    (features, labels)
 }
 
 /// Run "alpha" (K=3, d=2): train epochs 0 and 1 closed, val epoch 0 closed
