@@ -577,7 +577,7 @@ class Monitor:
     def _resync(self) -> None:
         """Resend held batches and stats blocks if the daemon restarted
         since it applied them, and wait until they are confirmed."""
-        self._sender.resync(self._conn.timeout)
+        self._sender.flush(self._conn.timeout, resync=True)
         self._raise_pending()
         with self._stats_lock:
             if self._stats_held:

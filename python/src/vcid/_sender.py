@@ -277,28 +277,18 @@ class Sender:
                 )
             self._sequence = first + len(batches) - 1
 
-    def flush(self, timeout: float) -> None:
+    def flush(self, timeout: float, resync: bool = False) -> None:
         """Wait until every batch submitted so far is confirmed (or
         discarded after an error, see ``take_error``); ends the current
-        stream. ``VcidError`` ``DEADLINE_EXCEEDED`` after ``timeout`` s."""
-        marker = _Flush()
+        stream. With ``resync``, first ask the daemon whether it restarted
+        since it applied the held batches, and resend them if so.
+        ``VcidError`` ``DEADLINE_EXCEEDED`` after ``timeout`` s."""
+        marker = _Flush(probe=resync)
         self._outbox.put_marker(marker)
         if not marker.event.wait(timeout):
             raise VcidError(
                 "DEADLINE_EXCEEDED",
                 f"flush: expected the daemon to confirm the pushed batches within {timeout}s, "
-                f"received no confirmation ({self.pending} batches still queued)",
-            )
-
-    def resync(self, timeout: float) -> None:
-        """Ask the daemon whether it restarted since it applied the held
-        batches, resend them if so, and wait until they are confirmed."""
-        marker = _Flush(probe=True)
-        self._outbox.put_marker(marker)
-        if not marker.event.wait(timeout):
-            raise VcidError(
-                "DEADLINE_EXCEEDED",
-                f"resync: expected the daemon to confirm the resent batches within {timeout}s, "
                 f"received no confirmation ({self.pending} batches still held)",
             )
 
