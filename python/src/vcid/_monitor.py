@@ -462,22 +462,25 @@ class Monitor:
 
     def push_stats(
         self,
-        acc: LocalAccumulator,
+        acc: Any,
         epoch: int,
         split: str = DEFAULT_SPLIT,
         layer: str = DEFAULT_LAYER,
     ) -> PushSummary:
-        """Send a ``LocalAccumulator`` (``PushStats``: its §2.1 statistics and
-        its ``unit_within_trace``); merged exactly into the open epoch.
+        """Send a ``LocalAccumulator`` or a ``vcid.torch.TorchAccumulator``
+        (``PushStats``: its §2.1 statistics and its ``unit_within_trace``);
+        merged exactly into the open epoch.
         Retried safely (same idempotence key) while the daemon is
         unreachable. Returns the daemon's summary of this one call."""
         self._check_usable()
         epoch = check_epoch(epoch)
         split = check_name("split", split, 64)
         layer = check_name("layer", layer, 64)
+        if hasattr(acc, "to_local"):  # vcid.torch.TorchAccumulator: one copy to the host
+            acc = acc.to_local()
         if not isinstance(acc, LocalAccumulator):
-            raise ValueError(f"acc: expected a vcid.LocalAccumulator, received "
-                             f"{type(acc).__name__}")
+            raise ValueError(f"acc: expected a vcid.LocalAccumulator or "
+                             f"vcid.torch.TorchAccumulator, received {type(acc).__name__}")
         if (acc.num_classes, acc.feature_dim) != (self._num_classes, self._feature_dim):
             raise ValueError(
                 f"acc: expected num_classes={self._num_classes}, feature_dim="
