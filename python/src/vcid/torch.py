@@ -132,16 +132,17 @@ class TorchAccumulator:
 
     ``update`` never synchronises with the host or copies to it: no
     ``.item()``, no ``.cpu()``, no Python branch on tensor values. A batch is
-    reduced about its own class means (corrected two-pass) and its own mean,
-    and folded in with the Chan–Golub–LeVeque formula, the same algorithm as
-    the daemon's; its scatter and the Chan correction enter ``scatter`` as
-    one matrix product. Per-class work is proportional to the rows of the
-    batch, not to K: the classes present get a compact slot each (the row of
-    their first occurrence), and only their rows of the K-row tables are
-    read and updated.
+    reduced about its own class means (two-pass) and its own mean, and
+    folded in with the Chan–Golub–LeVeque formula, as ``LocalAccumulator``
+    and the daemon do; its scatter and the Chan correction enter ``scatter``
+    as one matrix product. Per-class work is bounded by the rows of the
+    batch, not by K: when K exceeds the batch's rows, the classes present
+    get a compact slot each (the row of their first occurrence), and only
+    their rows of the K-row tables are read and updated.
 
     Because values are never inspected on the host, a batch with a NaN or
-    infinite feature, or a label outside ``[0, num_classes)``, cannot raise
+    infinite feature (or values so large that their sum overflows), or a
+    label outside ``[0, num_classes)``, cannot raise
     in ``update``: it is left out of the statistics (on the device) and
     counted, and ``to_local`` (hence ``Monitor.push_stats``) and
     ``all_reduce`` then raise ``ValueError`` saying how many batches were
@@ -251,32 +252,35 @@ class TorchAccumulator:
         x, y = self._check_batch(features, labels)
         k, n = self._k, x.shape[0]
         dev = x.device
-        # Invalid batches are zeroed and weighted 0, decided on the device.
-        ok = torch.isfinite(x).all() & ((y >= 0) & (y < k)).all()
-        x = torch.where(ok, x, torch.zeros((), dtype=_F64, device=dev))
-        y = torch.where(ok, y, torch.zeros((), dtype=torch.int64, device=dev))
+        # An invalid batch is zeroed and weighted 0, decided on the device.
+        # (A sum that overflows also rejects the batch: its scatter would.)
+        ok = torch.isfinite(x.sum()) & ((y >= 0) & (y < k)).all()
+        x = torch.where(ok, x, 0.0)
+        y = torch.where(ok, y, 0)
         self._rejected += (~ok).to(torch.int64)
-        rows = torch.arange(n, device=dev)
 
-        # Slots: each row points at the first row of its class, so the
-        # per-class tables of this batch have n rows whatever K is.
-        first = torch.full((k,), n, dtype=torch.int64, device=dev)
-        first.scatter_reduce_(0, y, rows, reduce="amin")
-        slot = first[y]
+        # Per-class tables of this batch: one row per class when K <= rows;
+        # otherwise one row per batch row, each row pointing at the first row
+        # of its class, so the work never grows with K. (The choice depends
+        # on shapes only, never on values.)
+        if k <= n:
+            slot, classes, slots = y, torch.arange(k, device=dev), k
+        else:
+            first = torch.full((k,), n, dtype=torch.int64, device=dev)
+            first.scatter_reduce_(0, y, torch.arange(n, device=dev), reduce="amin")
+            slot, classes, slots = first[y], y, n
 
         def per_slot(values: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros((n,) + values.shape[1:], dtype=values.dtype, device=dev)
+            out = torch.zeros((slots,) + values.shape[1:], dtype=values.dtype, device=dev)
             return out.index_add_(0, slot, values)
 
+        def row_squares(v: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("ij,ij->i", v, v)
+
+        # Two-pass class means and within-class traces.
         count_b = per_slot(ok.to(torch.int64).expand(n))
-        inv = 1.0 / count_b.clamp(min=1).to(_F64)
-        # Corrected two-pass class means and within-class traces.
-        mean_b = per_slot(x) * inv[:, None]
-        resid = x - mean_b[slot]
-        shift = per_slot(resid) * inv[:, None]
-        mean_b += shift
-        within_b = (per_slot((resid * resid).sum(1))
-                    - count_b.to(_F64) * (shift * shift).sum(1)).clamp(min=0.0)
+        mean_b = per_slot(x) / count_b.clamp(min=1).to(_F64)[:, None]
+        within_b = per_slot(row_squares(x - mean_b[slot]))
         # Unit vectors u = h/‖h‖ over non-zero rows, and their spread about
         # the class's mean direction (second pass).
         norms = torch.linalg.vector_norm(x, dim=1)
@@ -285,8 +289,7 @@ class TorchAccumulator:
         ucount_b = per_slot(has_unit.to(torch.int64))
         usum_b = per_slot(unit)
         direction_b = usum_b / ucount_b.clamp(min=1).to(_F64)[:, None]
-        spread = (unit - direction_b[slot]) * has_unit.to(_F64)[:, None]
-        uwithin_b = per_slot((spread * spread).sum(1))
+        uwithin_b = per_slot(row_squares(unit - direction_b[slot]) * has_unit)
 
         # Scatter: the batch centred on its own mean, plus the Chan
         # correction √w·δ as one more row, in one product.
@@ -295,14 +298,16 @@ class TorchAccumulator:
         mu_b = (count_b.to(_F64) @ mean_b) / n_b.clamp(min=1).to(_F64)
         delta = mu_b - self._mean
         weight = (self._n * n_b).to(_F64) / n_total.clamp(min=1).to(_F64)
-        centred = torch.cat([x - mu_b, (weight.sqrt() * delta)[None, :]])
+        centred = torch.empty((n + 1, self._d), dtype=_F64, device=dev)
+        torch.sub(x, mu_b, out=centred[:n])
+        centred[n] = weight.sqrt() * delta
         self._scatter.addmm_(centred.T, centred)
         self._mean += delta * (n_b.to(_F64) / n_total.clamp(min=1).to(_F64))
         self._n = n_total
 
-        # Chan merge of the present classes (slot s holds class y[s]; a slot
-        # that is not the first row of its class has count 0 and adds 0).
-        self._merge_rows(y, count_b, mean_b, within_b, ucount_b, usum_b, uwithin_b)
+        # Chan merge of the classes present (a slot that holds no rows has
+        # count 0 and adds 0).
+        self._merge_rows(classes, count_b, mean_b, within_b, ucount_b, usum_b, uwithin_b)
         return self
 
     def _check_batch(self, features: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
