@@ -130,9 +130,7 @@ fn options() -> Result<Options, BoxError> {
             }
         }
     }
-    SHAPE
-        .set((dim, classes))
-        .map_err(|_| "shape already set")?;
+    SHAPE.set((dim, classes)).map_err(|_| "shape already set")?;
     Ok(opts)
 }
 
