@@ -179,11 +179,14 @@ impl FoldScratch {
             .zip(norms.iter_mut())
         {
             let slot = s as usize;
-            classes.within_trace[slot] += residual_pass(
-                &mut residual[slot_range(s)],
-                row,
-                &classes.means[slot_range(s)],
-            );
+            // A class with one row has its mean exactly (h·1): no residual.
+            if classes.counts[slot] > 1 {
+                classes.within_trace[slot] += residual_pass(
+                    &mut residual[slot_range(s)],
+                    row,
+                    &classes.means[slot_range(s)],
+                );
+            }
             *norm = simd::norm(row);
             if *norm > 0.0 {
                 add_scaled(&mut classes.unit_sum[slot_range(s)], row, 1.0 / *norm);
@@ -193,7 +196,7 @@ impl FoldScratch {
 
         // 3. Mean correction: μ = μ₀ + Σ(h − μ₀)/n, and
         //    Σ‖h − μ‖² = Σ‖h − μ₀‖² − n‖μ − μ₀‖² (exact identity).
-        for (s, &count) in classes.counts.iter().enumerate() {
+        for (s, &count) in classes.counts.iter().enumerate().filter(|(_, &c)| c > 1) {
             let shift_squared = simd::shift_mean(
                 &mut classes.means[s * dim..(s + 1) * dim],
                 &residual[s * dim..(s + 1) * dim],
@@ -212,8 +215,9 @@ impl FoldScratch {
             .zip(norms.iter())
             .zip(centred[..n * dim].chunks_exact_mut(dim))
         {
-            if norm > 0.0 {
-                let slot = s as usize;
+            let slot = s as usize;
+            // One unit vector is its own mean direction: spread exactly 0.
+            if norm > 0.0 && classes.unit_count[slot] > 1 {
                 let inv_count = 1.0 / classes.unit_count[slot] as f64;
                 classes.unit_within_trace[slot] += simd::squared_difference(
                     row,

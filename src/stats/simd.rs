@@ -24,7 +24,7 @@ const LANES: usize = 8;
 /// Which variant of the kernels runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
-pub(crate) enum Level {
+enum Level {
     Baseline = 1,
     Avx2 = 2,
     Avx512 = 3,
@@ -35,7 +35,7 @@ static LEVEL: AtomicU8 = AtomicU8::new(0);
 
 /// The widest level the CPU supports, detected on first use.
 #[inline]
-pub(crate) fn level() -> Level {
+fn level() -> Level {
     match LEVEL.load(Ordering::Relaxed) {
         1 => Level::Baseline,
         2 => Level::Avx2,

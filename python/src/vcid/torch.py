@@ -6,7 +6,7 @@ Owns three things:
 - ``FeatureHook``: a forward hook that pushes a module's output with the
   current batch's labels through ``Monitor.push`` (raw features; the daemon
   does the statistics).
-- ``TorchAccumulator``: the SPEC §2.1 statistics (plus ``unit_within_trace``)
+- ``TorchAccumulator``: the sufficient statistics (as ``LocalAccumulator``)
   kept as float64 tensors on the features' device, updated without any host
   synchronisation or copy, merged exactly, and combined across
   ``torch.distributed`` ranks; ``Monitor.push_stats`` sends it.
@@ -124,7 +124,7 @@ class TorchAccumulator:
     """Exact class statistics of a stream of (features, labels), kept as
     float64 tensors on the features' device.
 
-    Holds what ``vcid.LocalAccumulator`` holds (SPEC §2.1 plus
+    Holds what ``vcid.LocalAccumulator`` holds (the sufficient statistics plus
     ``unit_within_trace``), with the same attribute names, as tensors:
     ``class_counts`` (K, int64), ``class_means`` (K×d), ``scatter`` (d×d,
     M2 about the global mean, full symmetric), ``within_trace`` (K),
