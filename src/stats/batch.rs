@@ -24,10 +24,10 @@ use super::StatsError;
 /// Marks a class without a slot in `FoldScratch::slot_of`.
 const NO_SLOT: u32 = u32::MAX;
 
-/// Reusable working memory for [`Accumulator::fold_batch_with`]
-/// (`super::Accumulator`): the batch centred on its own mean (d × rows
-/// f64), the statistics of the classes present in the batch, and per-row
-/// bookkeeping. Keep one per thread that folds batches; it grows to the
+/// Reusable working memory for
+/// [`Accumulator::fold_batch_with`](super::Accumulator::fold_batch_with):
+/// the batch centred on its own mean (d × rows f64), the statistics of the
+/// classes present in the batch, and per-row bookkeeping. Keep one per thread that folds batches; it grows to the
 /// largest batch and class count it has seen and then allocates nothing.
 #[derive(Debug, Default)]
 pub struct FoldScratch {
