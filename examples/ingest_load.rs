@@ -51,10 +51,10 @@ use std::time::{Duration, Instant};
 use faer::linalg::matmul::triangular::{matmul, BlockStructure};
 use faer::{Accum, Mat};
 use ndarray::Array2;
-use vcid::cli::synthetic::{Split, Synthetic};
 use vcid::proto::vci_monitor_client::VciMonitorClient;
 use vcid::proto::{CloseEpochRequest, CreateRunRequest, Encoding, FeatureBatch};
 use vcid::stats::{Accumulator, Par};
+use vcid::synthetic::{Split, Synthetic};
 
 const ROWS: usize = 256;
 const POOL: usize = 16;

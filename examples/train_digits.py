@@ -12,8 +12,8 @@ daemon, closes both epochs and prints accuracy and VCI side by side.
     python examples/train_digits.py --address 127.0.0.1:50051
 
 Without --address it starts `vcid serve` on free loopback ports with a
-temporary data directory (binary: $VCID_BIN, else target/release/vcid, else
-`vcid` on PATH, else `cargo run --release --`), and stops it at the end.
+temporary data directory (the package's own `vcid` command, or $VCID_BIN),
+and stops it at the end.
 Exits with status 1 if the training VCI did not fall clearly (to half of its
 starting value or less), so CI notices when the example stops showing what
 it is meant to show.
@@ -24,15 +24,11 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
-from pathlib import Path
 
 import numpy as np
 
 import vcid
 from vcid.local import LocalDaemon, find_vcid
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 class MLP:
     """64 -> hidden -> penultimate -> 10 with ReLU; He initialisation;
@@ -102,7 +98,7 @@ def run(address, args):
     model = MLP([64, args.hidden, args.penultimate, 10], rng)
     run_id = args.run or f"digits-mlp-{uuid.uuid4().hex[:8]}"
     rows = []
-    with vcid.Monitor(address, run_id, num_classes=10, feature_dim=args.penultimate,
+    with vcid.Monitor(run_id, num_classes=10, feature_dim=args.penultimate, address=address,
                       metadata={"model": "mlp-64-32", "dataset": "sklearn-digits"}) as mon:
         print(f"run {run_id} on {address}: {len(y_train)} train / {len(y_val)} held-out "
               f"samples, penultimate dimension {args.penultimate}")
@@ -155,9 +151,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.address:
         return run(args.address, args)
-    command = find_vcid(REPO)
-    slow_start = command[0] == "cargo"  # may compile first
-    with LocalDaemon(command, ready_timeout=1800.0 if slow_start else 60.0) as daemon:
+    command = find_vcid()
+    with LocalDaemon(command) as daemon:
         print(f"started {' '.join(command)} serve on {daemon.address} "
               f"(data in {daemon.data_dir})")
         return run(daemon.address, args)

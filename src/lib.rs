@@ -8,14 +8,18 @@
 //! Data flows one way, and the modules follow it:
 //!
 //! ```text
-//! wire (proto) -> decode (server::decode) -> batch statistics (stats)
-//!   -> accumulator (stats, held by server::state) -> close (metrics)
-//!   -> export (server::export) and store (server::store)
+//! wire (proto) -> decode (server) -> batch statistics (stats)
+//!   -> accumulator (stats, held by the server's state) -> close (metrics)
+//!   -> export and store (server)
 //! ```
 //!
-//! `stats`, `metrics` and `linalg` are pure computation with no I/O; the
-//! server and the command line only wire them up.
+//! The public API: the math core (`stats`, `metrics`, `linalg`: pure
+//! computation with no I/O), `npy` files, the wire types (`proto`), bearer
+//! tokens (`auth`), synthetic collapsing data (`synthetic`), the daemon's
+//! small embedding API (`server`: configure, run or spawn, stop) and the
+//! command line's entry point (`cli::main`). Everything else is internal.
 
+pub mod auth;
 pub mod cli;
 pub mod linalg;
 pub mod metrics;
@@ -23,3 +27,4 @@ pub mod npy;
 pub mod proto;
 pub mod server;
 pub mod stats;
+pub mod synthetic;

@@ -1,8 +1,8 @@
 //! Dense linear-algebra building blocks for the math core, on `faer`.
 //!
-//! Owns the symmetric eigendecomposition and the SPEC §2.3 rule that decides
-//! which eigenvalues count as non-zero (and so defines pseudo-inverses and
-//! ranks). Pure computation: no I/O, no logging, no global state (the
+//! Owns the symmetric eigendecomposition and the tolerance rule of
+//! `docs/metrics.md` ("Tolerance") that decides which eigenvalues count as
+//! non-zero (and so defines pseudo-inverses and ranks). Pure computation: no I/O, no logging, no global state (the
 //! parallelism is always passed in, never read from faer's global setting).
 
 use faer::dyn_stack::{MemBuffer, MemStack};
@@ -59,8 +59,8 @@ impl SymmetricEigen {
         Ok(Self { values, vectors })
     }
 
-    /// Indices of the eigenvalues that count as non-zero under SPEC §2.3 for
-    /// a matrix of order `order` (usually the matrix's own order).
+    /// Indices of the eigenvalues that count as non-zero under the tolerance
+    /// for a matrix of order `order` (usually the matrix's own order).
     pub fn kept(&self, order: usize) -> Vec<usize> {
         let threshold = nonzero_threshold(&self.values, order);
         (0..self.values.len())
@@ -69,8 +69,8 @@ impl SymmetricEigen {
     }
 }
 
-/// SPEC §2.3: an eigenvalue of a PSD matrix of order `order` counts as
-/// non-zero when it exceeds `λ_max · order · ε`. For the zero matrix the
+/// The tolerance (`docs/metrics.md`): an eigenvalue of a PSD matrix of
+/// order `order` counts as non-zero when it exceeds `λ_max · order · ε`. For the zero matrix the
 /// threshold is 0 and nothing is kept.
 pub fn nonzero_threshold(eigenvalues: &[f64], order: usize) -> f64 {
     let largest = eigenvalues.iter().copied().fold(0.0_f64, f64::max);

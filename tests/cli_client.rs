@@ -526,3 +526,49 @@ fn demo_prints_a_collapsing_train_vci() {
         "val collapses less than train: {rows:?}"
     );
 }
+
+/// Runs the built binary with a stdout pipe whose reader is already gone
+/// (`vcid history RUN | head` after head exited), so every write fails.
+async fn vcid_into_closed_pipe(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        Command::new(env!("CARGO_BIN_EXE_vcid"))
+            .args(&args)
+            .env_remove("VCID_ADDR")
+            .env_remove("VCID_AUTH_TOKEN_FILE")
+            .stdout(writer)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_pipe_ends_quietly_with_status_0() {
+    let (server, _dir) = start(None).await;
+    let mut client = Client::connect(server.grpc_url()).await.unwrap();
+    populate(&mut client).await;
+    let addr = server.grpc_url();
+    for args in [
+        vec!["runs", "--addr", &addr],
+        vec!["runs", "--addr", &addr, "--format", "json"],
+        vec!["history", "alpha", "--addr", &addr],
+        vec!["history", "alpha", "--addr", &addr, "--format", "json"],
+    ] {
+        let out = vcid_into_closed_pipe(&args).await;
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
+    // Errors still go to stderr with their status.
+    let out = vcid_into_closed_pipe(&["history", "nope", "--addr", &addr]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no run named \"nope\""),
+        "{}",
+        stderr(&out)
+    );
+    server.stop().await.unwrap();
+}

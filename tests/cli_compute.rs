@@ -487,3 +487,33 @@ fn bad_files_exit_2_naming_file_expected_and_found() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--batch-rows"));
 }
+
+#[test]
+fn a_closed_stdout_pipe_ends_quietly_with_status_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.npy");
+    let y = dir.path().join("y.npy");
+    let features = ndarray::Array2::from_shape_fn((6, 3), |(i, j)| ((i * 7 + j * 3) % 5) as f64);
+    write_f64_matrix(&x, &features).unwrap();
+    write_labels_i64(&y, &[0, 1, 2, 0, 1, 2]).unwrap();
+    for format in ["table", "json"] {
+        // `vcid compute ... | head` after head exited: every write fails.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_vcid"))
+            .args([
+                "compute",
+                "--features",
+                path_str(&x),
+                "--labels",
+                path_str(&y),
+            ])
+            .args(["--format", format])
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{format}: {stderr}");
+        assert_eq!(stderr, "", "{format}");
+    }
+}

@@ -17,7 +17,6 @@ use vcid::proto::{
     CloseEpochRequest, CreateRunRequest, DeleteRunRequest, FeatureBatch, GetHistoryRequest,
     GetRunRequest, ListRunsRequest, StatsBlock, WatchRequest,
 };
-use vcid::server::decode::{self, StreamKey};
 use vcid::server::{Limits, ServeConfig};
 use vcid::stats::{Accumulator, Par};
 
@@ -216,14 +215,12 @@ async fn encodings_and_push_stats_merge_exactly() {
     // The same data as a pre-aggregated StatsBlock into another stream.
     let view = ndarray::ArrayView2::from_shape((400, d as usize), &rounded[..]).unwrap();
     let acc = Accumulator::from_batch(view, &y, k as usize, Par::Seq).unwrap();
-    let stream = StreamKey {
-        split: "stats".into(),
-        layer: String::new(),
-    };
     let block = StatsBlock {
+        run_id: "enc".into(),
+        split: "stats".into(),
         writer_id: "stats-writer".into(),
         sequence: 7,
-        ..decode::stats_block("enc", &stream, 0, acc.to_parts())
+        ..StatsBlock::from(acc.to_parts())
     };
     let summary = client.push_stats(block.clone()).await.unwrap().into_inner();
     assert_eq!((summary.batches_applied, summary.rows_applied), (1, 400));
@@ -838,27 +835,15 @@ fn stats_of(x: &[f64], y: &[u32], k: u32, d: u32) -> StatsBlock {
     let acc = Accumulator::from_batch(view, y, k as usize, Par::Seq).unwrap();
     // Epoch 0 of the default stream (empty names), no run id: the caller
     // fills those in.
-    let stream = StreamKey {
-        split: String::new(),
-        layer: String::new(),
-    };
-    decode::stats_block("", &stream, 0, acc.to_parts())
+    StatsBlock::from(acc.to_parts())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_answer_resource_exhausted_with_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let (k, d) = (4u32, 8u32);
-    // One K=4, d=8 accumulator is 8·(64 + 64 + 12) = 1120 bytes.
-    let config = ServeConfig {
-        limits: Limits {
-            max_message_bytes: 4096,
-            max_batch_rows: 100,
-            max_accumulator_bytes: 1500,
-            ..Limits::default()
-        },
-        ..ServeConfig::ephemeral(dir.path())
-    };
+    // One K=4, d=8 accumulator is 8·(64 + 64 + 16) = 1152 bytes.
+    let config = tight_limits(dir.path());
     let server = start(config).await;
     let mut client = connect(&server.grpc_url()).await;
     // A run whose single accumulator cannot fit.
@@ -874,7 +859,7 @@ async fn limits_answer_resource_exhausted_with_numbers() {
     assert_status(
         &err,
         Code::ResourceExhausted,
-        &["max_accumulator_bytes", "1500", "83248"],
+        &["max_accumulator_bytes", "1500", "83264"],
     );
     assert!(client
         .list_runs(ListRunsRequest {})
@@ -899,7 +884,7 @@ async fn limits_answer_resource_exhausted_with_numbers() {
         )]))
         .await
         .unwrap_err();
-    assert_status(&err, Code::ResourceExhausted, &["1120", "1500", "in use"]);
+    assert_status(&err, Code::ResourceExhausted, &["1152", "1500", "in use"]);
     let run = get_run(&mut client, "lim").await;
     assert_eq!(run.open_epochs.len(), 1);
     assert_eq!(run.rows_ingested, 20);
@@ -960,7 +945,7 @@ async fn limits_answer_resource_exhausted_with_numbers() {
         metrics.contains("vcid_batches_rejected_total{reason=\"too_large\"} 3"),
         "{metrics}"
     );
-    assert!(metrics.contains("vcid_accumulator_bytes 1120"), "{metrics}");
+    assert!(metrics.contains("vcid_accumulator_bytes 1152"), "{metrics}");
     server.stop().await.unwrap();
 }
 

@@ -32,20 +32,11 @@ fn close_req(run: &str, epoch: u64) -> CloseEpochRequest {
 /// The statistics of `rows` rows as a `StatsBlock` for `run`, epoch `epoch`.
 fn stats_block(run: &str, epoch: u64, x: &[f64], y: &[u32], k: u32, d: u32) -> StatsBlock {
     let view = ndarray::ArrayView2::from_shape((y.len(), d as usize), x).unwrap();
-    let p = Accumulator::from_batch(view, y, k as usize, Par::Seq)
-        .unwrap()
-        .to_parts();
+    let acc = Accumulator::from_batch(view, y, k as usize, Par::Seq).unwrap();
     StatsBlock {
         run_id: run.into(),
         epoch,
-        class_counts: p.class_counts,
-        class_means: p.class_means,
-        scatter: p.scatter,
-        within_trace: p.within_trace,
-        unit_sum: p.unit_sum,
-        unit_count: p.unit_count,
-        unit_within_trace: p.unit_within_trace,
-        ..Default::default()
+        ..StatsBlock::from(acc.to_parts())
     }
 }
 

@@ -30,7 +30,6 @@ import statistics
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 
@@ -39,8 +38,6 @@ from vcid._arrays import check_features, check_labels, encode
 from vcid.local import LocalDaemon, find_vcid
 from vcid.v1 import vcid_pb2 as pb
 from vcid.v1 import vcid_pb2_grpc as pb_grpc
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def timeit(fn, n):
@@ -73,7 +70,7 @@ def run(address, args):
     run_id = f"bench-push-{uuid.uuid4().hex[:8]}"
     paced = {"encode only (numpy baseline)": [], "validate+encode, no queue (baseline)": [],
              "push()": []}
-    with vcid.Monitor(address, run_id, num_classes=k, feature_dim=d) as mon:
+    with vcid.Monitor(run_id, num_classes=k, feature_dim=d, address=address) as mon:
         for j in range(8):  # warm up the stream
             mon.push(batches[j], labels[j], epoch=0)
         mon.flush()
@@ -149,7 +146,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.address:
         return run(args.address, args)
-    with LocalDaemon(find_vcid(REPO)) as daemon:
+    with LocalDaemon(find_vcid()) as daemon:
         return run(daemon.address, args)
 
 

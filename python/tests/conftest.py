@@ -1,29 +1,28 @@
-"""Fixtures: the real ``vcid`` binary started on ephemeral loopback ports with
-a temporary data directory (no mocks), and unique run ids."""
+"""Fixtures: the real daemon (the installed package's ``vcid serve``) started
+on ephemeral loopback ports with a temporary data directory (no mocks), and
+unique run ids. Puts the
+repository's numpy reference (``tests/reference/reference.py``, shared with
+the Rust fixtures) on the import path as ``reference``."""
 
 from __future__ import annotations
 
-import os
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from vcid.local import LocalDaemon
+from vcid.local import LocalDaemon, find_vcid
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "reference"))
 
 
 @pytest.fixture(scope="session")
 def vcid_command():
-    """``$VCID_BIN`` or ``target/release/vcid``; the daemon suites fail (not
-    skip) without it, so a CI run cannot pass by testing nothing."""
-    env = os.environ.get("VCID_BIN")
-    path = Path(env) if env else REPO / "target" / "release" / "vcid"
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        pytest.fail(f"vcid binary: expected an executable at {path} (set VCID_BIN or run "
-                    f"`cargo build --release`), received none")
-    return [str(path)]
+    """The installed package's own ``vcid`` command (``python -m vcid``:
+    the daemon inside the wheel), or ``$VCID_BIN`` if set."""
+    return find_vcid()
 
 
 @pytest.fixture(scope="session")

@@ -56,9 +56,9 @@ def test_results_equal_the_numpy_reference(daemon, run_id, encoding):
     rng = np.random.default_rng(7)
     k, d = 5, 16
     x, y = ref.clustered(rng, 700, d, k, offset=3.0)
-    with vcid.Monitor(daemon.address, run_id, num_classes=k, feature_dim=d,
+    with vcid.Monitor(run_id, num_classes=k, feature_dim=d,
                       metadata={"model": "test", "dataset": "synthetic"},
-                      encoding=encoding) as mon:
+                      encoding=encoding, address=daemon.address) as mon:
         push_in_uneven_batches(mon, x, y, epoch=0, rng=rng)
         result = mon.close_epoch(0)
     assert (result.run_id, result.split, result.layer, result.epoch) == (
@@ -87,7 +87,7 @@ def test_tensor_like_inputs(daemon, run_id):
         "lists": lambda a, b: (a.tolist(), b.tolist()),
     }
     results = {}
-    with vcid.Monitor(daemon.address, run_id, k, d) as mon:
+    with vcid.Monitor(run_id, k, d, address=daemon.address) as mon:
         for split, convert in zip(["numpy", "arraylike", "tensorlike", "lists"],
                                   inputs.values()):
             for start in range(0, 240, 60):
@@ -104,7 +104,7 @@ def test_history_and_vci_delta(daemon, run_id):
     rng = np.random.default_rng(5)
     k, d = 3, 5
     closed = []
-    with vcid.Monitor(daemon.address, run_id, k, d) as mon:
+    with vcid.Monitor(run_id, k, d, address=daemon.address) as mon:
         for epoch in range(3):
             # Shrinking spread: VCI falls from epoch to epoch.
             x, y = ref.clustered(rng, 150, d, k, spread=1.0 / (epoch + 1))
@@ -131,7 +131,7 @@ def test_watch_sees_closed_epochs(daemon, run_id):
     rng = np.random.default_rng(9)
     x, y = ref.clustered(rng, 50, 4, 2)
     seen = []
-    with vcid.Monitor(daemon.address, run_id, 2, 4) as mon:
+    with vcid.Monitor(run_id, 2, 4, address=daemon.address) as mon:
         watcher = mon.watch(split=None)
         ready = threading.Event()
 
@@ -174,7 +174,7 @@ def test_push_stats_equals_raw_push_and_merge_equals_whole(daemon, run_id):
                  "unit_count", "unit_within_trace"):
         np.testing.assert_allclose(getattr(merged, name), getattr(whole, name),
                                    rtol=1e-10, atol=1e-8, err_msg=name)
-    with vcid.Monitor(daemon.address, run_id, k, d) as mon:
+    with vcid.Monitor(run_id, k, d, address=daemon.address) as mon:
         summary = mon.push_stats(merged, epoch=0, split="stats")
         assert summary.rows_applied == 900 and summary.duplicates == 0
         # Two halves pushed as stats into one epoch merge exactly as well.
@@ -207,12 +207,12 @@ def test_class_separation_with_a_large_common_offset(daemon, run_id):
     acc = vcid.LocalAccumulator(k, d)
     for start in range(0, n, 64):
         acc.update(x32[start:start + 64], y[start:start + 64])
-    with vcid.Monitor(daemon.address, run_id, k, d) as mon:
+    with vcid.Monitor(run_id, k, d, address=daemon.address) as mon:
         push_in_uneven_batches(mon, x, y, epoch=0, split="raw", rng=rng)
         mon.push_stats(acc, epoch=0, split="stats")
         without = acc.to_proto(run_id, "sums-only", "penultimate", 0)
         without.ClearField("unit_within_trace")
-        mon._stub.PushStats(without, timeout=30)
+        mon._conn.stub.PushStats(without, timeout=30)
         via_raw = mon.close_epoch(0, split="raw")
         via_stats = mon.close_epoch(0, split="stats")
         via_sums = mon.close_epoch(0, split="sums-only")
@@ -226,13 +226,13 @@ def test_daemon_rejects_an_invalid_unit_within_trace(daemon, run_id):
     changes nothing."""
     x, y = np.array([[3.0, 4.0], [4.0, 3.0], [0.0, 1.0]]), np.array([0, 0, 1])
     acc = vcid.LocalAccumulator(2, 2).update(x, y)
-    with vcid.Monitor(daemon.address, run_id, 2, 2) as mon:
+    with vcid.Monitor(run_id, 2, 2, address=daemon.address) as mon:
         for bad in ([0.04, -0.5], [3.0, 0.0], [0.04]):
             block = acc.to_proto(run_id, "train", "penultimate", 0)
             del block.unit_within_trace[:]
             block.unit_within_trace.extend(bad)
             with pytest.raises(grpc.RpcError) as info:
-                mon._stub.PushStats(block, timeout=30)
+                mon._conn.stub.PushStats(block, timeout=30)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "unit_within_trace" in info.value.details(), info.value.details()
         assert mon.run_info().rows_ingested == 0
@@ -241,7 +241,7 @@ def test_daemon_rejects_an_invalid_unit_within_trace(daemon, run_id):
 
 
 def test_push_stats_checks_its_argument(daemon, run_id):
-    with vcid.Monitor(daemon.address, run_id, 3, 4) as mon:
+    with vcid.Monitor(run_id, 3, 4, address=daemon.address) as mon:
         with pytest.raises(ValueError, match=r"acc: expected num_classes=3, feature_dim=4 "
                                              r"\(the run's\), received num_classes=3, "
                                              r"feature_dim=5"):
@@ -258,7 +258,7 @@ def test_push_stats_checks_its_argument(daemon, run_id):
                          ids=[c[0] for c in BAD_INPUTS])
 def test_push_validates_locally_before_sending(daemon, run_id, case, features, labels,
                                                message):
-    with vcid.Monitor(daemon.address, run_id, num_classes=3, feature_dim=4) as mon:
+    with vcid.Monitor(run_id, num_classes=3, feature_dim=4, address=daemon.address) as mon:
         with pytest.raises(ValueError, match=message):
             mon.push(features, labels, epoch=0)
         assert mon.flush() == vcid.PushSummary()
@@ -268,7 +268,7 @@ def test_push_validates_locally_before_sending(daemon, run_id, case, features, l
 
 def test_push_checks_names_epoch_and_constructor_arguments(daemon, run_id):
     x, y = np.ones((2, 4)), np.array([0, 1])
-    with vcid.Monitor(daemon.address, run_id, 3, 4) as mon:
+    with vcid.Monitor(run_id, 3, 4, address=daemon.address) as mon:
         with pytest.raises(ValueError, match=r"split: expected 1-64 characters of "
                                              r"\[A-Za-z0-9_.:-\], received 'no spaces'"):
             mon.push(x, y, epoch=0, split="no spaces")
@@ -283,22 +283,12 @@ def test_push_checks_names_epoch_and_constructor_arguments(daemon, run_id):
         assert mon.run_info().rows_ingested == 0
     with pytest.raises(ValueError, match=r"encoding: expected one of \['bfloat16', 'float16', "
                                          r"'float32'\], received 'int8'"):
-        vcid.Monitor(daemon.address, run_id, 3, 4, encoding="int8")
+        vcid.Monitor(run_id, 3, 4, encoding="int8", address=daemon.address)
     with pytest.raises(ValueError, match=r"run: expected 1-128 characters .* received 'a/b'"):
-        vcid.Monitor(daemon.address, "a/b", 3, 4)
+        vcid.Monitor("a/b", 3, 4, address=daemon.address)
     with pytest.raises(ValueError, match=r"num_classes: expected an integer in \[2, 2\*\*32\), "
                                          r"received 1"):
-        vcid.Monitor(daemon.address, run_id, 1, 4)
-
-
-def test_unreachable_daemon_at_construction_is_a_vcid_error():
-    from vcid.local import free_port
-
-    address = f"127.0.0.1:{free_port()}"  # nothing listens there
-    with pytest.raises(vcid.VcidError) as info:
-        vcid.Monitor(address, "nowhere", 3, 4, timeout=0.5)
-    assert info.value.code == "DEADLINE_EXCEEDED"
-    assert info.value.context == f"CreateRun to {address}"
+        vcid.Monitor(run_id, 1, 4, address=daemon.address)
 
 
 def _bad_label_batch(run_id: str, label: int) -> pb.FeatureBatch:
@@ -308,7 +298,7 @@ def _bad_label_batch(run_id: str, label: int) -> pb.FeatureBatch:
 
 def test_server_rejection_raises_vcid_error_naming_the_label(daemon, run_id):
     good_x, good_y = np.arange(12.0).reshape(3, 4), np.array([0, 1, 2])
-    with vcid.Monitor(daemon.address, run_id, num_classes=3, feature_dim=4) as mon:
+    with vcid.Monitor(run_id, num_classes=3, feature_dim=4, address=daemon.address) as mon:
         mon.push(good_x, good_y, epoch=0)
         # Forced past local validation: label 7 >= K = 3.
         mon._enqueue_batch_unchecked(_bad_label_batch(run_id, 7))
@@ -327,7 +317,7 @@ def test_server_rejection_raises_vcid_error_naming_the_label(daemon, run_id):
 
 def test_server_error_surfaces_at_the_next_push_and_at_exit(daemon, run_id):
     x, y = np.ones((2, 4)), np.array([0, 1])
-    with vcid.Monitor(daemon.address, run_id, 3, 4) as mon:
+    with vcid.Monitor(run_id, 3, 4, address=daemon.address) as mon:
         mon._enqueue_batch_unchecked(_bad_label_batch(run_id, 3))
         deadline = time.monotonic() + 20
         with pytest.raises(vcid.VcidError, match="INVALID_ARGUMENT"):
@@ -335,31 +325,32 @@ def test_server_error_surfaces_at_the_next_push_and_at_exit(daemon, run_id):
                 mon.push(x, y, epoch=0)
                 time.sleep(0.02)
     with pytest.raises(vcid.VcidError, match="INVALID_ARGUMENT"):
-        with vcid.Monitor(daemon.address, run_id, 3, 4) as mon:
+        with vcid.Monitor(run_id, 3, 4, address=daemon.address) as mon:
             mon._enqueue_batch_unchecked(_bad_label_batch(run_id, 5))
 
 
 def test_closed_epoch_and_conflicting_run(daemon, run_id):
     x, y = np.eye(4), np.array([0, 1, 2, 0])
-    with vcid.Monitor(daemon.address, run_id, 3, 4) as mon:
+    with vcid.Monitor(run_id, 3, 4, address=daemon.address) as mon:
         mon.push(x, y, epoch=0)
         mon.close_epoch(0)
         with pytest.raises(vcid.VcidError) as info:
             mon.close_epoch(0)
         assert info.value.code == "FAILED_PRECONDITION" and "epoch" in info.value.message
-        mon.push(x, y, epoch=0)  # the daemon rejects it; reported at the next call
         with pytest.raises(vcid.VcidError) as info:
-            mon.flush()
+            mon.push(x, y, epoch=0)  # known closed: refused before anything is sent
         assert info.value.code == "FAILED_PRECONDITION"
+        assert "epoch=None) continues at epoch 1" in info.value.context
+        assert mon.pending == 0
         with pytest.raises(vcid.VcidError) as info:
             mon.close_epoch(9)
         assert info.value.code == "FAILED_PRECONDITION"
     with pytest.raises(vcid.VcidError) as info:
-        vcid.Monitor(daemon.address, run_id, num_classes=4, feature_dim=4)
+        vcid.Monitor(run_id, num_classes=4, feature_dim=4, address=daemon.address)
     assert info.value.code == "ALREADY_EXISTS"
     assert "num_classes" in info.value.message
     # Same K and d: CreateRun is idempotent.
-    with vcid.Monitor(daemon.address, run_id, 3, 4) as again:
+    with vcid.Monitor(run_id, 3, 4, address=daemon.address) as again:
         assert again.history()[0].samples == 4
 
 
@@ -377,8 +368,8 @@ def test_push_does_not_block_while_another_run_is_closing(daemon, run_id):
     yb = rng.integers(0, k, 2200)
     batch = rng.standard_normal((256, 512)).astype(np.float32)
     labels = rng.integers(0, k, 256)
-    with vcid.Monitor(daemon.address, run_id + "-big", k, big_d) as big, \
-            vcid.Monitor(daemon.address, run_id + "-small", k, 512) as small:
+    with vcid.Monitor(run_id + "-big", k, big_d, address=daemon.address) as big, \
+            vcid.Monitor(run_id + "-small", k, 512, address=daemon.address) as small:
         for start in range(0, 2200, 256):
             big.push(xb[start:start + 256], yb[start:start + 256], epoch=0)
         big.flush()
@@ -413,12 +404,12 @@ def test_push_does_not_block_while_another_run_is_closing(daemon, run_id):
 def test_replayed_writer_and_sequence_are_not_double_counted(daemon, run_id):
     rng = np.random.default_rng(2)
     x, y = ref.clustered(rng, 90, 4, 3)
-    with vcid.Monitor(daemon.address, run_id, 3, 4, writer_id="writer-A") as first:
+    with vcid.Monitor(run_id, 3, 4, writer_id="writer-A", address=daemon.address) as first:
         for start in range(0, 90, 30):
             first.push(x[start:start + 30], y[start:start + 30], epoch=0)
         assert first.flush() == vcid.PushSummary(3, 90, 0)
     # A second process that reuses the writer id replays sequences 1..3.
-    with vcid.Monitor(daemon.address, run_id, 3, 4, writer_id="writer-A") as replay:
+    with vcid.Monitor(run_id, 3, 4, writer_id="writer-A", address=daemon.address) as replay:
         for start in range(0, 90, 30):
             replay.push(x[start:start + 30], y[start:start + 30], epoch=0)
         assert replay.flush() == vcid.PushSummary(0, 0, 3)
@@ -435,8 +426,8 @@ def test_resend_after_a_broken_connection_is_not_double_counted(daemon, run_id):
     x, y = ref.clustered(rng, 300, 8, 3)
     proxy = CuttableProxy(daemon.grpc_port)
     try:
-        with vcid.Monitor(daemon.address, run_id, 3, 8) as observer, \
-                vcid.Monitor(proxy.address, run_id, 3, 8, ack_interval=60.0) as mon:
+        with vcid.Monitor(run_id, 3, 8, address=daemon.address) as observer, \
+                vcid.Monitor(run_id, 3, 8, ack_interval=60.0, address=proxy.address) as mon:
             for i in range(10):
                 mon.push(x[20 * i:20 * i + 20], y[20 * i:20 * i + 20], epoch=0)
             deadline = time.monotonic() + 20
@@ -463,8 +454,8 @@ def test_resend_after_a_daemon_restart_is_not_double_counted(fresh_daemon, run_i
     data directory) the Monitor resends and nothing is counted twice."""
     rng = np.random.default_rng(6)
     x, y = ref.clustered(rng, 300, 8, 3)
-    with vcid.Monitor(fresh_daemon.address, run_id, 3, 8, ack_interval=60.0,
-                      reconnect_timeout=60.0) as mon:
+    with vcid.Monitor(run_id, 3, 8, ack_interval=60.0,
+                      reconnect_timeout=60.0, address=fresh_daemon.address) as mon:
         for i in range(10):
             mon.push(x[20 * i:20 * i + 20], y[20 * i:20 * i + 20], epoch=0)
         deadline = time.monotonic() + 20
@@ -484,8 +475,8 @@ def test_resend_after_a_daemon_restart_is_not_double_counted(fresh_daemon, run_i
 
 def test_full_outbox_blocks_then_raises_and_drops_nothing(fresh_daemon, run_id):
     x, y = np.eye(4), np.array([0, 1, 2, 0])
-    with vcid.Monitor(fresh_daemon.address, run_id, 3, 4, queue_size=4,
-                      queue_timeout=0.3) as mon:
+    with vcid.Monitor(run_id, 3, 4, queue_size=4,
+                      queue_timeout=0.3, address=fresh_daemon.address) as mon:
         fresh_daemon.stop()
         for _ in range(4):
             mon.push(x, y, epoch=0)  # fits: 4 batches held
@@ -503,7 +494,7 @@ def test_full_outbox_blocks_then_raises_and_drops_nothing(fresh_daemon, run_id):
 def test_unreachable_daemon_is_reported_after_reconnect_timeout(fresh_daemon, run_id):
     x, y = np.eye(4), np.array([0, 1, 2, 0])
     with pytest.raises(vcid.VcidError) as info:
-        with vcid.Monitor(fresh_daemon.address, run_id, 3, 4, reconnect_timeout=1.0) as mon:
+        with vcid.Monitor(run_id, 3, 4, reconnect_timeout=1.0, address=fresh_daemon.address) as mon:
             fresh_daemon.stop()
             mon.push(x, y, epoch=0)
             mon.flush(timeout=30)
@@ -515,7 +506,7 @@ def test_unreachable_daemon_is_reported_after_reconnect_timeout(fresh_daemon, ru
 def test_large_batches_are_split_below_the_message_limit(daemon, run_id):
     rng = np.random.default_rng(8)
     x, y = ref.clustered(rng, 1000, 32, 4)
-    with vcid.Monitor(daemon.address, run_id, 4, 32, max_batch_bytes=16 * 1024) as mon:
+    with vcid.Monitor(run_id, 4, 32, max_batch_bytes=16 * 1024, address=daemon.address) as mon:
         mon.push(x, y, epoch=0)
         summary = mon.flush()
         # (16384 - 1024) // (32 * 4 + 5) = 115 rows per message.

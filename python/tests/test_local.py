@@ -143,14 +143,20 @@ def test_from_stats_round_trip_and_checks(rng):
         np.testing.assert_array_equal(getattr(again, name), getattr(acc, name))
     bad = acc.scatter
     bad[0, 1] += 1.0
-    with pytest.raises(ValueError, match="scatter: expected a symmetric 3x3 matrix"):
+    with pytest.raises(vcid.ArgumentError, match=r"scatter: expected a symmetric matrix "
+                                                 r"\(\[1\]\[0\] = \[0\]\[1\]\)"):
         vcid.LocalAccumulator.from_stats(acc.class_counts, acc.class_means, bad,
                                          acc.within_trace, acc.unit_sum, acc.unit_count)
-    counts = acc.class_counts
-    counts[1] = 0
-    with pytest.raises(ValueError, match="class_means: expected zeros for class 1"):
+    # Class 1 emptied of samples and unit vectors, but not of its mean.
+    counts, units, unit_sum = acc.class_counts, acc.unit_count, acc.unit_sum
+    counts[1] = units[1] = 0
+    unit_sum[1] = 0.0
+    uwt = acc.unit_within_trace
+    uwt[1] = 0.0
+    with pytest.raises(vcid.ArgumentError, match="class_means: expected zero mean and "
+                                                 "within_trace for class 1, which has no"):
         vcid.LocalAccumulator.from_stats(counts, acc.class_means, acc.scatter,
-                                         acc.within_trace, acc.unit_sum, acc.unit_count)
+                                         acc.within_trace, unit_sum, units, uwt)
     with pytest.raises(ValueError, match=r"unit_count: expected shape \(3,\)"):
         vcid.LocalAccumulator.from_stats(acc.class_counts, acc.class_means, acc.scatter,
                                          acc.within_trace, acc.unit_sum, [1, 2])
@@ -271,21 +277,21 @@ def test_from_stats_checks_the_unit_within_trace(rng):
     cases = [
         ([T[0], T[1]], r"unit_within_trace: expected shape \(3,\), received \(2,\)"),
         ([np.nan, T[1], 0.0], r"unit_within_trace: expected finite values"),
-        ([-1e-3, T[1], 0.0], r"unit_within_trace: expected a value in \[0, unit_count\[0\]="
+        ([-1e-3, T[1], 0.0], r"unit_within_trace: expected a value in \[0, unit_count\[0\] = "
                              rf"{acc.unit_count[0]}\] for class 0, received -0.001"),
         ([T[0], acc.unit_count[1] * 1.01, 0.0],
-         rf"unit_within_trace: expected a value in \[0, unit_count\[1\]={acc.unit_count[1]}\] "
+         rf"unit_within_trace: expected a value in \[0, unit_count\[1\] = {acc.unit_count[1]}\] "
          r"for class 1, received"),
-        ([T[0], T[1], 0.5], r"unit_within_trace: expected 0 for class 2, which has "
-                            r"unit_count 0, received 0.5"),
+        ([T[0], T[1], 0.5], r"unit_within_trace: expected a value in \[0, unit_count\[2\] = 0\] "
+                            r"for class 2, received 0.5"),
     ]
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
             vcid.LocalAccumulator.from_stats(*stats_args(acc, unit_within_trace=bad))
     unit_sum = acc.unit_sum
     unit_sum[2, 1] = 0.25
-    with pytest.raises(ValueError, match="unit_sum: expected zeros for class 2, which has "
-                                         "unit_count 0"):
+    with pytest.raises(ValueError, match="unit_sum: expected zeros for class 2, whose "
+                                         "unit_count is 0"):
         vcid.LocalAccumulator.from_stats(*stats_args(acc, unit_sum=unit_sum))
     # Omitted: derived from the unit sums (c − ‖s‖²/c), close on benign data.
     derived = vcid.LocalAccumulator.from_stats(*stats_args(acc)[:6])
@@ -484,3 +490,18 @@ def test_real_torch_bfloat16_tensor_is_sent_bit_for_bit(rng):
     f = check_features(t, 3)
     assert f.is_bfloat16_bits
     np.testing.assert_array_equal(f.array, t.view(torch.int16).numpy().view(np.uint16))
+
+
+def test_an_accumulator_pickles_as_its_statistics(rng):
+    """all_gather_object and multiprocessing pickle accumulators."""
+    import copy
+    import pickle
+
+    x, y = ref.clustered(rng, 300, 6, 4, offset=1e3)
+    acc = vcid.LocalAccumulator(4, 6).update(x, y)
+    for again in (pickle.loads(pickle.dumps(acc)), copy.deepcopy(acc), acc.copy()):
+        assert again is not acc and again.samples == 300
+        for name in STAT_NAMES:
+            np.testing.assert_array_equal(getattr(again, name), getattr(acc, name))
+    empty = pickle.loads(pickle.dumps(vcid.LocalAccumulator(3, 2)))
+    assert (empty.num_classes, empty.feature_dim, empty.samples) == (3, 2, 0)

@@ -64,7 +64,7 @@ def test_real_torch_tensors_are_pushed(daemon, run_id):
     x, y = ref.clustered(rng, 200, 8, 3)
     t = torch.tensor(x, dtype=torch.float32, requires_grad=True) * 1.0
     labels = torch.tensor(y)
-    with vcid.Monitor(daemon.address, run_id, 3, 8, encoding="bfloat16") as mon:
+    with vcid.Monitor(run_id, 3, 8, encoding="bfloat16", address=daemon.address) as mon:
         mon.push(t, labels, epoch=0)                        # float32 tensor with grad
         mon.push(t.detach().to(torch.bfloat16), labels, epoch=0, split="bf16")  # bit for bit
         r32 = mon.close_epoch(0)
@@ -80,7 +80,7 @@ def test_forward_hook_pushes_flattened_outputs_with_the_batch_labels(daemon, run
     maps = torch.tensor(x, dtype=torch.float32).reshape(120, 3, 2, 2)  # 4-D, like a conv map
     layer = torch.nn.ReLU()
     relu = np.maximum(x.astype(np.float32), 0).astype(np.float64)
-    with vcid.Monitor(daemon.address, run_id, 3, 12) as mon:
+    with vcid.Monitor(run_id, 3, 12, address=daemon.address) as mon:
         hook = vt.FeatureHook(mon, layer, epoch=0, layer="block4")
         for start in range(0, 120, 40):
             with hook.labels(torch.tensor(y[start:start + 40])):
@@ -106,7 +106,7 @@ def test_forward_hook_on_a_model_keeps_its_output_and_gradients(daemon, run_id):
     grads = [p.grad.clone() for p in model.parameters()]
     expected_out = model(x).detach()
     model.zero_grad()
-    with vcid.Monitor(daemon.address, run_id, 3, 8) as mon:
+    with vcid.Monitor(run_id, 3, 8, address=daemon.address) as mon:
         hook = vt.FeatureHook(mon, model[1], epoch=0)
         with hook.labels(y):
             out = model(x)
@@ -214,7 +214,7 @@ def test_push_stats_equals_raw_pushes(daemon, run_id):
     x, y = ref.clustered(rng, 900, d, k, offset=50.0)
     x32 = x.astype(np.float32)
     acc = vt.TorchAccumulator(k, d)
-    with vcid.Monitor(daemon.address, run_id, k, d) as mon:
+    with vcid.Monitor(run_id, k, d, address=daemon.address) as mon:
         for part in batches(len(y), rng):
             mon.push(x32[part], y[part], epoch=0, split="raw")
             acc.update(torch.tensor(x32[part]), torch.tensor(y[part]))
@@ -231,11 +231,10 @@ def test_accumulating_hook_pushes_once_per_epoch(daemon, run_id):
     k, d = 4, 10
     x, y = ref.clustered(rng, 300, d, k)
     layer = torch.nn.Identity()
-    with vcid.Monitor(daemon.address, run_id, k, d) as mon:
+    with vcid.Monitor(run_id, k, d, address=daemon.address) as mon:
         hook = vt.AccumulatingHook(mon, layer, layer="penultimate")
         results = []
-        for epoch in range(2):
-            hook.epoch = epoch
+        for epoch in range(2):  # epoch None: the hook follows the Monitor's epoch
             rows = 300 - 100 * epoch
             for part in batches(rows, rng):
                 with hook.labels(torch.tensor(y[part])):
@@ -273,7 +272,7 @@ def _rank_main(rank: int, world: int, port: int, address: str, run_id: str,
         mine = np.arange(len(y)) % world == rank
         xs, ys = torch.tensor(x[mine], dtype=torch.float32), torch.tensor(y[mine])
         layer = torch.nn.Identity()
-        mon = vcid.Monitor(address, run_id, 10, 64) if rank == 0 else None
+        mon = vcid.Monitor(run_id, 10, 64, address=address) if rank == 0 else None
         hook = vt.AccumulatingHook(mon, layer, num_classes=10, feature_dim=64)
         for start in range(0, len(ys), 50 + 13 * rank):  # different batchings per rank
             with hook.labels(ys[start:start + 50 + 13 * rank]):
@@ -296,7 +295,7 @@ def test_two_ranks_all_reduce_equals_one_process_pushing_every_row(daemon, run_i
              join=True)
     got = json.loads(out.read_text())
     x, y = load_digits(return_X_y=True)
-    with vcid.Monitor(daemon.address, run_id, 10, 64) as mon:
+    with vcid.Monitor(run_id, 10, 64, address=daemon.address) as mon:
         for start in range(0, len(y), 64):
             mon.push(x[start:start + 64], y[start:start + 64], epoch=0, split="raw")
         raw = mon.close_epoch(0, split="raw")

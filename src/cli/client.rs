@@ -1,6 +1,6 @@
 //! `vcid runs`, `vcid history` and `vcid delete`: the command-line client of
 //! a running daemon, plus the connection helper (address, bearer token, error
-//! wording) that `vcid demo` and the load generator share.
+//! wording) that `vcid demo` shares.
 //!
 //! Owns: turning a gRPC outcome into a table, JSON or a one-line error that
 //! names the address or the run. It must not compute any metric itself: every
@@ -8,82 +8,28 @@
 //! prompts: `vcid delete` deletes at once, so scripts can call it.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use super::CliError;
+use super::{read_token, CliError};
+use crate::auth::AttachToken;
+use crate::metrics::registry::{Source, METRICS};
 use crate::proto::vci_monitor_client::VciMonitorClient;
 use crate::proto::{
     DeleteRunRequest, EpochResult, GetHistoryRequest, GetRunRequest, ListRunsRequest, Run,
 };
-
-/// The daemon's default gRPC address (what `vcid serve` binds when not told
-/// otherwise).
-pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
+use crate::server::config::DEFAULT_GRPC_ADDR;
 
 /// How long to wait for the TCP/HTTP2 handshake before saying the server is
 /// unreachable; a local daemon answers in milliseconds.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A generated client whose every request carries the bearer token (if any).
-pub type Client = VciMonitorClient<InterceptedService<Channel, BearerAuth>>;
-
-/// Adds `authorization: Bearer <token>` to every request when a token is set.
-#[derive(Clone, Debug, Default)]
-pub struct BearerAuth {
-    header: Option<MetadataValue<Ascii>>,
-}
-
-impl BearerAuth {
-    /// No token: requests go out unchanged (for a daemon with auth off).
-    pub fn none() -> Self {
-        Self { header: None }
-    }
-
-    /// A token as written in the token file (surrounding whitespace and the
-    /// trailing newline are ignored, as the server does).
-    pub fn token(token: &str) -> Result<Self, CliError> {
-        let token = token.trim();
-        if token.is_empty() {
-            return Err(CliError::Input("the bearer token is empty".into()));
-        }
-        let header = format!("Bearer {token}").parse().map_err(|_| {
-            CliError::Input(
-                "the bearer token must be printable ASCII without control characters".into(),
-            )
-        })?;
-        Ok(Self {
-            header: Some(header),
-        })
-    }
-
-    /// Reads the token from `path` (the `--auth-token-file` of the client).
-    pub fn from_file(path: &Path) -> Result<Self, CliError> {
-        let text = std::fs::read_to_string(path).map_err(|err| {
-            CliError::Input(format!(
-                "cannot read the auth token file {}: {err}",
-                path.display()
-            ))
-        })?;
-        Self::token(&text).map_err(|err| CliError::Input(format!("{}: {err}", path.display())))
-    }
-}
-
-impl tonic::service::Interceptor for BearerAuth {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(header) = &self.header {
-            request
-                .metadata_mut()
-                .insert("authorization", header.clone());
-        }
-        Ok(request)
-    }
-}
+pub type Client = VciMonitorClient<InterceptedService<Channel, AttachToken>>;
 
 /// Accepts `host:port` as well as `http://host:port`.
 pub fn normalize_addr(addr: &str) -> String {
@@ -97,7 +43,7 @@ pub fn normalize_addr(addr: &str) -> String {
 
 /// Connects to the daemon at `addr`; an unreachable server is an error that
 /// names the address.
-pub async fn connect(addr: &str, auth: BearerAuth) -> Result<Client, CliError> {
+pub async fn connect(addr: &str, auth: AttachToken) -> Result<Client, CliError> {
     let addr = normalize_addr(addr);
     let endpoint = Endpoint::from_shared(addr.clone())
         .map_err(|err| CliError::Input(format!("--addr: {addr:?} is not a valid URI: {err}")))?
@@ -166,7 +112,7 @@ pub enum Format {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectArgs {
     /// gRPC address of the daemon (`http://host:port` or `host:port`).
-    #[arg(long, env = "VCID_ADDR", default_value = DEFAULT_ADDR)]
+    #[arg(long, env = "VCID_ADDR", default_value_t = format!("http://{DEFAULT_GRPC_ADDR}"))]
     pub addr: String,
     /// File holding the bearer token, for a daemon started with auth on.
     #[arg(long, env = "VCID_AUTH_TOKEN_FILE", value_name = "PATH")]
@@ -175,11 +121,13 @@ pub struct ConnectArgs {
 
 impl ConnectArgs {
     /// The interceptor these arguments ask for.
-    pub fn auth(&self) -> Result<BearerAuth, CliError> {
-        match &self.auth_token_file {
-            Some(path) => BearerAuth::from_file(path),
-            None => Ok(BearerAuth::none()),
-        }
+    pub fn auth(&self) -> Result<AttachToken, CliError> {
+        let token = self
+            .auth_token_file
+            .as_deref()
+            .map(read_token)
+            .transpose()?;
+        Ok(AttachToken::new(token))
     }
 }
 
@@ -244,8 +192,7 @@ pub fn runs(args: RunsArgs) -> Result<(), CliError> {
         Format::Table => render_runs(&runs),
         Format::Json => runs_json(&runs),
     };
-    print!("{text}");
-    Ok(())
+    super::emit(&text)
 }
 
 /// Runs `vcid history RUN`.
@@ -274,8 +221,7 @@ pub fn history(args: HistoryArgs) -> Result<(), CliError> {
         Format::Table => render_history(&results),
         Format::Json => history_json(&args.run, &results),
     };
-    print!("{text}");
-    Ok(())
+    super::emit(&text)
 }
 
 /// Runs `vcid delete RUN`: reads the run (to say what is deleted), then
@@ -304,8 +250,7 @@ pub fn delete(args: DeleteArgs) -> Result<(), CliError> {
             .map_err(not_ok)?;
         Ok::<_, CliError>(run)
     })?;
-    print!("{}", render_deleted(&run));
-    Ok(())
+    super::emit(&render_deleted(&run))
 }
 
 /// The line `vcid delete` prints: what the deleted run held.
@@ -482,41 +427,30 @@ fn runs_json(runs: &[Run]) -> String {
 }
 
 /// The `vcid history` table: one row per (split, layer, epoch), in the
-/// server's order (split, layer, epoch).
+/// server's order (split, layer, epoch), with a column per metric of the
+/// registry.
 pub fn render_history(results: &[EpochResult]) -> String {
-    let mut table = Table::new(&[
+    let mut columns = vec![
         ("SPLIT", false),
         ("LAYER", false),
         ("EPOCH", true),
         ("N", true),
-        ("VCI", true),
-        ("VCI_DELTA", true),
-        ("PROBE_MSE", true),
-        ("NC1", true),
-        ("CDNV", true),
-        ("CLASS_SEP", true),
-        ("EQUINORM", true),
-        ("EQUIANG", true),
-        ("EFF_RANK", true),
-        ("RANK_T", true),
-        ("RANK_B", true),
-        ("FLAGS", false),
-    ]);
+    ];
+    columns.extend(METRICS.iter().map(|m| (m.column, true)));
+    columns.extend([("RANK_T", true), ("RANK_B", true), ("FLAGS", false)]);
+    let mut table = Table::new(&columns);
     for r in results {
-        table.push(vec![
+        let mut row = vec![
             r.split.clone(),
             r.layer.clone(),
             r.epoch.to_string(),
             r.samples.to_string(),
-            fmt_metric(r.vci),
-            fmt_delta(r.vci_delta),
-            fmt_metric(r.linear_probe_mse),
-            fmt_metric(r.nc1),
-            fmt_metric(r.cdnv),
-            fmt_metric(r.class_separation),
-            fmt_metric(r.equinorm),
-            fmt_metric(r.equiangularity),
-            fmt_metric(r.effective_rank),
+        ];
+        row.extend(METRICS.iter().map(|m| match m.source {
+            Source::Epoch(_) => fmt_metric((m.get)(r)),
+            Source::Change => fmt_delta((m.get)(r)),
+        }));
+        row.extend([
             r.rank_total.to_string(),
             r.rank_between.to_string(),
             if r.small_sample {
@@ -525,6 +459,7 @@ pub fn render_history(results: &[EpochResult]) -> String {
                 "-".into()
             },
         ]);
+        table.push(row);
     }
     let mut text = table.render();
     // Say why a metric is missing, once per distinct reason, so "-" is
@@ -546,7 +481,7 @@ pub fn render_history(results: &[EpochResult]) -> String {
 
 /// One epoch result as JSON; undefined metrics are `null`.
 pub fn result_json(r: &EpochResult) -> serde_json::Value {
-    serde_json::json!({
+    let mut doc = serde_json::json!({
         "run_id": r.run_id,
         "split": r.split,
         "layer": r.layer,
@@ -554,22 +489,17 @@ pub fn result_json(r: &EpochResult) -> serde_json::Value {
         "samples": r.samples,
         "classes_observed": r.classes_observed,
         "feature_dim": r.feature_dim,
-        "vci": r.vci,
-        "linear_probe_mse": r.linear_probe_mse,
-        "nc1": r.nc1,
-        "cdnv": r.cdnv,
-        "class_separation": r.class_separation,
-        "equinorm": r.equinorm,
-        "equiangularity": r.equiangularity,
-        "effective_rank": r.effective_rank,
-        "vci_delta": r.vci_delta,
         "rank_total": r.rank_total,
         "rank_between": r.rank_between,
         "small_sample": r.small_sample,
         "notes": r.notes,
         "close_seconds": r.close_seconds,
         "closed_unix_ms": r.closed_unix_ms,
-    })
+    });
+    for m in METRICS {
+        doc[m.name] = serde_json::json!((m.get)(r));
+    }
+    doc
 }
 
 fn history_json(run: &str, results: &[EpochResult]) -> String {
@@ -611,14 +541,6 @@ mod tests {
     }
 
     #[test]
-    fn default_address_is_where_serve_listens() {
-        assert_eq!(
-            DEFAULT_ADDR,
-            format!("http://{}", crate::server::config::DEFAULT_GRPC_ADDR)
-        );
-    }
-
-    #[test]
     fn addresses_without_scheme_get_http() {
         assert_eq!(normalize_addr("127.0.0.1:1"), "http://127.0.0.1:1");
         assert_eq!(normalize_addr("http://h:2"), "http://h:2");
@@ -639,11 +561,5 @@ mod tests {
             render_deleted(&run),
             "deleted run \"exp-1\" (K=10, d=512, rows ingested 1234, closed epochs 7, open epochs 2)\n"
         );
-    }
-
-    #[test]
-    fn empty_token_is_rejected() {
-        assert!(BearerAuth::token(" \n").is_err());
-        assert!(BearerAuth::token("abc\n").is_ok());
     }
 }

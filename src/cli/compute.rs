@@ -1,12 +1,14 @@
-//! `vcid compute`: the metrics of SPEC §2 for features saved as `.npy`.
+//! `vcid compute`: the metrics of `docs/metrics.md` for features saved as
+//! `.npy`.
 //!
 //! Owns the offline path: validate the label file, stream the feature file
 //! through [`Accumulator::fold_batch_with`] `--batch-rows` rows at a time
 //! (each worker thread folding in place into its own accumulator with one
-//! reused [`FoldScratch`]), close with [`metrics::compute`] and print
-//! the result as JSON (keys of SPEC §2.7) or a table. Every problem with an
-//! input file becomes one [`CliError::Input`] line naming the file, what was
-//! expected and what was found (exit status 2).
+//! reused [`FoldScratch`]), close with [`metrics::compute`] and print the
+//! result as JSON (the names of `docs/metrics.md`) or a table. Every
+//! problem with an input file becomes one [`CliError::Input`] line naming
+//! the file, what was expected and what was found (exit status 2). A closed
+//! stdout ends it quietly ([`super::emit`]).
 //!
 //! Must not: compute statistics itself (that is `stats`/`metrics`), hold the
 //! whole feature matrix in memory, or print anything but the result on
@@ -18,13 +20,13 @@ use std::sync::mpsc;
 use ndarray::Array2;
 
 use super::CliError;
-use crate::metrics::{self, EpochMetrics};
+use crate::metrics::{self, registry, EpochMetrics};
 use crate::npy::{self, FeatureReader, NpyError};
 use crate::stats::{Accumulator, FoldScratch, Par, StatsError};
 
 /// Largest accumulator `vcid compute` will allocate; a wrong `--num-classes`
 /// or a stray huge label should be an error, not an out-of-memory abort.
-const MAX_ACCUMULATOR_BYTES: usize = 16 << 30;
+const MAX_ACCUMULATOR_BYTES: u64 = 16 << 30;
 
 /// Batches waiting per worker. One keeps the reader ahead of each worker;
 /// memory stays at about (2·workers + 1) batches.
@@ -33,7 +35,9 @@ const READ_AHEAD: usize = 1;
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
-    /// One JSON object with the keys of SPEC §2.7.
+    /// One JSON object: every metric (null when undefined, see
+    /// docs/metrics.md), samples, classes_observed, feature_dim,
+    /// rank_total, rank_between, small_sample and notes.
     Json,
     /// An aligned human-readable table.
     Table,
@@ -69,8 +73,7 @@ pub fn run(args: ComputeArgs) -> Result<(), CliError> {
         Format::Json => render_json(&result.metrics)?,
         Format::Table => render_table(&args, &result),
     };
-    println!("{text}");
-    Ok(())
+    super::emit(&format!("{text}\n"))
 }
 
 /// What `analyse` found, for printing.
@@ -138,14 +141,9 @@ fn num_classes(args: &ComputeArgs, labels: &[u32]) -> Result<usize, CliError> {
 }
 
 fn check_memory(args: &ComputeArgs, k: usize, d: usize) -> Result<(), CliError> {
-    // The same formula as Accumulator::estimated_bytes, in checked arithmetic
-    // (the label file decides K, so it must not overflow). A batch and the
-    // running total each hold one accumulator.
-    let bytes = d
-        .checked_mul(d)
-        .and_then(|dd| k.checked_mul(d)?.checked_mul(2)?.checked_add(dd))
-        .and_then(|n| n.checked_add(k.checked_mul(3)?))
-        .and_then(|n| n.checked_mul(16));
+    // Checked (the label file decides K, so it must not overflow). A batch
+    // and the running total each hold one accumulator.
+    let bytes = Accumulator::estimated_bytes(k as u64, d as u64).and_then(|b| b.checked_mul(2));
     match bytes {
         Some(b) if b <= MAX_ACCUMULATOR_BYTES => Ok(()),
         _ => Err(CliError::Input(format!(
@@ -312,7 +310,7 @@ fn batch_error(path: &Path, start: usize, err: StatsError) -> CliError {
     }
 }
 
-/// The JSON document: `EpochMetrics` serialises to exactly the SPEC §2.7
+/// The JSON document: `EpochMetrics` serialises to exactly the epoch-result
 /// names (metrics, counts, ranks, `small_sample`, `notes`).
 fn render_json(m: &EpochMetrics) -> Result<String, CliError> {
     serde_json::to_string_pretty(m).map_err(|e| CliError::Failed(format!("encoding JSON: {e}")))
@@ -345,26 +343,16 @@ fn render_table(args: &ComputeArgs, a: &Analysis) -> String {
             "no".into()
         },
     );
-    let metrics = [
-        ("vci", m.vci),
-        ("linear_probe_mse", m.linear_probe_mse),
-        ("nc1", m.nc1),
-        ("cdnv", m.cdnv),
-        ("class_separation", m.class_separation),
-        ("equinorm", m.equinorm),
-        ("equiangularity", m.equiangularity),
-        ("effective_rank", m.effective_rank),
-    ];
     out.push('\n');
-    for (name, value) in metrics {
-        let shown = match value {
+    for metric in registry::epoch_metrics() {
+        let shown = match metric.of_epoch(m) {
             Some(v) => format!("{v:.6}"),
             None => format!(
                 "undefined ({})",
-                m.notes.get(name).map_or("no value", String::as_str)
+                m.notes.get(metric.name).map_or("no value", String::as_str)
             ),
         };
-        out.push_str(&format!("{name:<18} {shown}\n"));
+        out.push_str(&format!("{:<18} {shown}\n", metric.name));
     }
     out.trim_end().to_string()
 }

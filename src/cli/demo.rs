@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use super::client::{self, fmt_delta, fmt_metric, BearerAuth, Client};
-use super::synthetic::{Split, Synthetic};
+use super::client::{self, fmt_delta, fmt_metric, Client};
 use super::CliError;
+use crate::auth::AttachToken;
 use crate::proto::{
     CloseEpochRequest, CreateRunRequest, DeleteRunRequest, Encoding, EpochResult, FeatureBatch,
     GetRunRequest,
 };
+use crate::synthetic::{Split, Synthetic};
 
 /// Arguments of `vcid demo`.
 #[derive(Debug, clap::Args)]
@@ -177,7 +178,7 @@ async fn serve_until_ctrl_c(args: &DemoArgs, daemon: &daemon::Daemon) -> Result<
 /// Plays the synthetic run against the daemon and prints the table.
 async fn play(args: &DemoArgs, daemon: &daemon::Daemon) -> Result<(), CliError> {
     let addr = format!("http://{}", daemon.grpc_addr());
-    let mut client = client::connect(&addr, BearerAuth::none()).await?;
+    let mut client = client::connect(&addr, AttachToken::default()).await?;
     let fail = |status: tonic::Status| client::status_error(&status, &addr, Some(&args.run_id));
 
     let synth = Arc::new(Synthetic::new(

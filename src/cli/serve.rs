@@ -1,192 +1,235 @@
-//! `vcid serve`: the daemon's command line. Merges flags, `VCID_*`
-//! environment variables and an optional TOML file (flags and environment
-//! win over the file, the file over the defaults), sets up logging and runs
-//! `server::serve` on a multi-threaded tokio runtime until SIGTERM/SIGINT.
+//! `vcid serve`: the daemon's command line. One settings struct,
+//! [`ServeArgs`], is filled by clap from flags, `VCID_*` environment
+//! variables and the optional TOML `--config` file, in that order of
+//! precedence, then the defaults of `server::config` (which `--help`
+//! shows). The file does not get a parser of its own: its values become the
+//! arguments' defaults ([`file_defaults`], [`with_defaults`]) and go through
+//! the flags' parsers. [`ServeArgs::validate`] then turns the settings into
+//! the daemon's [`ServeConfig`] and the log set-up (reading the token file),
+//! and [`run`] serves on a multi-threaded tokio runtime until SIGTERM or
+//! SIGINT.
 //!
-//! Owns argument parsing and the config-file format only; everything the
-//! daemon does is in `crate::server`.
+//! Owns the flags, the config-file format and signal handling; everything
+//! the daemon does is in `crate::server`.
 
+use std::future::Future;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::builder::RangedU64ValueParser;
 use clap::{Args, ValueEnum};
-use serde::Deserialize;
+use tracing_subscriber::EnvFilter;
 
-use crate::server::{self, config, Limits, ServeConfig};
+use crate::server::config::{
+    DEFAULT_DATA_DIR, DEFAULT_GRPC_ADDR, DEFAULT_HTTP_ADDR, DEFAULT_MAX_ACCUMULATOR_BYTES,
+    DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER,
+    DEFAULT_SHUTDOWN_GRACE,
+};
+use crate::server::{self, Limits, ServeConfig};
 
-use super::CliError;
+use super::{read_token, CliError};
 
 /// Log line format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
     /// Human-readable lines.
-    #[default]
     Text,
     /// One JSON object per line.
     Json,
 }
 
-/// Arguments of `vcid serve`. Every flag can also come from the environment
-/// variable shown, or from the `--config` file under the same name with
-/// underscores (e.g. `grpc_addr = "0.0.0.0:50051"`).
+/// The settings of `vcid serve`. Each can come from its flag, the
+/// environment variable shown, or the `--config` file under the flag's name
+/// (with `_` or `-`, e.g. `grpc_addr = "0.0.0.0:50051"`).
 #[derive(Debug, Args)]
-pub struct ServeArgs {
-    /// TOML file whose keys mirror these flags (flags and env override it).
+pub(crate) struct ServeArgs {
+    /// TOML file whose keys are these flags' names (flags and environment
+    /// override it; unknown keys are an error).
     #[arg(long, env = "VCID_CONFIG", value_name = "FILE.toml")]
-    pub config: Option<PathBuf>,
-    /// gRPC listen address [default: 127.0.0.1:50051].
-    #[arg(long, env = "VCID_GRPC_ADDR", value_name = "ADDR")]
-    pub grpc_addr: Option<SocketAddr>,
-    /// HTTP listen address for /metrics, /healthz, /readyz [default: 127.0.0.1:9464].
-    #[arg(long, env = "VCID_HTTP_ADDR", value_name = "ADDR")]
-    pub http_addr: Option<SocketAddr>,
-    /// Directory of the database [default: ./vcid-data].
-    #[arg(long, env = "VCID_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Largest accepted gRPC message in bytes [default: 67108864 = 64 MiB].
-    #[arg(long, env = "VCID_MAX_MESSAGE_BYTES", value_name = "BYTES")]
-    pub max_message_bytes: Option<usize>,
-    /// Largest number of rows in one feature batch [default: 65536].
-    #[arg(long, env = "VCID_MAX_BATCH_ROWS", value_name = "ROWS")]
-    pub max_batch_rows: Option<u32>,
-    /// Memory budget of all open accumulators in bytes [default: 2147483648 = 2 GiB].
-    #[arg(long, env = "VCID_MAX_ACCUMULATOR_BYTES", value_name = "BYTES")]
-    pub max_accumulator_bytes: Option<u64>,
+    pub(super) config: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "VCID_GRPC_ADDR", value_name = "ADDR", default_value_t = DEFAULT_GRPC_ADDR)]
+    grpc_addr: SocketAddr,
+    /// HTTP listen address for /metrics, /healthz, /readyz.
+    #[arg(long, env = "VCID_HTTP_ADDR", value_name = "ADDR", default_value_t = DEFAULT_HTTP_ADDR)]
+    http_addr: SocketAddr,
+    /// Directory of the database (created if missing).
+    #[arg(long, env = "VCID_DATA_DIR", value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Largest accepted gRPC message in bytes.
+    #[arg(
+        long,
+        env = "VCID_MAX_MESSAGE_BYTES",
+        value_name = "BYTES",
+        default_value_t = DEFAULT_MAX_MESSAGE_BYTES,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    max_message_bytes: usize,
+    /// Largest number of rows in one feature batch.
+    #[arg(
+        long,
+        env = "VCID_MAX_BATCH_ROWS",
+        value_name = "ROWS",
+        default_value_t = DEFAULT_MAX_BATCH_ROWS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_batch_rows: u32,
+    /// Memory budget of all open accumulators together, in bytes.
+    #[arg(
+        long,
+        env = "VCID_MAX_ACCUMULATOR_BYTES",
+        value_name = "BYTES",
+        default_value_t = DEFAULT_MAX_ACCUMULATOR_BYTES
+    )]
+    max_accumulator_bytes: u64,
     /// Most gaps between the sequence numbers one writer_id has sent to a
-    /// run; a batch that would open another is rejected [default: 1024].
-    #[arg(long, env = "VCID_MAX_SEQUENCE_GAPS_PER_WRITER", value_name = "GAPS")]
-    pub max_sequence_gaps_per_writer: Option<u64>,
+    /// run; a batch that would open another is rejected.
+    #[arg(
+        long,
+        env = "VCID_MAX_SEQUENCE_GAPS_PER_WRITER",
+        value_name = "GAPS",
+        default_value_t = DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER
+    )]
+    max_sequence_gaps_per_writer: u64,
     /// File holding a bearer token; when set, every gRPC call must send
-    /// `authorization: Bearer <token>` [default: no authentication].
+    /// `authorization: Bearer <token>` (without it, no authentication).
     #[arg(long, env = "VCID_AUTH_TOKEN_FILE", value_name = "FILE")]
-    pub auth_token_file: Option<PathBuf>,
-    /// Longest wait for in-flight RPCs on SIGTERM before checkpointing [default: 10].
-    #[arg(long, env = "VCID_SHUTDOWN_GRACE_SECONDS", value_name = "SECONDS")]
-    pub shutdown_grace_seconds: Option<u64>,
-    /// Log format [default: text].
-    #[arg(long, env = "VCID_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
+    auth_token_file: Option<PathBuf>,
+    /// Longest wait for in-flight RPCs on SIGTERM/SIGINT before
+    /// checkpointing.
+    #[arg(
+        long,
+        env = "VCID_SHUTDOWN_GRACE_SECONDS",
+        value_name = "SECONDS",
+        default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs()
+    )]
+    shutdown_grace_seconds: u64,
+    /// Log format.
+    #[arg(long, env = "VCID_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Log filter in `tracing` EnvFilter syntax, e.g. `info` or
-    /// `vcid=debug` [default: info].
-    #[arg(long, env = "VCID_LOG_LEVEL", value_name = "FILTER")]
-    pub log_level: Option<String>,
+    /// `vcid=debug`.
+    #[arg(
+        long,
+        env = "VCID_LOG_LEVEL",
+        value_name = "FILTER",
+        default_value = "info"
+    )]
+    log_level: String,
 }
 
-/// The `--config` file: the same settings as the flags.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    #[serde(alias = "grpc-addr")]
-    pub grpc_addr: Option<SocketAddr>,
-    #[serde(alias = "http-addr")]
-    pub http_addr: Option<SocketAddr>,
-    #[serde(alias = "data-dir")]
-    pub data_dir: Option<PathBuf>,
-    #[serde(alias = "max-message-bytes")]
-    pub max_message_bytes: Option<usize>,
-    #[serde(alias = "max-batch-rows")]
-    pub max_batch_rows: Option<u32>,
-    #[serde(alias = "max-accumulator-bytes")]
-    pub max_accumulator_bytes: Option<u64>,
-    #[serde(alias = "max-sequence-gaps-per-writer")]
-    pub max_sequence_gaps_per_writer: Option<u64>,
-    #[serde(alias = "auth-token-file")]
-    pub auth_token_file: Option<PathBuf>,
-    #[serde(alias = "shutdown-grace-seconds")]
-    pub shutdown_grace_seconds: Option<u64>,
-    #[serde(alias = "log-format")]
-    pub log_format: Option<LogFormat>,
-    #[serde(alias = "log-level")]
-    pub log_level: Option<String>,
+/// What [`ServeArgs::validate`] makes of the settings.
+#[derive(Debug)]
+struct Settings {
+    config: ServeConfig,
+    log_format: LogFormat,
+    log_filter: EnvFilter,
 }
 
-/// Reads a `--config` file.
-pub fn read_config_file(path: &Path) -> Result<FileConfig, CliError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError::Input(format!("--config {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| CliError::Input(format!("--config {}: {e}", path.display())))
-}
-
-/// Reads a bearer token: the file's content without surrounding whitespace.
-pub fn read_token(path: &Path) -> Result<String, CliError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError::Input(format!("--auth-token-file {}: {e}", path.display())))?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(CliError::Input(format!(
-            "--auth-token-file {}: expected a token, received an empty file",
-            path.display()
-        )));
+impl ServeArgs {
+    /// The daemon's configuration and the log set-up; reads the token file
+    /// and checks the log filter (clap has checked everything else).
+    fn validate(self) -> Result<Settings, CliError> {
+        let auth_token = match &self.auth_token_file {
+            Some(path) => Some(read_token(path)?.as_str().to_owned()),
+            None => None,
+        };
+        let log_filter = EnvFilter::try_new(&self.log_level)
+            .map_err(|e| CliError::Input(format!("--log-level {:?}: {e}", self.log_level)))?;
+        Ok(Settings {
+            config: ServeConfig {
+                grpc_addr: self.grpc_addr,
+                http_addr: self.http_addr,
+                data_dir: self.data_dir,
+                limits: Limits {
+                    max_message_bytes: self.max_message_bytes,
+                    max_batch_rows: self.max_batch_rows,
+                    max_accumulator_bytes: self.max_accumulator_bytes,
+                    max_sequence_gaps_per_writer: self.max_sequence_gaps_per_writer,
+                },
+                auth_token,
+                shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+            },
+            log_format: self.log_format,
+            log_filter,
+        })
     }
-    Ok(token.to_owned())
 }
 
-/// The daemon configuration and log settings from flags, env and file.
-pub fn resolve(args: ServeArgs) -> Result<(ServeConfig, LogFormat, String), CliError> {
-    let file = match &args.config {
-        Some(path) => read_config_file(path)?,
-        None => FileConfig::default(),
-    };
-    let defaults = ServeConfig::default();
-    let limits = Limits {
-        max_message_bytes: args
-            .max_message_bytes
-            .or(file.max_message_bytes)
-            .unwrap_or(config::DEFAULT_MAX_MESSAGE_BYTES),
-        max_batch_rows: args
-            .max_batch_rows
-            .or(file.max_batch_rows)
-            .unwrap_or(config::DEFAULT_MAX_BATCH_ROWS),
-        max_accumulator_bytes: args
-            .max_accumulator_bytes
-            .or(file.max_accumulator_bytes)
-            .unwrap_or(config::DEFAULT_MAX_ACCUMULATOR_BYTES),
-        max_sequence_gaps_per_writer: args
-            .max_sequence_gaps_per_writer
-            .or(file.max_sequence_gaps_per_writer)
-            .unwrap_or(config::DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER),
-    };
-    if limits.max_batch_rows == 0 || limits.max_message_bytes == 0 {
-        return Err(CliError::Input(
-            "--max-batch-rows and --max-message-bytes: expected at least 1, received 0".into(),
-        ));
+/// The `--config` file's settings as `(argument id, value)` pairs. Keys are
+/// the flags' names with `_` or `-`; an unknown key, a key given twice or a
+/// value the flag's own parser refuses is an error naming the file.
+pub(super) fn file_defaults(
+    serve: &clap::Command,
+    path: &Path,
+) -> Result<Vec<(clap::Id, String)>, CliError> {
+    let fail = |what: String| CliError::Input(format!("--config {}: {what}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let table: toml::Table = text.parse().map_err(|e| fail(format!("{e}")))?;
+    let settable: Vec<&clap::Arg> = serve
+        .get_arguments()
+        .filter(|arg| arg.get_long().is_some() && arg.get_id() != "config")
+        .collect();
+    let mut defaults: Vec<(clap::Id, String)> = Vec::new();
+    for (key, value) in &table {
+        let id = key.replace('-', "_");
+        let Some(arg) = settable.iter().find(|arg| arg.get_id() == id.as_str()) else {
+            let known: Vec<&str> = settable.iter().map(|arg| arg.get_id().as_str()).collect();
+            return Err(fail(format!(
+                "unknown key {key:?}; expected one of {}",
+                known.join(", ")
+            )));
+        };
+        if defaults.iter().any(|(seen, _)| seen == arg.get_id()) {
+            return Err(fail(format!("{id} is set twice (as {id} and with '-')")));
+        }
+        let text = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Float(x) => x.to_string(),
+            other => {
+                return Err(fail(format!(
+                    "{key}: expected a string or a number, received a {}",
+                    other.type_str()
+                )))
+            }
+        };
+        // The flag's own parser decides, as it would for `--flag value`.
+        let long = arg.get_long().unwrap_or_default();
+        clap::Command::new("vcid serve")
+            .no_binary_name(true)
+            .arg((*arg).clone())
+            .try_get_matches_from([format!("--{long}"), text.clone()])
+            .map_err(|e| {
+                // clap's message without its "error: " and its usage hint.
+                let message = e.to_string();
+                let lines: Vec<&str> = message
+                    .lines()
+                    .map(|line| line.trim().trim_start_matches("error: "))
+                    .filter(|line| !line.is_empty() && !line.starts_with("For more information"))
+                    .collect();
+                fail(format!("{key} = {value}: {}", lines.join(" ")))
+            })?;
+        defaults.push((arg.get_id().clone(), text));
     }
-    let auth_token = match args.auth_token_file.or(file.auth_token_file) {
-        Some(path) => Some(read_token(&path)?),
-        None => None,
-    };
-    let config = ServeConfig {
-        grpc_addr: args
-            .grpc_addr
-            .or(file.grpc_addr)
-            .unwrap_or(defaults.grpc_addr),
-        http_addr: args
-            .http_addr
-            .or(file.http_addr)
-            .unwrap_or(defaults.http_addr),
-        data_dir: args.data_dir.or(file.data_dir).unwrap_or(defaults.data_dir),
-        limits,
-        auth_token,
-        shutdown_grace: args
-            .shutdown_grace_seconds
-            .or(file.shutdown_grace_seconds)
-            .map_or(defaults.shutdown_grace, Duration::from_secs),
-    };
-    let log_format = args.log_format.or(file.log_format).unwrap_or_default();
-    let log_level = args
-        .log_level
-        .or(file.log_level)
-        .unwrap_or_else(|| "info".to_owned());
-    Ok((config, log_format, log_level))
+    Ok(defaults)
+}
+
+/// `serve` with `defaults` (from [`file_defaults`]) as its arguments'
+/// defaults: a flag or environment variable still overrides each.
+pub(super) fn with_defaults(
+    serve: clap::Command,
+    defaults: &[(clap::Id, String)],
+) -> clap::Command {
+    defaults.iter().fold(serve, |serve, (id, value)| {
+        serve.mut_arg(id, |arg| arg.default_value(value.clone()))
+    })
 }
 
 /// Installs the global `tracing` subscriber (stderr).
-pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), CliError> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| CliError::Input(format!("--log-level {filter:?}: {e}")))?;
+fn init_logging(format: LogFormat, filter: EnvFilter) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -197,36 +240,94 @@ pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), CliError> {
     };
     // Already installed (e.g. by an embedding program): keep that one.
     drop(installed);
-    Ok(())
+}
+
+/// A future that resolves on SIGTERM or SIGINT; the handlers are installed
+/// at once, so a signal arriving while the daemon starts is not lost.
+#[cfg(unix)]
+fn termination() -> Result<impl Future<Output = ()>, CliError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let install = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| CliError::Failed(format!("installing the {name} handler: {e}")))
+    };
+    let mut term = install(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = install(SignalKind::interrupt(), "SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("termination signal received");
+    })
+}
+
+/// A future that resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn termination() -> Result<impl Future<Output = ()>, CliError> {
+    Ok(async {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => tracing::info!("termination signal received"),
+            Err(err) => tracing::error!(%err, "cannot wait for Ctrl-C; stopping"),
+        }
+    })
 }
 
 /// Runs `vcid serve`.
-pub fn run(args: ServeArgs) -> Result<(), CliError> {
-    let (config, log_format, log_level) = resolve(args)?;
-    init_logging(log_format, &log_level)?;
+pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
+    let settings = args.validate()?;
+    init_logging(settings.log_format, settings.log_filter);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("vcid")
         .build()
         .map_err(|e| CliError::Failed(format!("starting the async runtime: {e}")))?;
-    runtime
-        .block_on(server::serve(config))
-        .map_err(|e| CliError::Failed(e.to_string()))
+    runtime.block_on(async {
+        let signal = termination()?;
+        server::run(settings.config, signal)
+            .await
+            .map_err(|e| CliError::Failed(e.to_string()))
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use clap::Parser;
+    use std::ffi::OsString;
 
-    #[derive(Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        args: ServeArgs,
+    use clap::CommandFactory;
+
+    use super::super::{parse, Cli, Command};
+    use super::*;
+
+    /// `vcid serve ARGS` through the real parse path, validated.
+    fn serve(args: &[&str]) -> Result<Settings, CliError> {
+        let argv: Vec<OsString> = ["vcid", "serve"]
+            .iter()
+            .chain(args)
+            .map(OsString::from)
+            .collect();
+        match parse(&argv)?.command {
+            Command::Serve(args) => args.validate(),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    /// The variables `vcid serve` reads would override what these tests
+    /// set up; they must not be set in the test's environment.
+    fn assert_clean_environment() {
+        let cli = Cli::command();
+        let set: Vec<_> = cli
+            .find_subcommand("serve")
+            .unwrap()
+            .get_arguments()
+            .filter_map(|arg| arg.get_env())
+            .filter(|name| std::env::var_os(name).is_some())
+            .collect();
+        assert!(set.is_empty(), "unset {set:?} to run these tests");
     }
 
     #[test]
     fn flags_override_file_and_file_overrides_defaults() {
+        assert_clean_environment();
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, "  abc123\n").unwrap();
@@ -240,25 +341,123 @@ mod tests {
             ),
         )
         .unwrap();
-        let cli = Wrapper::try_parse_from([
-            "serve",
-            "--config",
-            file.to_str().unwrap(),
-            "--grpc-addr",
-            "127.0.0.1:7000",
-        ])
-        .unwrap();
-        let (config, format, level) = resolve(cli.args).unwrap();
+        let file = file.to_str().unwrap();
+        let settings = serve(&["--config", file, "--grpc-addr", "127.0.0.1:7000"]).unwrap();
+        let config = settings.config;
         assert_eq!(config.grpc_addr.to_string(), "127.0.0.1:7000");
         assert_eq!(config.http_addr, ServeConfig::default().http_addr);
         assert_eq!(config.limits.max_batch_rows, 7);
         assert_eq!(config.limits.max_sequence_gaps_per_writer, 9);
-        assert_eq!(
-            config.limits.max_message_bytes,
-            config::DEFAULT_MAX_MESSAGE_BYTES
-        );
+        assert_eq!(config.limits.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
         assert_eq!(config.auth_token.as_deref(), Some("abc123"));
-        assert_eq!(config.data_dir, PathBuf::from(config::DEFAULT_DATA_DIR));
-        assert_eq!((format, level.as_str()), (LogFormat::Json, "info"));
+        assert_eq!(config.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(config.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert_eq!(settings.log_format, LogFormat::Json);
+        // Without a file: the defaults of `server::config`.
+        let plain = serve(&[]).unwrap();
+        assert_eq!(plain.config.grpc_addr, DEFAULT_GRPC_ADDR);
+        assert_eq!(plain.config.limits, Limits::default());
+        assert_eq!(plain.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn bad_files_and_values_are_errors_that_name_them() {
+        assert_clean_environment();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vcid.toml");
+        let path = file.to_str().unwrap();
+        let error = |content: &str| {
+            std::fs::write(&file, content).unwrap();
+            serve(&["--config", path]).unwrap_err().to_string()
+        };
+        let text = error("grpc_adr = \"0.0.0.0:1\"\n");
+        assert!(
+            text.starts_with(&format!("--config {path}: unknown key \"grpc_adr\""))
+                && text.contains("grpc_addr, http_addr"),
+            "{text}"
+        );
+        let text = error("config = \"other.toml\"\n");
+        assert!(text.contains("unknown key \"config\""), "{text}");
+        let text = error("max_batch_rows = 0\n");
+        assert!(
+            text.contains("max_batch_rows = 0") && text.contains("--max-batch-rows"),
+            "{text}"
+        );
+        let text = error("grpc_addr = \"nowhere\"\n");
+        assert!(text.contains("'nowhere'"), "{text}");
+        let text = error("log_format = \"xml\"\n");
+        assert!(text.contains("'xml'") && text.contains("json"), "{text}");
+        let text = error("max_batch_rows = 1\nmax-batch-rows = 2\n");
+        assert!(text.contains("set twice"), "{text}");
+        let text = error("max_batch_rows = [1]\n");
+        assert!(text.contains("expected a string or a number"), "{text}");
+        let text = error("max_batch_rows = \n");
+        assert!(text.starts_with(&format!("--config {path}: ")), "{text}");
+        // The same parsers refuse the same values on the command line.
+        assert!(matches!(
+            serve(&["--max-message-bytes", "0"]),
+            Err(CliError::Usage(_))
+        ));
+        let empty = dir.path().join("empty-token");
+        std::fs::write(&empty, "\n").unwrap();
+        let text = serve(&["--auth-token-file", empty.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.starts_with("--auth-token-file ") && text.contains("expected a token"),
+            "{text}"
+        );
+        let text = serve(&["--log-level", "vcid=loud"])
+            .unwrap_err()
+            .to_string();
+        assert!(text.starts_with("--log-level \"vcid=loud\""), "{text}");
+    }
+
+    /// The README's `vcid serve` section lists every flag with its
+    /// environment variable and default, and its sample file every key.
+    #[test]
+    fn the_readme_documents_every_setting() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let section = readme
+            .split("### `vcid serve`")
+            .nth(1)
+            .and_then(|rest| rest.split("\n### ").next())
+            .expect("README has a `vcid serve` section");
+        let rows: Vec<&str> = section
+            .lines()
+            .filter(|line| line.starts_with("| `--"))
+            .collect();
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").unwrap();
+        let args: Vec<&clap::Arg> = serve
+            .get_arguments()
+            .filter(|arg| arg.get_long().is_some())
+            .collect();
+        assert_eq!(rows.len(), args.len(), "one README row per flag: {rows:#?}");
+        for arg in args {
+            let long = arg.get_long().unwrap();
+            let row = rows
+                .iter()
+                .find(|row| row.starts_with(&format!("| `--{long} ")))
+                .unwrap_or_else(|| panic!("README lacks a row for --{long}"));
+            let env = arg.get_env().unwrap().to_str().unwrap();
+            assert!(row.contains(&format!("| `{env}` |")), "{row}: {env}");
+            match arg.get_default_values() {
+                [] => assert!(row.contains("| none"), "{row}: no default"),
+                [default] => {
+                    let default = default.to_str().unwrap();
+                    assert!(row.contains(&format!("| `{default}`")), "{row}: {default}");
+                }
+                many => panic!("--{long} has several defaults: {many:?}"),
+            }
+            if long != "config" {
+                let key = arg.get_id().as_str();
+                assert!(
+                    section.contains(&format!("\n{key} = ")),
+                    "the sample config file lacks {key}"
+                );
+            }
+        }
     }
 }

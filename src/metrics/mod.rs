@@ -1,4 +1,4 @@
-//! Neural-collapse metrics of one closed epoch (SPEC §2.2–2.6).
+//! Neural-collapse metrics of one closed epoch (`docs/metrics.md`).
 //!
 //! Owns [`compute`], which turns an [`Accumulator`] into [`EpochMetrics`]:
 //! VCI and the linear-probe MSE from one symmetric eigendecomposition of
@@ -11,8 +11,9 @@
 //!
 //! How the work is laid out, for d features and K observed classes (the
 //! columns of `M = [√p_k (μ_k − μ)]`, d × K):
-//! - `Σ_T = M2/N` is decomposed once; only the kept eigenpairs (SPEC §2.3,
-//!   a contiguous tail since eigenvalues come ascending) are used after.
+//! - `Σ_T = M2/N` is decomposed once; only the kept eigenpairs (the
+//!   tolerance of `docs/metrics.md`, a contiguous tail since eigenvalues
+//!   come ascending) are used after.
 //! - `Z = Λ_r^{-1/2} V_rᵀ M` gives `Tr(Σ_T† Σ_B) = ‖Z‖²_F` (VCI) and its
 //!   column norms give the linear-probe MSE. No inverse is ever formed.
 //! - `Σ_B` is handled through `G = MᵀM` (K × K) when K ≤ d, else directly
@@ -22,9 +23,9 @@
 //! - The Gram matrix `H = CᵀC` of the centred class means gives CDNV's
 //!   pairwise distances and the cosines of equiangularity.
 //!
-//! Statistics conventions where SPEC leaves a choice: `std` in equinorm and
-//! equiangularity is the population standard deviation (divide by the count,
-//! not count − 1). VCI, NC1 and the probe MSE are clamped into their
+//! Statistics conventions (`docs/metrics.md`, "Conventions"): `std` in
+//! equinorm and equiangularity is the population standard deviation (divide
+//! by the count, not count − 1). VCI, NC1 and the probe MSE are clamped into their
 //! mathematical ranges ([0, 1], ≥ 0, ≥ 0) to remove rounding residue only.
 
 use std::collections::BTreeMap;
@@ -36,6 +37,8 @@ use faer::{Accum, Mat, MatRef, Par};
 use crate::linalg::{EigenError, SymmetricEigen};
 use crate::stats::Accumulator;
 
+pub mod registry;
+
 /// A close could not produce metrics.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MetricsError {
@@ -44,8 +47,9 @@ pub enum MetricsError {
     Eigen(#[from] EigenError),
 }
 
-/// Everything SPEC §2.7 asks of one epoch that can be computed from its
-/// statistics alone. Serialises with SPEC's names, metrics first (the JSON of
+/// Everything an epoch result holds that can be computed from the epoch's
+/// statistics alone (`docs/metrics.md`, "The epoch result"). Serialises
+/// with the metric names, metrics first (the JSON of
 /// `vcid compute`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct EpochMetrics {
@@ -71,9 +75,9 @@ pub struct EpochMetrics {
     pub classes_observed: usize,
     /// d.
     pub feature_dim: usize,
-    /// rank(Σ_T) under SPEC §2.3.
+    /// rank(Σ_T) under the tolerance of `docs/metrics.md`.
     pub rank_total: usize,
-    /// rank(Σ_B) under SPEC §2.3.
+    /// rank(Σ_B) under the tolerance of `docs/metrics.md`.
     pub rank_between: usize,
     /// N ≤ d + K_obs: an affine probe can fit the sample exactly.
     pub small_sample: bool,
@@ -87,8 +91,8 @@ pub fn vci_delta(current: Option<f64>, previous: Option<f64>) -> Option<f64> {
     Some(current? - previous?)
 }
 
-/// Computes every metric of SPEC §2.2–2.6 from `acc`, with the given
-/// parallelism for the dense kernels.
+/// Computes every metric of one epoch (`docs/metrics.md`) from `acc`, with
+/// the given parallelism for the dense kernels.
 pub fn compute(acc: &Accumulator, par: Par) -> Result<EpochMetrics, MetricsError> {
     let samples = acc.samples();
     let dim = acc.feature_dim();
@@ -114,8 +118,8 @@ pub fn compute(acc: &Accumulator, par: Par) -> Result<EpochMetrics, MetricsError
         notes: BTreeMap::new(),
     };
     if samples == 0 {
-        for name in METRIC_NAMES {
-            metrics.note(name, "the epoch has no samples");
+        for metric in registry::epoch_metrics() {
+            metrics.note(metric.name, "the epoch has no samples");
         }
         return Ok(metrics);
     }
@@ -234,17 +238,6 @@ pub fn compute(acc: &Accumulator, par: Par) -> Result<EpochMetrics, MetricsError
     class_separation(acc, &mut metrics);
     Ok(metrics)
 }
-
-const METRIC_NAMES: [&str; 8] = [
-    "vci",
-    "linear_probe_mse",
-    "nc1",
-    "cdnv",
-    "class_separation",
-    "equinorm",
-    "equiangularity",
-    "effective_rank",
-];
 
 impl EpochMetrics {
     fn note(&mut self, metric: &str, reason: &str) {
@@ -424,9 +417,9 @@ fn class_mean_geometry(
     }
 }
 
-/// R² class separation with cosine distance (SPEC §2.6), over the K' classes
-/// with a non-zero row. With ū_k the mean unit vector of class k and ū their
-/// average, SPEC's d̄_within = (1/K') Σ_k (1 − ‖ū_k‖²) is computed as
+/// R² class separation with cosine distance (`docs/metrics.md`), over the
+/// K' classes with a non-zero row. With ū_k the mean unit vector of class k and ū their
+/// average, the textbook d̄_within = (1/K') Σ_k (1 − ‖ū_k‖²) is computed as
 /// (1/K') Σ_k unit_within_trace_k / c_k, and d̄_total = 1 − ‖ū‖² as
 /// d̄_within + (1/K') Σ_k ‖ū_k − ū‖² (the same quantities in exact
 /// arithmetic, without the cancellation of `1 − ‖·‖²` when every direction

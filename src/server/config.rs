@@ -1,18 +1,22 @@
 //! Configuration of one daemon: listen addresses, data directory, limits and
 //! the optional bearer token.
 //!
-//! Owns the defaults (listed on [`ServeConfig::default`]); it must not parse
-//! command lines or files (that is `cli::serve`) nor open anything.
+//! Owns the defaults, each written once here: [`ServeConfig::default`],
+//! [`Limits::default`] and `vcid serve`'s flags (whose help shows them) all
+//! read these constants. It must not parse command lines or files (that is
+//! `cli::serve`) nor open anything.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// Default gRPC listen address (loopback: exposing the daemon is a choice).
-pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
+pub const DEFAULT_GRPC_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 50051));
 /// Default HTTP listen address for `/metrics`, `/healthz`, `/readyz`
 /// (9464 is the port OpenTelemetry's Prometheus exporter uses by convention).
-pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9464";
+pub const DEFAULT_HTTP_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9464));
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "./vcid-data";
 /// Default largest accepted gRPC message: 64 MiB. A 256 x 512 float32 batch
@@ -24,7 +28,7 @@ pub const DEFAULT_MAX_BATCH_ROWS: u32 = 65_536;
 /// Default budget for all open accumulators together: 2 GiB.
 pub const DEFAULT_MAX_ACCUMULATOR_BYTES: u64 = 2 << 30;
 /// Default most gaps one writer's applied sequence numbers may have (see
-/// `state::SeqSet`): a writer numbering its batches 0, 1, 2, … has none, so
+/// `state::dedup`): a writer numbering its batches 0, 1, 2, … has none, so
 /// this only bounds writers that skip or reorder sequences. About 16 bytes
 /// per gap.
 pub const DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER: u64 = 1024;
@@ -58,7 +62,8 @@ impl Default for Limits {
     }
 }
 
-/// Everything [`crate::server::spawn`] needs to start a daemon.
+/// Everything [`crate::server::spawn`] and [`crate::server::run`] need to
+/// start a daemon.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     /// gRPC listen address; port 0 picks a free port (see `ServerHandle`).
@@ -76,13 +81,11 @@ pub struct ServeConfig {
 }
 
 impl Default for ServeConfig {
-    /// grpc 127.0.0.1:50051, http 127.0.0.1:9464, data ./vcid-data,
-    /// 64 MiB messages, 65 536 rows per batch, 2 GiB of accumulators, 1024
-    /// sequence gaps per writer, no auth.
+    /// The `DEFAULT_*` constants of this module; no auth.
     fn default() -> Self {
         ServeConfig {
-            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            grpc_addr: DEFAULT_GRPC_ADDR,
+            http_addr: DEFAULT_HTTP_ADDR,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             limits: Limits::default(),
             auth_token: None,
@@ -96,8 +99,8 @@ impl ServeConfig {
     /// 127.0.0.1 with ephemeral ports, data in `data_dir`, default limits.
     pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
         ServeConfig {
-            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            grpc_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            http_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             data_dir: data_dir.into(),
             ..ServeConfig::default()
         }

@@ -11,25 +11,24 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use prost::Message;
 use tokio::sync::broadcast;
 
-use crate::metrics::{self, EpochMetrics};
+use crate::metrics::{self, registry, EpochMetrics};
 use crate::proto::{
     CloseEpochRequest, CreateRunRequest, EpochResult, FeatureBatch, GetHistoryRequest, History,
     Run, StatsBlock,
 };
 use crate::stats::{Accumulator, Par};
 
+use super::clock::{now_unix_ms, utc_timestamp};
 use super::config::Limits;
 use super::decode::{self, StreamKey};
 use super::error::ServerError;
 use super::export::Telemetry;
-use super::state::{
-    accumulator_bytes, utc_timestamp, Applied, EpochMarker, RunInfo, RunState, SeqSet, State,
-};
+use super::state::{Applied, EpochMarker, RunInfo, RunState, SeqSet, State};
 use super::store::{EpochKey, RunCheckpoint, Store, WriterCheckpoint};
 
 /// How many results a `Watch` subscriber may fall behind before it is cut
@@ -60,15 +59,9 @@ struct ApplyJob {
 
 impl ApplyJob {
     /// One attempt of [`RunState::apply`] (blocking: the O(d²) merge).
-    fn apply(&self, state: &State, max_gaps: u64) -> Result<Applied, ServerError> {
-        self.run.apply(
-            &self.key,
-            self.epoch,
-            &self.acc,
-            self.dedup.as_ref(),
-            &state.budget,
-            max_gaps,
-        )
+    fn apply(&self) -> Result<Applied, ServerError> {
+        self.run
+            .apply(&self.key, self.epoch, &self.acc, self.dedup.as_ref())
     }
 
     fn epoch_key(&self) -> EpochKey {
@@ -112,12 +105,6 @@ pub struct Daemon {
     admin: tokio::sync::Mutex<()>,
 }
 
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ServerError> {
@@ -126,7 +113,8 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ServerError::Internal(format!("worker task failed: {e}")))
 }
 
-/// The proto result of a close.
+/// The proto result of a close: every metric of the registry, `vci_delta`
+/// from the stream's previous closed epoch (`None`: there is none).
 fn epoch_result(
     run_id: &str,
     key: &StreamKey,
@@ -134,10 +122,25 @@ fn epoch_result(
     m: EpochMetrics,
     previous_vci: Option<Option<f64>>,
 ) -> EpochResult {
-    let mut notes: std::collections::HashMap<String, String> = m.notes.into_iter().collect();
-    let vci_delta = match previous_vci {
+    let mut result = EpochResult {
+        run_id: run_id.to_owned(),
+        split: key.split.clone(),
+        layer: key.layer.clone(),
+        epoch,
+        samples: m.samples,
+        classes_observed: u32::try_from(m.classes_observed).unwrap_or(u32::MAX),
+        feature_dim: u32::try_from(m.feature_dim).unwrap_or(u32::MAX),
+        rank_total: u32::try_from(m.rank_total).unwrap_or(u32::MAX),
+        rank_between: u32::try_from(m.rank_between).unwrap_or(u32::MAX),
+        small_sample: m.small_sample,
+        ..EpochResult::default()
+    };
+    for metric in registry::epoch_metrics() {
+        (metric.set)(&mut result, metric.of_epoch(&m));
+    }
+    result.vci_delta = match previous_vci {
         None => {
-            notes.insert(
+            result.notes.insert(
                 "vci_delta".into(),
                 "no earlier closed epoch in this stream".into(),
             );
@@ -146,7 +149,7 @@ fn epoch_result(
         Some(previous) => {
             let delta = metrics::vci_delta(m.vci, previous);
             if delta.is_none() {
-                notes.insert(
+                result.notes.insert(
                     "vci_delta".into(),
                     "vci is undefined in this epoch or the previous closed one".into(),
                 );
@@ -154,30 +157,8 @@ fn epoch_result(
             delta
         }
     };
-    EpochResult {
-        run_id: run_id.to_owned(),
-        split: key.split.clone(),
-        layer: key.layer.clone(),
-        epoch,
-        samples: m.samples,
-        classes_observed: u32::try_from(m.classes_observed).unwrap_or(u32::MAX),
-        feature_dim: u32::try_from(m.feature_dim).unwrap_or(u32::MAX),
-        vci: m.vci,
-        linear_probe_mse: m.linear_probe_mse,
-        nc1: m.nc1,
-        cdnv: m.cdnv,
-        class_separation: m.class_separation,
-        equinorm: m.equinorm,
-        equiangularity: m.equiangularity,
-        effective_rank: m.effective_rank,
-        vci_delta,
-        rank_total: u32::try_from(m.rank_total).unwrap_or(u32::MAX),
-        rank_between: u32::try_from(m.rank_between).unwrap_or(u32::MAX),
-        small_sample: m.small_sample,
-        notes,
-        close_seconds: 0.0,
-        closed_unix_ms: 0,
-    }
+    result.notes.extend(m.notes);
+    result
 }
 
 impl Daemon {
@@ -185,7 +166,7 @@ impl Daemon {
     /// checkpoints (consuming the checkpoints). Blocking.
     pub fn open(data_dir: &std::path::Path, limits: Limits) -> Result<Daemon, ServerError> {
         let store = Store::open(data_dir)?;
-        let state = Arc::new(State::new(limits.max_accumulator_bytes));
+        let state = Arc::new(State::new(&limits));
         let telemetry = Telemetry::new(Arc::clone(&state))?;
         let restored = store.load()?;
         for run in restored.runs {
@@ -196,7 +177,7 @@ impl Daemon {
                 metadata: run.metadata.into_iter().collect(),
                 created_unix_ms: run.created_unix_ms,
             };
-            state.insert(Arc::new(RunState::new(info, run.rows_ingested)));
+            state.insert(state.new_run(info, run.rows_ingested));
         }
         for result in restored.results {
             let Some(run) = state.find(&result.run_id) else {
@@ -218,11 +199,9 @@ impl Daemon {
                     split: block.split.clone(),
                     layer: block.layer.clone(),
                 };
-                let parts = decode::stats_block_parts(
-                    block.clone(),
-                    run.info.num_classes,
-                    run.info.feature_dim,
-                );
+                let parts = block
+                    .clone()
+                    .into_parts(run.info.num_classes, run.info.feature_dim);
                 match Accumulator::from_parts(parts) {
                     Ok(acc) => {
                         restored_epochs.push(EpochKey {
@@ -231,7 +210,7 @@ impl Daemon {
                             layer: key.layer.clone(),
                             epoch: block.epoch,
                         });
-                        run.restore_open(key, block.epoch, acc, &state.budget);
+                        run.restore_open(key, block.epoch, acc);
                     }
                     Err(err) => tracing::error!(
                         run = %run_id, epoch = block.epoch, %err,
@@ -358,20 +337,6 @@ impl Daemon {
             }
             return Ok(self.run_proto(&existing));
         }
-        let needed = accumulator_bytes(req.num_classes, req.feature_dim);
-        let budget = self.state.budget.limit();
-        if needed > u128::from(budget) {
-            let in_use = self.state.budget.used();
-            return Err(ServerError::BudgetExceeded {
-                run_id: req.run_id,
-                num_classes: req.num_classes,
-                feature_dim: req.feature_dim,
-                needed: u64::try_from(needed).unwrap_or(u64::MAX),
-                in_use,
-                available: budget.saturating_sub(in_use),
-                budget,
-            });
-        }
         let info = RunInfo {
             run_id: req.run_id,
             num_classes: req.num_classes,
@@ -379,7 +344,8 @@ impl Daemon {
             metadata: req.metadata.into_iter().collect::<BTreeMap<_, _>>(),
             created_unix_ms: now_unix_ms(),
         };
-        let run = Arc::new(RunState::new(info, 0));
+        self.state.budget.check_fits(&info)?;
+        let run = self.state.new_run(info, 0);
         let record = Self::run_record(&run);
         let store = self.store.clone();
         blocking(move || store.put_run(&record)).await??;
@@ -414,13 +380,6 @@ impl Daemon {
         let _ = self.events.send(WatchEvent::RunDeleted(run_id.to_owned()));
         tracing::info!(run = %run_id, "run deleted");
         Ok(())
-    }
-
-    /// One `FeatureBatch`: [`Daemon::prepare_batch`] then
-    /// [`Daemon::apply_prepared`] (whole or not at all).
-    pub async fn ingest(&self, batch: FeatureBatch) -> Result<Ingested, ServerError> {
-        let prepared = self.prepare_batch(batch).await?;
-        self.apply_prepared(prepared).await
     }
 
     /// The lock-free half of ingesting a batch: validation, decoding and the
@@ -484,9 +443,7 @@ impl Daemon {
             acc,
             dedup,
         };
-        let state = Arc::clone(&self.state);
-        let max_gaps = self.limits.max_sequence_gaps_per_writer;
-        let (outcome, job) = blocking(move || (job.apply(&state, max_gaps), job)).await?;
+        let (outcome, job) = blocking(move || (job.apply(), job)).await?;
         self.settle(job, outcome?).await
     }
 
@@ -505,9 +462,7 @@ impl Daemon {
                 Applied::NeedsMarker(marker) => marker,
             };
             self.write_marker(&job, &marker).await?;
-            let state = Arc::clone(&self.state);
-            let max_gaps = self.limits.max_sequence_gaps_per_writer;
-            let (next, back) = blocking(move || (job.apply(&state, max_gaps), job)).await?;
+            let (next, back) = blocking(move || (job.apply(), job)).await?;
             job = back;
             outcome = next?;
         }
@@ -551,8 +506,6 @@ impl Daemon {
             parts,
             dedup,
         } = decoded;
-        let state = Arc::clone(&self.state);
-        let max_gaps = self.limits.max_sequence_gaps_per_writer;
         let (outcome, job) = blocking(move || {
             let job = ApplyJob {
                 run,
@@ -561,7 +514,7 @@ impl Daemon {
                 acc: Accumulator::from_parts(parts)?,
                 dedup,
             };
-            Ok::<_, ServerError>((job.apply(&state, max_gaps), job))
+            Ok::<_, ServerError>((job.apply(), job))
         })
         .await??;
         self.settle(job, outcome?).await
@@ -582,7 +535,7 @@ impl Daemon {
         let metrics = match computed {
             Ok(m) => m,
             Err(err) => {
-                run.abort_close(closing, &self.state.budget);
+                run.abort_close(closing);
                 return Err(err.into());
             }
         };
@@ -602,20 +555,20 @@ impl Daemon {
         match stored {
             Ok(Ok(true)) => {}
             Ok(Ok(false)) => {
-                run.abort_close(closing, &self.state.budget);
+                run.abort_close(closing);
                 return Err(ServerError::RunNotFound(run.info.run_id.clone()));
             }
             Ok(Err(err)) => {
-                run.abort_close(closing, &self.state.budget);
+                run.abort_close(closing);
                 return Err(err.into());
             }
             Err(err) => {
-                run.abort_close(closing, &self.state.budget);
+                run.abort_close(closing);
                 return Err(err);
             }
         }
         let shared = Arc::new(result.clone());
-        run.finish_close(closing, Arc::clone(&shared), &self.state.budget);
+        run.finish_close(closing, Arc::clone(&shared));
         let _ = self.events.send(WatchEvent::Result(shared));
         self.telemetry
             .observe_close(started.elapsed().as_secs_f64());
@@ -671,8 +624,12 @@ impl Daemon {
             let checkpoint = RunCheckpoint {
                 epochs: open
                     .into_iter()
-                    .map(|(key, epoch, acc)| {
-                        decode::stats_block(&run.info.run_id, &key, epoch, acc.to_parts())
+                    .map(|(key, epoch, acc)| StatsBlock {
+                        run_id: run.info.run_id.clone(),
+                        split: key.split,
+                        layer: key.layer,
+                        epoch,
+                        ..StatsBlock::from(acc.to_parts())
                     })
                     .collect(),
                 writers: writers

@@ -1,4 +1,4 @@
-//! Turns wire messages into validated values: names (SPEC §1), the
+//! Turns wire messages into validated values: names (README "API"), the
 //! `FeatureBatch` bytes into an f64 matrix, a `StatsBlock` into
 //! [`AccumulatorParts`].
 //!
@@ -239,54 +239,9 @@ pub fn decode_stats(
     Ok(DecodedStats {
         key,
         epoch: block.epoch,
-        parts: stats_block_parts(block, num_classes, feature_dim),
+        parts: block.into_parts(num_classes, feature_dim),
         dedup,
     })
-}
-
-/// The wire/checkpoint form of one epoch's statistics (no idempotence key);
-/// the inverse of [`stats_block_parts`].
-pub fn stats_block(
-    run_id: &str,
-    key: &StreamKey,
-    epoch: u64,
-    parts: AccumulatorParts,
-) -> StatsBlock {
-    StatsBlock {
-        run_id: run_id.to_owned(),
-        split: key.split.clone(),
-        layer: key.layer.clone(),
-        epoch,
-        class_counts: parts.class_counts,
-        class_means: parts.class_means,
-        scatter: parts.scatter,
-        within_trace: parts.within_trace,
-        unit_sum: parts.unit_sum,
-        unit_count: parts.unit_count,
-        unit_within_trace: parts.unit_within_trace,
-        writer_id: String::new(),
-        sequence: 0,
-    }
-}
-
-/// The statistics of a `StatsBlock` (a pushed one or a checkpoint) for a run
-/// of shape K × d, unvalidated.
-pub fn stats_block_parts(
-    block: StatsBlock,
-    num_classes: u32,
-    feature_dim: u32,
-) -> AccumulatorParts {
-    AccumulatorParts {
-        num_classes: num_classes as usize,
-        feature_dim: feature_dim as usize,
-        class_counts: block.class_counts,
-        class_means: block.class_means,
-        scatter: block.scatter,
-        within_trace: block.within_trace,
-        unit_sum: block.unit_sum,
-        unit_count: block.unit_count,
-        unit_within_trace: block.unit_within_trace,
-    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,17 @@
 //! The daemon's one error type, [`ServerError`], and its one mapping to a
-//! gRPC status (`impl From<ServerError> for tonic::Status`).
+//! gRPC status (`impl From<ServerError> for tonic::Status`): code, message
+//! and the structured `google.rpc` details (README "Errors").
 //!
 //! Every variant's message names the field, the expected value and the
-//! received value (SPEC §5). Nothing else in the server builds a
+//! received value, and the variant carries them as data, from which the
+//! details are built: `BadRequest` (the field) for INVALID_ARGUMENT,
+//! `ResourceInfo` (the run) for NOT_FOUND and ALREADY_EXISTS, `QuotaFailure`
+//! (the limit) for RESOURCE_EXHAUSTED. Nothing else in the server builds a
 //! `tonic::Status` from scratch; handlers return `ServerError` and convert.
+//! The `reason` labels of `vcid_batches_rejected_total` are the one
+//! [`Reason`] table.
+
+use tonic_types::{BadRequest, ErrorDetail, QuotaFailure, QuotaViolation, ResourceInfo, StatusExt};
 
 use crate::metrics::MetricsError;
 use crate::stats::StatsError;
@@ -151,7 +159,7 @@ pub enum ServerError {
     WatchLagged(u64),
 
     /// The metrics of a closed epoch could not be computed (INTERNAL).
-    #[error("computing the metrics failed: {0}")]
+    #[error(transparent)]
     Metrics(#[from] MetricsError),
 
     /// The database failed (INTERNAL).
@@ -184,7 +192,7 @@ impl ServerError {
         }
     }
 
-    /// The gRPC status code of this error (SPEC §5).
+    /// The gRPC status code of this error (README "Errors").
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
@@ -209,47 +217,278 @@ impl ServerError {
         }
     }
 
-    /// The `reason` label of `vcid_batches_rejected_total` for this error.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ServerError::RunNotFound(_) => "unknown_run",
-            ServerError::Invalid { .. } | ServerError::Stats(_) => "invalid_argument",
-            ServerError::RunConflict { .. } => "already_exists",
-            ServerError::EpochClosed { .. } | ServerError::NoOpenEpoch { .. } => "epoch_closed",
-            ServerError::SequenceGaps { .. } => "sequence_gaps",
-            ServerError::EpochLost { .. } => "epoch_lost",
-            ServerError::BudgetExceeded { .. } => "memory_budget",
-            ServerError::TooManyRows { .. } | ServerError::MessageTooLarge { .. } => "too_large",
-            ServerError::Unauthenticated(_) => "unauthenticated",
-            ServerError::PushAborted { source, .. } => source.reason(),
-            ServerError::ShuttingDown(_) => "shutting_down",
+    /// The `reason` label under which `vcid_batches_rejected_total` counts
+    /// this error; `None` for errors no batch can get (a refused token,
+    /// answered by the auth interceptor before any handler, and a
+    /// `CreateRun` conflict).
+    pub fn reason(&self) -> Option<Reason> {
+        Some(match self {
+            ServerError::RunNotFound(_) => Reason::UnknownRun,
+            ServerError::Invalid { .. } | ServerError::Stats(_) => Reason::InvalidArgument,
+            ServerError::RunConflict { .. } | ServerError::Unauthenticated(_) => return None,
+            ServerError::EpochClosed { .. } | ServerError::NoOpenEpoch { .. } => {
+                Reason::EpochClosed
+            }
+            ServerError::SequenceGaps { .. } => Reason::SequenceGaps,
+            ServerError::EpochLost { .. } => Reason::EpochLost,
+            ServerError::BudgetExceeded { .. } => Reason::MemoryBudget,
+            ServerError::TooManyRows { .. } | ServerError::MessageTooLarge { .. } => {
+                Reason::TooLarge
+            }
+            ServerError::PushAborted { source, .. } => return source.reason(),
+            ServerError::ShuttingDown(_) => Reason::ShuttingDown,
             ServerError::WatchLagged(_)
             | ServerError::Metrics(_)
             | ServerError::Store(_)
             | ServerError::Io { .. }
-            | ServerError::Internal(_) => "internal",
-        }
+            | ServerError::Internal(_) => Reason::Internal,
+        })
     }
 
-    /// The reasons a rejected batch is counted under, so each counter
-    /// starts at zero (rates work from the first rejection). Calls refused
-    /// by the auth interceptor never reach a handler and are not counted.
-    pub const REASONS: &'static [&'static str] = &[
-        "unknown_run",
-        "invalid_argument",
-        "already_exists",
-        "epoch_closed",
-        "sequence_gaps",
-        "epoch_lost",
-        "memory_budget",
-        "too_large",
-        "shutting_down",
-        "internal",
-    ];
+    /// tonic refuses a message above `--max-message-bytes` with OUT_OF_RANGE
+    /// ("... message length too large ...") before any handler sees it; the
+    /// API answers RESOURCE_EXHAUSTED with the limit. This is the one place
+    /// that recognises tonic's status (a unary refusal is remapped on its
+    /// way out, a streamed one in `Push`).
+    pub fn from_oversized(status: &tonic::Status, max: usize) -> Option<ServerError> {
+        (status.code() == tonic::Code::OutOfRange && status.message().contains("too large")).then(
+            || ServerError::MessageTooLarge {
+                max,
+                detail: status.message().to_owned(),
+            },
+        )
+    }
+
+    /// The structured detail of this error (README "Errors"), if it has one.
+    fn detail(&self) -> Option<ErrorDetail> {
+        let quota = |subject: String, description: String, setting: &str, limit: u64| {
+            QuotaFailure::new(vec![QuotaViolation {
+                quota_id: setting.to_owned(),
+                quota_value: i64::try_from(limit).unwrap_or(i64::MAX),
+                ..QuotaViolation::new(subject, description)
+            }])
+            .into()
+        };
+        match self {
+            ServerError::RunNotFound(run_id) => {
+                Some(ResourceInfo::new("run", run_id, "", "no such run").into())
+            }
+            ServerError::RunConflict {
+                run_id,
+                expected_k,
+                expected_d,
+                ..
+            } => Some(
+                ResourceInfo::new(
+                    "run",
+                    run_id,
+                    "",
+                    format!("exists with num_classes={expected_k}, feature_dim={expected_d}"),
+                )
+                .into(),
+            ),
+            ServerError::Invalid {
+                field,
+                expected,
+                received,
+            } => Some(
+                BadRequest::with_violation(field, format!("expected {expected}, received {received}"))
+                    .into(),
+            ),
+            ServerError::Stats(err) => {
+                let field = stats_field(err);
+                let text = err.to_string();
+                let description = text.strip_prefix(&format!("{field}: ")).unwrap_or(&text);
+                Some(BadRequest::with_violation(field, description).into())
+            }
+            ServerError::BudgetExceeded {
+                run_id,
+                needed,
+                in_use,
+                budget,
+                ..
+            } => Some(quota(
+                format!("run:{run_id}"),
+                format!(
+                    "an accumulator needs {needed} bytes; {in_use} of the {budget}-byte budget are in use"
+                ),
+                "max_accumulator_bytes",
+                *budget,
+            )),
+            ServerError::TooManyRows { rows, max } => Some(quota(
+                "rows".into(),
+                format!("{rows} rows in one batch, at most {max} allowed"),
+                "max_batch_rows",
+                u64::from(*max),
+            )),
+            ServerError::MessageTooLarge { max, .. } => Some(quota(
+                "message".into(),
+                format!("a message above {max} bytes"),
+                "max_message_bytes",
+                *max as u64,
+            )),
+            ServerError::PushAborted { source, .. } => source.detail(),
+            ServerError::EpochClosed { .. }
+            | ServerError::NoOpenEpoch { .. }
+            | ServerError::EpochLost { .. }
+            | ServerError::SequenceGaps { .. }
+            | ServerError::Unauthenticated(_)
+            | ServerError::ShuttingDown(_)
+            | ServerError::WatchLagged(_)
+            | ServerError::Metrics(_)
+            | ServerError::Store(_)
+            | ServerError::Io { .. }
+            | ServerError::Internal(_) => None,
+        }
+    }
+}
+
+/// The request field a [`StatsError`] is about, as its message names it.
+fn stats_field(err: &StatsError) -> String {
+    match err {
+        StatsError::EmptyBatch => "rows".into(),
+        StatsError::NoFeatures => "feature_dim".into(),
+        StatsError::LabelCount { .. } => "labels".into(),
+        StatsError::LabelOutOfRange { row, .. } => format!("labels[{row}]"),
+        StatsError::NonFinite { row, column, .. } => format!("features[{row}][{column}]"),
+        StatsError::ShapeMismatch { field, .. } | StatsError::InvalidPart { field, .. } => {
+            (*field).to_owned()
+        }
+    }
+}
+
+/// Declares [`Reason`] and its [`Reason::ALL`] from one list of
+/// `variant => label` rows, so the list of labels cannot drift from the
+/// enum.
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $variant:ident => $label:literal,)+) => {
+        /// The `reason` label of `vcid_batches_rejected_total`.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Reason {
+            $($(#[$doc])* $variant,)+
+        }
+
+        impl Reason {
+            /// Every reason, so each counter is exported from zero (rates
+            /// work from the first rejection).
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)+];
+
+            /// The label value.
+            pub fn label(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $label,)+
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// No such run (NOT_FOUND).
+    UnknownRun => "unknown_run",
+    /// A bad field (INVALID_ARGUMENT).
+    InvalidArgument => "invalid_argument",
+    /// An epoch closed, being closed or never opened (FAILED_PRECONDITION).
+    EpochClosed => "epoch_closed",
+    /// Too many gaps in a writer's sequence numbers (FAILED_PRECONDITION).
+    SequenceGaps => "sequence_gaps",
+    /// An epoch whose statistics died with the daemon (DATA_LOSS).
+    EpochLost => "epoch_lost",
+    /// The accumulator memory budget (RESOURCE_EXHAUSTED).
+    MemoryBudget => "memory_budget",
+    /// A message or batch above its limit (RESOURCE_EXHAUSTED).
+    TooLarge => "too_large",
+    /// The daemon is stopping (UNAVAILABLE).
+    ShuttingDown => "shutting_down",
+    /// Anything else.
+    Internal => "internal",
 }
 
 impl From<ServerError> for tonic::Status {
     fn from(err: ServerError) -> Self {
-        tonic::Status::new(err.code(), err.to_string())
+        let code = err.code();
+        match err.detail() {
+            Some(detail) => tonic::Status::with_error_details_vec(code, err.to_string(), [detail]),
+            None => tonic::Status::new(code, err.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_messages_start_with_their_field() {
+        let errors = [
+            StatsError::EmptyBatch,
+            StatsError::NoFeatures,
+            StatsError::LabelCount {
+                expected: 3,
+                received: 2,
+            },
+            StatsError::LabelOutOfRange {
+                row: 4,
+                label: 9,
+                num_classes: 3,
+            },
+            StatsError::NonFinite {
+                row: 1,
+                column: 2,
+                value: f64::NAN,
+            },
+            StatsError::ShapeMismatch {
+                field: "feature_dim",
+                expected: 2,
+                received: 3,
+            },
+            StatsError::InvalidPart {
+                field: "scatter",
+                expected: "4 values".into(),
+                received: "3".into(),
+            },
+        ];
+        for err in errors {
+            let field = stats_field(&err);
+            let status = tonic::Status::from(ServerError::Stats(err.clone()));
+            assert!(
+                status.message().starts_with(&format!("{field}: expected ")),
+                "{field} / {}",
+                status.message()
+            );
+            let violations = status.get_details_bad_request().unwrap().field_violations;
+            assert_eq!(violations.len(), 1);
+            assert_eq!(violations[0].field, field);
+            assert!(
+                violations[0].description.starts_with("expected "),
+                "{err:?}: {}",
+                violations[0].description
+            );
+        }
+    }
+
+    #[test]
+    fn metrics_errors_are_not_prefixed_twice() {
+        let err = ServerError::from(MetricsError::Eigen(crate::linalg::EigenError { order: 3 }));
+        let text = err.to_string();
+        assert_eq!(
+            text.matches("computing the metrics failed").count(),
+            1,
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn oversized_is_recognised_only_for_tonics_refusal() {
+        let refusal = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 5000 bytes, the limit is: 4096 bytes",
+        );
+        let err = ServerError::from_oversized(&refusal, 4096).expect("recognised");
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert!(err.to_string().contains("found 5000 bytes"), "{err}");
+        let other = tonic::Status::out_of_range("epoch out of range");
+        assert!(ServerError::from_oversized(&other, 4096).is_none());
+        let large = tonic::Status::invalid_argument("too large");
+        assert!(ServerError::from_oversized(&large, 4096).is_none());
     }
 }

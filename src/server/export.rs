@@ -1,11 +1,12 @@
-//! Prometheus export (SPEC §4): the daemon's own counters and a custom
-//! collector that renders per-run and per-stream series from daemon state
-//! at scrape time.
+//! Prometheus export (README "Metrics (Prometheus)", `docs/metrics.md`):
+//! the daemon's own counters and a custom collector that renders per-run
+//! and per-stream series from daemon state at scrape time.
 //!
 //! Rendering from state means a deleted run's series vanish with no
 //! bookkeeping, and an undefined metric is simply not emitted (absent, never
-//! NaN). Owns metric names, help texts and label sanitising; it must not
-//! change daemon state.
+//! NaN). Owns the names and help texts of the daemon and per-run series and
+//! label sanitising; the per-stream series come from the metric registry
+//! (`metrics::registry`). It must not change daemon state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -14,74 +15,34 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
+use crate::metrics::registry::{METRICS, STREAM_GAUGES};
 use crate::proto::EpochResult;
 
-use super::error::ServerError;
+use super::error::{Reason, ServerError};
 use super::state::State;
 
-/// Per-stream gauges: name, help, and how to read the value from a result.
-type StreamGauge = (&'static str, &'static str, fn(&EpochResult) -> Option<f64>);
+/// A per-stream gauge: name, help, and how to read it from a result.
+struct StreamSeries {
+    name: String,
+    help: String,
+    read: fn(&EpochResult) -> Option<f64>,
+}
 
-const STREAM_GAUGES: &[StreamGauge] = &[
-    (
-        "vcid_vci",
-        "Variability Collapse Index of the latest closed epoch (0 = complete collapse).",
-        |r| r.vci,
-    ),
-    (
-        "vcid_linear_probe_mse",
-        "MSE of the best affine probe to one-hot labels, latest closed epoch.",
-        |r| r.linear_probe_mse,
-    ),
-    (
-        "vcid_nc1",
-        "NC1 = Tr(Sigma_W Sigma_B^+)/K of the latest closed epoch.",
-        |r| r.nc1,
-    ),
-    (
-        "vcid_cdnv",
-        "Class-distance normalized variance of the latest closed epoch.",
-        |r| r.cdnv,
-    ),
-    (
-        "vcid_class_separation",
-        "R^2 class separation (cosine distance) of the latest closed epoch.",
-        |r| r.class_separation,
-    ),
-    (
-        "vcid_equinorm",
-        "Coefficient of variation of centred class-mean norms, latest closed epoch.",
-        |r| r.equinorm,
-    ),
-    (
-        "vcid_equiangularity",
-        "Std of pairwise cosines of centred class means, latest closed epoch.",
-        |r| r.equiangularity,
-    ),
-    (
-        "vcid_effective_rank",
-        "Effective rank of the centred features of the latest closed epoch.",
-        |r| r.effective_rank,
-    ),
-    (
-        "vcid_vci_delta",
-        "VCI of the latest closed epoch minus that of the previous closed epoch.",
-        |r| r.vci_delta,
-    ),
-    ("vcid_epoch", "Number of the latest closed epoch.", |r| {
-        Some(r.epoch as f64)
-    }),
-    (
-        "vcid_epoch_samples",
-        "Samples in the latest closed epoch.",
-        |r| Some(r.samples as f64),
-    ),
-    (
-        "vcid_epoch_close_timestamp_seconds",
-        "Unix time the latest epoch was closed.",
-        |r| Some(r.closed_unix_ms as f64 / 1000.0),
-    ),
-];
+/// Every per-stream gauge, from the metric registry: the metrics, then the
+/// bookkeeping gauges.
+fn stream_series() -> Vec<StreamSeries> {
+    let metrics = METRICS.iter().map(|m| StreamSeries {
+        name: m.series(),
+        help: m.prometheus_help(),
+        read: m.get,
+    });
+    let gauges = STREAM_GAUGES.iter().map(|g| StreamSeries {
+        name: g.series.to_owned(),
+        help: g.help.to_owned(),
+        read: g.get,
+    });
+    metrics.chain(gauges).collect()
+}
 
 /// The daemon's metrics registry.
 pub struct Telemetry {
@@ -113,8 +74,8 @@ impl Telemetry {
             &["reason"],
         )
         .map_err(prom_err)?;
-        for reason in ServerError::REASONS {
-            rejected.with_label_values(&[*reason]);
+        for reason in Reason::ALL {
+            rejected.with_label_values(&[reason.label()]);
         }
         let ingest_bytes = IntCounter::new(
             "vcid_ingest_bytes_total",
@@ -151,9 +112,11 @@ impl Telemetry {
         })
     }
 
-    /// Counts one rejected batch.
-    pub fn reject(&self, reason: &str) {
-        self.rejected.with_label_values(&[reason]).inc();
+    /// Counts one rejected batch or stats block under its error's reason.
+    pub fn reject(&self, err: &ServerError) {
+        if let Some(reason) = err.reason() {
+            self.rejected.with_label_values(&[reason.label()]).inc();
+        }
     }
 
     /// Counts received message bytes.
@@ -248,56 +211,78 @@ fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> Met
     mf
 }
 
+/// A per-run or daemon-wide family the collector renders.
+struct StateSeries {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    labels: &'static [&'static str],
+}
+
+impl StateSeries {
+    fn family(&self, metrics: Vec<Metric>) -> MetricFamily {
+        family(self.name, self.help, self.kind, metrics)
+    }
+}
+
+const RUN_INFO: StateSeries = StateSeries {
+    name: "vcid_run_info",
+    help: "Runs with their metadata as labels (value 1).",
+    kind: MetricType::GAUGE,
+    labels: &["run"],
+};
+const ROWS_INGESTED: StateSeries = StateSeries {
+    name: "vcid_rows_ingested_total",
+    help: "Rows folded into a run's accumulators.",
+    kind: MetricType::COUNTER,
+    labels: &["run"],
+};
+const RUNS: StateSeries = StateSeries {
+    name: "vcid_runs",
+    help: "Runs registered in the daemon.",
+    kind: MetricType::GAUGE,
+    labels: &[],
+};
+const ACCUMULATOR_BYTES: StateSeries = StateSeries {
+    name: "vcid_accumulator_bytes",
+    help: "Bytes reserved by open accumulators.",
+    kind: MetricType::GAUGE,
+    labels: &[],
+};
+const BUILD_INFO: StateSeries = StateSeries {
+    name: "vcid_build_info",
+    help: "Build of the daemon (value 1).",
+    kind: MetricType::GAUGE,
+    labels: &["version"],
+};
+const STATE_SERIES: [StateSeries; 5] =
+    [RUN_INFO, ROWS_INGESTED, RUNS, ACCUMULATOR_BYTES, BUILD_INFO];
+
 /// Renders run, stream and budget series from [`State`] at scrape time.
 struct StateCollector {
     state: Arc<State>,
+    streams: Vec<StreamSeries>,
     descs: Vec<Desc>,
 }
 
 impl StateCollector {
     fn new(state: Arc<State>) -> Result<StateCollector, ServerError> {
-        let stream_labels = vec!["run".to_owned(), "split".to_owned(), "layer".to_owned()];
-        let mut descs = Vec::new();
-        for (name, help, _) in STREAM_GAUGES {
-            descs.push(
-                Desc::new(
-                    (*name).to_owned(),
-                    (*help).to_owned(),
-                    stream_labels.clone(),
-                    Default::default(),
-                )
-                .map_err(prom_err)?,
-            );
-        }
-        for (name, help, labels) in [
-            (
-                "vcid_run_info",
-                "Runs with their metadata as labels (value 1).",
-                vec!["run".to_owned()],
-            ),
-            (
-                "vcid_rows_ingested_total",
-                "Rows folded into a run's accumulators.",
-                vec!["run".to_owned()],
-            ),
-            ("vcid_runs", "Runs registered in the daemon.", vec![]),
-            (
-                "vcid_accumulator_bytes",
-                "Bytes reserved by open accumulators.",
-                vec![],
-            ),
-            (
-                "vcid_build_info",
-                "Build of the daemon (value 1).",
-                vec!["version".to_owned()],
-            ),
-        ] {
-            descs.push(
-                Desc::new(name.to_owned(), help.to_owned(), labels, Default::default())
-                    .map_err(prom_err)?,
-            );
-        }
-        Ok(StateCollector { state, descs })
+        let desc = |name: &str, help: &str, labels: &[&str]| {
+            let labels = labels.iter().map(|l| (*l).to_owned()).collect();
+            Desc::new(name.to_owned(), help.to_owned(), labels, Default::default())
+                .map_err(prom_err)
+        };
+        let streams = stream_series();
+        let descs = streams
+            .iter()
+            .map(|s| desc(&s.name, &s.help, &["run", "split", "layer"]))
+            .chain(STATE_SERIES.iter().map(|s| desc(s.name, s.help, s.labels)))
+            .collect::<Result<_, _>>()?;
+        Ok(StateCollector {
+            state,
+            streams,
+            descs,
+        })
     }
 }
 
@@ -312,7 +297,7 @@ impl Collector for StateCollector {
 
         let mut info = Vec::with_capacity(runs.len());
         let mut rows = Vec::with_capacity(runs.len());
-        let mut per_gauge: Vec<Vec<Metric>> = vec![Vec::new(); STREAM_GAUGES.len()];
+        let mut per_gauge: Vec<Vec<Metric>> = vec![Vec::new(); self.streams.len()];
         for run in &runs {
             let id = run.info.run_id.as_str();
             let mut labels = vec![label("run", id)];
@@ -334,8 +319,8 @@ impl Collector for StateCollector {
                     label("split", &result.split),
                     label("layer", &result.layer),
                 ];
-                for (slot, (_, _, read)) in per_gauge.iter_mut().zip(STREAM_GAUGES) {
-                    if let Some(value) = read(&result).filter(|v| v.is_finite()) {
+                for (slot, series) in per_gauge.iter_mut().zip(&self.streams) {
+                    if let Some(value) = (series.read)(&result).filter(|v| v.is_finite()) {
                         slot.push(gauge_metric(labels.clone(), value));
                     }
                 }
@@ -343,46 +328,28 @@ impl Collector for StateCollector {
         }
         // The text encoder rejects families without samples, and an empty
         // family says nothing: skip them.
-        for ((name, help, _), metrics) in STREAM_GAUGES.iter().zip(per_gauge) {
+        for (series, metrics) in self.streams.iter().zip(per_gauge) {
             if !metrics.is_empty() {
-                out.push(family(name, help, MetricType::GAUGE, metrics));
+                out.push(family(
+                    &series.name,
+                    &series.help,
+                    MetricType::GAUGE,
+                    metrics,
+                ));
             }
         }
         if !info.is_empty() {
-            out.push(family(
-                "vcid_run_info",
-                "Runs with their metadata as labels (value 1).",
-                MetricType::GAUGE,
-                info,
-            ));
-            out.push(family(
-                "vcid_rows_ingested_total",
-                "Rows folded into a run's accumulators.",
-                MetricType::COUNTER,
-                rows,
-            ));
+            out.push(RUN_INFO.family(info));
+            out.push(ROWS_INGESTED.family(rows));
         }
-        out.push(family(
-            "vcid_runs",
-            "Runs registered in the daemon.",
-            MetricType::GAUGE,
-            vec![gauge_metric(vec![], runs.len() as f64)],
-        ));
-        out.push(family(
-            "vcid_accumulator_bytes",
-            "Bytes reserved by open accumulators.",
-            MetricType::GAUGE,
-            vec![gauge_metric(vec![], self.state.budget.used() as f64)],
-        ));
-        out.push(family(
-            "vcid_build_info",
-            "Build of the daemon (value 1).",
-            MetricType::GAUGE,
-            vec![gauge_metric(
-                vec![label("version", env!("CARGO_PKG_VERSION"))],
-                1.0,
-            )],
-        ));
+        out.push(RUNS.family(vec![gauge_metric(vec![], runs.len() as f64)]));
+        out.push(
+            ACCUMULATOR_BYTES.family(vec![gauge_metric(vec![], self.state.budget.used() as f64)]),
+        );
+        out.push(BUILD_INFO.family(vec![gauge_metric(
+            vec![label("version", env!("CARGO_PKG_VERSION"))],
+            1.0,
+        )]));
         out
     }
 }

@@ -1,42 +1,51 @@
 //! The vcid daemon: gRPC ingest and queries, Prometheus export, redb
 //! persistence.
 //!
-//! This module wires the parts together and owns the process lifecycle;
-//! the parts are split the way mini-redis splits its server:
+//! The public API is small, in the manner of mini-redis: a configuration
+//! ([`ServeConfig`] with its [`Limits`]), [`run`] (serve until a shutdown
+//! future resolves) and [`spawn`] (start in the background and get a
+//! [`ServerHandle`] with the bound addresses), and the one error type
+//! [`ServerError`]. Everything else is internal to the crate; this module
+//! wires the parts together and owns the process lifecycle:
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`config`] | `ServeConfig`, limits and their defaults |
-//! | [`error`] | the one `ServerError` and its mapping to gRPC status |
-//! | [`decode`] | wire message → validated batch (names, shape, encodings) |
-//! | [`state`] | runs, streams, open accumulators, dedup, memory budget, locking |
-//! | [`store`] | the redb layout; durable writes |
-//! | [`daemon`] | request logic over state + store + math core |
-//! | [`export`] | Prometheus names and the scrape-time collector |
-//! | [`http`] | `/metrics`, `/healthz`, `/readyz` |
-//! | [`service`] | the tonic `VciMonitor` implementation |
-//! | [`auth`] | the bearer-token interceptor |
+//! | `config` | `ServeConfig`, limits and their defaults |
+//! | `error` | the one `ServerError` and its mapping to gRPC status |
+//! | `decode` | wire message → validated batch (names, shape, encodings) |
+//! | `state` | runs, streams, open accumulators, dedup, memory budget, locking |
+//! | `store` | the redb layout; durable writes |
+//! | `clock` | wall-clock time and its RFC 3339 rendering |
+//! | `daemon` | request logic over state + store + math core |
+//! | `export` | Prometheus names and the scrape-time collector |
+//! | `http` | `/metrics`, `/healthz`, `/readyz` |
+//! | `service` | the tonic `VciMonitor` implementation |
+//! | [`discovery`] | `<data-dir>/daemon.json` and the per-user data directory (public: `vcid stop` and the Python client read it) |
+//!
+//! The bearer-token check is [`crate::auth`]'s (shared with the client).
 //!
 //! Start-up ([`spawn`]): open the database and restore runs, histories and
 //! the shutdown checkpoint; bind both listeners (port 0 picks a free port;
 //! [`ServerHandle`] reports the bound addresses); serve. Shutdown
-//! ([`ServerHandle::stop`], or SIGTERM/SIGINT in [`serve`]): mark not ready,
-//! stop accepting connections, let every `Push` finish the batch in hand and
-//! end, wait for in-flight RPCs (at most `shutdown_grace`), then freeze and
-//! checkpoint every open accumulator with the duplicate filter in one
-//! durable transaction.
+//! ([`ServerHandle::stop`], or the `shutdown` future of [`run`]): mark not
+//! ready, stop accepting connections, let every `Push` finish the batch in
+//! hand and end, wait for in-flight RPCs (at most `shutdown_grace`), then
+//! freeze and checkpoint every open accumulator with the duplicate filter
+//! in one durable transaction.
 
-pub mod auth;
-pub mod config;
-pub mod daemon;
-pub mod decode;
-pub mod error;
-pub mod export;
-pub mod http;
-pub mod service;
-pub mod state;
-pub mod store;
+pub(crate) mod clock;
+pub(crate) mod config;
+pub(crate) mod daemon;
+pub(crate) mod decode;
+pub mod discovery;
+pub(crate) mod error;
+pub(crate) mod export;
+pub(crate) mod http;
+pub(crate) mod service;
+pub(crate) mod state;
+pub(crate) mod store;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,17 +53,18 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::codegen::http::{HeaderValue, Response};
+use tonic::codegen::http::Response;
 use tonic::service::InterceptorLayer;
 use tower::util::MapResponseLayer;
 
 use crate::proto::vci_monitor_server::VciMonitorServer;
 
 pub use config::{Limits, ServeConfig};
-pub use daemon::Daemon;
-pub use error::ServerError;
+pub use error::{Reason, ServerError};
+pub use store::StoreError;
 
-use auth::BearerAuth;
+use crate::auth::RequireToken;
+use daemon::Daemon;
 use service::VciService;
 
 /// A running daemon started with [`spawn`].
@@ -88,11 +98,6 @@ impl ServerHandle {
         format!("http://{}/metrics", self.http_addr)
     }
 
-    /// The daemon core (for in-process callers that skip gRPC).
-    pub fn daemon(&self) -> &Arc<Daemon> {
-        &self.daemon
-    }
-
     /// Begins a graceful shutdown without waiting for it.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
@@ -116,7 +121,8 @@ impl ServerHandle {
     }
 }
 
-async fn shutting_down(rx: &mut watch::Receiver<bool>) {
+/// Resolves when shutdown begins (or the sender is gone).
+pub(crate) async fn shutting_down(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stopping| *stopping).await;
 }
 
@@ -124,46 +130,26 @@ fn io_error(what: String) -> impl FnOnce(std::io::Error) -> ServerError {
     move |source| ServerError::Io { what, source }
 }
 
-/// Percent-encodes a `grpc-message` header value (gRPC over HTTP/2 spec).
-fn grpc_message_header(message: &str) -> Option<HeaderValue> {
-    let mut out = String::with_capacity(message.len());
-    for b in message.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    HeaderValue::from_str(&out).ok()
-}
-
-/// tonic rejects an oversized unary message with OUT_OF_RANGE before any
-/// handler runs; SPEC §5 asks for RESOURCE_EXHAUSTED. This rewrites that
-/// one status (a trailers-only response, so the status is in the headers).
+/// tonic refuses an oversized unary message with OUT_OF_RANGE before any
+/// handler runs; the API answers RESOURCE_EXHAUSTED (README "Errors"). This
+/// rewrites that one status (a trailers-only response, so the status is in
+/// the headers), reading and writing the headers with tonic's own status
+/// encoding.
 fn remap_oversized<B>(mut response: Response<B>, max: usize, daemon: &Daemon) -> Response<B> {
     let headers = response.headers_mut();
     let out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == b"11");
-    let too_large = headers.get("grpc-message").is_some_and(|m| {
-        let m = m.as_bytes();
-        m.windows(b"too%20large".len()).any(|w| w == b"too%20large")
-            || m.windows(b"too large".len()).any(|w| w == b"too large")
-    });
-    if out_of_range && too_large {
-        let original = headers
-            .get("grpc-message")
-            .map(|m| String::from_utf8_lossy(m.as_bytes()).replace("%20", " "))
-            .unwrap_or_default();
-        let status = ServerError::MessageTooLarge {
-            max,
-            detail: original,
-        };
-        daemon.telemetry().reject(status.reason());
-        headers.insert("grpc-status", HeaderValue::from_static("8"));
-        if let Some(value) = grpc_message_header(&status.to_string()) {
-            headers.insert("grpc-message", value);
-        }
+        .get(tonic::Status::GRPC_STATUS)
+        .is_some_and(|code| tonic::Code::from_bytes(code.as_bytes()) == tonic::Code::OutOfRange);
+    let Some(err) = out_of_range
+        .then(|| tonic::Status::from_header_map(headers))
+        .flatten()
+        .and_then(|status| ServerError::from_oversized(&status, max))
+    else {
+        return response;
+    };
+    daemon.telemetry().reject(&err);
+    if let Err(status) = tonic::Status::from(err).add_header(headers) {
+        tracing::warn!(%status, "could not rewrite an oversized-message status");
     }
     response
 }
@@ -218,7 +204,7 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
     let max_message = config.limits.max_message_bytes;
     let vci = VciMonitorServer::new(VciService::new(Arc::clone(&daemon), shutdown_rx.clone()))
         .max_decoding_message_size(max_message);
-    let auth = BearerAuth::new(config.auth_token.as_deref());
+    let auth = RequireToken::new(config.auth_token.as_deref());
     let remap_daemon = Arc::clone(&daemon);
     let grpc = tonic::transport::Server::builder()
         .layer(MapResponseLayer::new(move |r| {
@@ -372,41 +358,30 @@ fn task_failure(
     }
 }
 
-/// Runs a daemon until SIGTERM or SIGINT, then shuts it down gracefully
-/// (exit status 0 from the CLI when this returns `Ok`).
-pub async fn serve(config: ServeConfig) -> Result<(), ServerError> {
+/// Runs a daemon until `shutdown` resolves (e.g. on a termination signal)
+/// or a listener fails, then shuts it down gracefully. Use [`spawn`] to
+/// learn the bound addresses or to stop it from elsewhere. While it serves,
+/// `<data-dir>/daemon.json` names its process and addresses (`vcid stop`
+/// and the Python client read it).
+pub async fn run(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let data_dir = config.data_dir.clone();
     let handle = spawn(config).await?;
-    let signal = wait_for_signal();
-    tokio::pin!(signal);
-    let shutdown_rx = handle.shutdown.subscribe();
-    let mut rx = shutdown_rx;
-    tokio::select! {
-        res = &mut signal => {
-            res?;
-            tracing::info!("termination signal received");
-        }
-        _ = shutting_down(&mut rx) => {}
+    let file = discovery::DaemonFile::current(handle.grpc_addr(), handle.http_addr());
+    if let Err(err) = file.write(&data_dir) {
+        tracing::warn!(%err, "could not write {}; `vcid stop` will not find this daemon", discovery::FILE_NAME);
     }
-    handle.stop().await
-}
-
-#[cfg(unix)]
-async fn wait_for_signal() -> Result<(), ServerError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())
-        .map_err(io_error("installing the SIGTERM handler".into()))?;
-    let mut int = signal(SignalKind::interrupt())
-        .map_err(io_error("installing the SIGINT handler".into()))?;
+    let mut stopping = handle.shutdown.subscribe();
     tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+        () = shutdown => {}
+        // A listener failed: the supervisor is already stopping.
+        () = shutting_down(&mut stopping) => {}
     }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-async fn wait_for_signal() -> Result<(), ServerError> {
-    tokio::signal::ctrl_c()
-        .await
-        .map_err(io_error("installing the Ctrl-C handler".into()))
+    let outcome = handle.stop().await;
+    if let Err(err) = discovery::DaemonFile::remove(&data_dir, file.pid) {
+        tracing::warn!(%err, "could not remove {}", discovery::FILE_NAME);
+    }
+    outcome
 }

@@ -32,6 +32,7 @@ use crate::proto::{
 use super::daemon::{Daemon, Ingested, PreparedBatch, WatchEvent};
 use super::decode;
 use super::error::ServerError;
+use super::shutting_down;
 
 /// The service object handed to tonic.
 #[derive(Clone, Debug)]
@@ -47,11 +48,6 @@ impl VciService {
     }
 }
 
-/// Resolves when shutdown begins (or the sender is gone).
-async fn shutting_down(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stopping| *stopping).await;
-}
-
 /// Batches of one `Push` stream prepared concurrently (decode and
 /// statistics of the next batch overlap the merge of the current one).
 const PUSH_PIPELINE_DEPTH: usize = 2;
@@ -62,21 +58,10 @@ enum Stop {
     Stream(Status),
 }
 
-/// tonic reports an oversized message as OUT_OF_RANGE while decoding;
-/// SPEC §5 wants RESOURCE_EXHAUSTED with the numbers.
-fn oversized(status: &Status, max: usize) -> Option<ServerError> {
-    (status.code() == tonic::Code::OutOfRange && status.message().contains("too large")).then(
-        || ServerError::MessageTooLarge {
-            max,
-            detail: status.message().to_owned(),
-        },
-    )
-}
-
 impl VciService {
     /// The error ending a `Push` stream at batch `index`; counts it.
     fn abort_push(&self, index: u64, summary: &PushSummary, source: ServerError) -> Status {
-        self.daemon.telemetry().reject(source.reason());
+        self.daemon.telemetry().reject(&source);
         ServerError::PushAborted {
             index,
             applied: index,
@@ -243,7 +228,7 @@ impl VciMonitor for VciService {
                 summary.rows_applied, summary.duplicates
             ))
             .into()),
-            Some(Stop::Stream(status)) => match oversized(&status, max) {
+            Some(Stop::Stream(status)) => match ServerError::from_oversized(&status, max) {
                 Some(err) => Err(self.abort_push(index, &summary, err)),
                 None => Err(status),
             },
@@ -266,7 +251,7 @@ impl VciMonitor for VciService {
                 duplicates: 1,
             })),
             Err(err) => {
-                self.daemon.telemetry().reject(err.reason());
+                self.daemon.telemetry().reject(&err);
                 Err(err.into())
             }
         }

@@ -20,7 +20,7 @@
 //! start-up consumes (deletes) the checkpoints it restored: a later crash
 //! then loses the open epochs, never resurrects stale ones.
 //!
-//! # Open-epoch markers (SPEC §5 is silent; decided here)
+//! # Open-epoch markers (README "Errors": `DATA_LOSS`; decided here)
 //!
 //! So that a crash cannot make a later close silently report a partial
 //! epoch, every open epoch has a durable marker in `open_epochs`: written
@@ -49,11 +49,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::proto::{EpochResult, Run, StatsBlock};
 
-fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+use super::clock::now_unix_ms;
 
 const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
 const RESULTS: TableDefinition<(&str, &str, &str, u64), &[u8]> =

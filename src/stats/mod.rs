@@ -1,4 +1,5 @@
-//! Exact, single-pass, mergeable class statistics (SPEC §2.1).
+//! Exact, single-pass, mergeable class statistics (`docs/metrics.md`, "The
+//! statistics behind them").
 //!
 //! Owns [`Accumulator`]: per-class counts and means, the total scatter about
 //! the global mean, per-class within-class traces, unit-vector sums and the
@@ -17,11 +18,11 @@
 //! epochs. It must never use the naive `Σx² − N·x̄²` form, which loses every
 //! digit when features share a large offset.
 //!
-//! One statistic beyond SPEC §2.1: `unit_within_trace_k = Σ_{i∈k} ‖u_i − ū_k‖²`
+//! One statistic beyond the usual set: `unit_within_trace_k = Σ_{i∈k} ‖u_i − ū_k‖²`
 //! (u_i = h_i/‖h_i‖, ū_k = unit_sum_k/unit_count_k), merged by the same Chan
 //! formula as `within_trace`. In exact arithmetic it equals
-//! `unit_count_k − ‖unit_sum_k‖²/unit_count_k`, which is what SPEC's
-//! class-separation formula uses; computed that way it cancels
+//! `unit_count_k − ‖unit_sum_k‖²/unit_count_k`, which is what the
+//! textbook class-separation formula uses; computed that way it cancels
 //! catastrophically when a class's directions nearly coincide (a large common
 //! offset makes every cosine distance ~1e-12), so it is kept explicitly.
 //! Statistics that arrive without it (an older or minimal client) get it
@@ -34,6 +35,7 @@
 
 mod batch;
 mod classes;
+pub mod reduce;
 mod simd;
 
 use faer::linalg::matmul::triangular::{matmul, BlockStructure};
@@ -88,7 +90,7 @@ pub enum StatsError {
     },
 }
 
-/// The SPEC §2.1 statistics in plain row-major vectors; mirrors the wire's
+/// The statistics of `docs/metrics.md` in plain row-major vectors; mirrors the wire's
 /// `StatsBlock` field for field.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AccumulatorParts {
@@ -319,16 +321,20 @@ impl Accumulator {
         self.classes.global_mean()
     }
 
-    /// Bytes of statistics this accumulator holds.
-    pub fn memory_bytes(&self) -> usize {
-        Self::estimated_bytes(self.num_classes(), self.feature_dim())
-    }
-
-    /// Bytes an accumulator of this shape holds: `8·(d² + 2Kd + 4K)` (the
-    /// scatter is allocated square, though only its lower triangle is used).
-    pub fn estimated_bytes(num_classes: usize, feature_dim: usize) -> usize {
+    /// Bytes of the statistics an accumulator of `num_classes` classes in
+    /// `feature_dim` dimensions holds: 8·(d² + 2Kd + 4K), i.e. the d × d
+    /// scatter (allocated square, though only its lower triangle is used),
+    /// per class the mean and the sum of unit vectors (d values each) and
+    /// four scalars (count, within-class trace, unit count, unit
+    /// within-trace), each 8 bytes. `None` when that exceeds `u64` (no such
+    /// accumulator can exist). The one formula for this size: the daemon's
+    /// memory budget and `vcid compute`'s memory check both use it.
+    pub fn estimated_bytes(num_classes: u64, feature_dim: u64) -> Option<u64> {
         let (k, d) = (num_classes, feature_dim);
-        8 * (d * d + 2 * k * d + 4 * k)
+        let per_class = d.checked_mul(2)?.checked_add(4)?;
+        d.checked_mul(d)?
+            .checked_add(k.checked_mul(per_class)?)?
+            .checked_mul(8)
     }
 
     /// The statistics as plain vectors (the scatter as a full symmetric
@@ -570,7 +576,13 @@ fn validate_parts(parts: &AccumulatorParts) -> Result<(), StatsError> {
             "non-zero values",
         ));
     }
-    let tolerance = 1e-9 * largest_diagonal;
+    // |S_ij| <= max_i S_ii for a PSD matrix, so this bounds the asymmetry
+    // relative to the largest entry, whatever the units of the features.
+    // 1e-12 is the stricter of the two tolerances the daemon and the Python
+    // client used to apply: a scatter from `to_parts` (or numpy's `x.T @ x`,
+    // one syrk) is exactly symmetric, and two gemm triangles summed in
+    // different orders differ by far less (README: "Statistics from outside").
+    let tolerance = 1e-12 * largest_diagonal;
     for i in 0..d {
         for j in 0..i {
             let (lower, upper) = (scatter[i * d + j], scatter[j * d + i]);
@@ -593,6 +605,32 @@ mod tests {
 
     fn batch(rows: &[[f64; 2]]) -> Array2<f64> {
         Array2::from_shape_fn((rows.len(), 2), |(i, j)| rows[i][j])
+    }
+
+    #[test]
+    fn estimated_bytes_counts_every_statistic_held() {
+        for (k, d) in [(2, 1), (4, 8), (10, 128), (1000, 3)] {
+            // The wire form holds exactly the accumulator's statistics
+            // (the scatter expanded to the square it is allocated as).
+            let p = Accumulator::new(k, d).to_parts();
+            let values = p.class_counts.len()
+                + p.class_means.len()
+                + p.scatter.len()
+                + p.within_trace.len()
+                + p.unit_sum.len()
+                + p.unit_count.len()
+                + p.unit_within_trace.len();
+            let expected = 8 * values as u64;
+            assert_eq!(
+                Accumulator::estimated_bytes(k as u64, d as u64),
+                Some(expected)
+            );
+        }
+        // K = 4, d = 8: 8·(64 + 64 + 16).
+        assert_eq!(Accumulator::estimated_bytes(4, 8), Some(1152));
+        let huge = u64::from(u32::MAX);
+        assert_eq!(Accumulator::estimated_bytes(huge, huge), None);
+        assert_eq!(Accumulator::estimated_bytes(u64::MAX, 1), None);
     }
 
     #[test]

@@ -102,7 +102,7 @@ def fed(daemon: Daemon, prometheus: Prometheus) -> Fed:
     rng = np.random.default_rng(20230607)
     means, _ = class_means(rng)
     fed = Fed(start=time.time())
-    with vcid.Monitor(daemon.grpc_addr, run=RUN, num_classes=K, feature_dim=D,
+    with vcid.Monitor(run=RUN, num_classes=K, feature_dim=D, address=daemon.grpc_addr,
                       metadata={"model": "e2e-mlp", "dataset": "synthetic-simplex"}) as mon:
         for epoch, train_sigma in enumerate(TRAIN_SIGMAS):
             for split, sigma in (("train", train_sigma), ("val", VAL_SIGMA)):

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use vcid::metrics::{self, EpochMetrics};
 use vcid::proto::vci_monitor_client::VciMonitorClient;
 use vcid::proto::{CreateRunRequest, EpochResult, FeatureBatch, GetRunRequest, Run};
-use vcid::server::{ServeConfig, ServerHandle};
+use vcid::server::{Limits, ServeConfig, ServerHandle};
 use vcid::stats::{Accumulator, Par};
 
 pub type Client = VciMonitorClient<Channel>;
@@ -24,6 +24,22 @@ pub type Client = VciMonitorClient<Channel>;
 /// Starts an in-process daemon with `config`.
 pub async fn start(config: ServeConfig) -> ServerHandle {
     vcid::server::spawn(config).await.expect("daemon starts")
+}
+
+/// A daemon configuration with small limits, for the tests of refusals:
+/// 4 KiB messages, 100 rows per batch and a 1500-byte accumulator budget
+/// (one K = 4, d = 8 accumulator, 8·(64 + 64 + 16) = 1152 bytes, fits; a
+/// second does not).
+pub fn tight_limits(data_dir: &std::path::Path) -> ServeConfig {
+    ServeConfig {
+        limits: Limits {
+            max_message_bytes: 4096,
+            max_batch_rows: 100,
+            max_accumulator_bytes: 1500,
+            ..Limits::default()
+        },
+        ..ServeConfig::ephemeral(data_dir)
+    }
 }
 
 pub async fn connect(url: &str) -> Client {

@@ -1,206 +1,209 @@
-"""``LocalAccumulator``: the SPEC §2.1 sufficient statistics (plus the
-unit-vector within trace the daemon keeps beyond §2.1) computed in the client
-process, exact in float64, mergeable across batches and ranks.
+"""``LocalAccumulator`` and ``compute``: the exact class statistics and the
+metrics of features in this process, computed by the vcid crate itself (the
+``vcid._native`` extension: the daemon's ``stats`` and ``metrics`` code).
 
-Owns the batch statistics and the Chan-Golub-LeVeque merge (the same
-formulas as the daemon's ``stats`` module). Must not talk to the daemon;
-``Monitor.push_stats`` sends an accumulator.
+Owns the Python face of the statistics: argument conversion (numpy arrays,
+tensors, anything with ``__array__``), the checks of types and shapes, the
+numpy views of the statistics and the wire form. Must not implement any
+formula or any validity check of statistics: both live in the Rust crate
+(``Accumulator::from_parts`` is the one check that ``PushStats`` applies
+too). Must not talk to the daemon; ``Monitor.push_stats`` sends an
+accumulator.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ._arrays import check_features, check_labels
+from . import _native
+from ._arrays import check_features, check_labels, to_numpy
+from ._errors import ArgumentError
+from ._result import EpochResult
 from .v1 import vcid_pb2 as pb
 
 
 def _check_shape_args(num_classes: Any, feature_dim: Any) -> tuple[int, int]:
     for name, value, lo in (("num_classes", num_classes, 2), ("feature_dim", feature_dim, 1)):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise ValueError(
-                f"{name}: expected an integer >= {lo}, received {type(value).__name__} {value!r}"
+            raise ArgumentError(
+                name, f"expected an integer >= {lo}, received {type(value).__name__} {value!r}"
             )
         if not lo <= int(value) < 2**32:
-            raise ValueError(f"{name}: expected an integer in [{lo}, 2**32), received {value}")
+            raise ArgumentError(name, f"expected an integer in [{lo}, 2**32), received {value}")
     return int(num_classes), int(feature_dim)
 
 
-class LocalAccumulator:
-    """Exact single-pass class statistics of a stream of (features, labels).
+def _float64(features: Any, feature_dim: Optional[int]) -> np.ndarray:
+    """A checked 2-D batch as C-contiguous float64 (values as given: unlike
+    ``Monitor.push`` nothing is rounded to a wire encoding); ``feature_dim``
+    None takes the columns of ``features``."""
+    f = to_numpy(features, "features")
+    if feature_dim is None:
+        if f.array.ndim != 2:
+            raise ArgumentError("features", f"expected a 2-D array (rows, feature_dim), "
+                                            f"received shape {tuple(f.array.shape)}")
+        feature_dim = f.array.shape[1]
+    f = check_features(f, feature_dim)
+    return np.ascontiguousarray(f.as_float(), dtype=np.float64)
 
-    Kept in float64 (SPEC §2.1): ``class_counts`` (K, int64), ``class_means``
-    (K×d), ``scatter`` (d×d, the full symmetric M2 = Σ (h−μ)(h−μ)ᵀ about the
-    global mean), ``within_trace`` (K, Σ_{i∈k} ‖h_i−μ_k‖²), ``unit_sum`` (K×d,
-    Σ u_i over rows with ‖h_i‖ > 0, u_i = h_i/‖h_i‖) and ``unit_count`` (K,
-    c_k); beyond §2.1, ``unit_within_trace`` (K, Σ_{i∈k} ‖u_i − ū_k‖² with
-    ū_k = unit_sum_k / c_k over the same rows). Every batch is reduced about
-    its own means and folded in with the Chan-Golub-LeVeque parallel formula,
-    so neither the batch order nor the grouping (batches, ranks) changes the
-    result beyond rounding, and a large common offset of the features costs no
-    digits.
 
-    ``unit_within_trace`` equals c_k − ‖unit_sum_k‖²/c_k in exact arithmetic,
-    but computed that way it cancels catastrophically when a class's feature
-    directions nearly coincide (a large common offset), which is why it is
-    kept explicitly; the daemon's ``class_separation`` uses it.
+def compute(features: Any, labels: Any, num_classes: Optional[int] = None) -> EpochResult:
+    """The metrics of ``features`` (rows × d) with their class ``labels``,
+    computed in this process (no daemon): the numbers ``vcid compute`` gives
+    for the same arrays saved as ``.npy``, and the daemon for one epoch of
+    them.
 
-    Properties return copies; mutate only through ``update`` and ``merge``.
+    ``features`` may be a numpy array, a torch tensor (any device, any float
+    dtype) or anything with ``__array__``; ``labels`` integers in ``[0,
+    num_classes)``. ``num_classes`` defaults to the largest label + 1. The
+    result's ``run_id``, ``split`` and ``layer`` are empty and ``vci_delta``
+    is None (there is no previous epoch).
     """
+    x = _float64(features, None)
+    if num_classes is None:
+        raw = to_numpy(labels, "labels").array
+        if raw.ndim == 1 and raw.size and raw.dtype.kind in "iu":
+            num_classes = max(int(raw.max()) + 1, 1)
+        else:
+            num_classes = 1  # check_labels below names the problem
+    elif isinstance(num_classes, (bool, np.bool_)) or not isinstance(
+            num_classes, (int, np.integer)) or not 1 <= int(num_classes) < 2**32:
+        raise ArgumentError("num_classes", f"expected an integer in [1, 2**32) or None, "
+                                           f"received {num_classes!r}")
+    y = check_labels(labels, x.shape[0], int(num_classes))
+    return EpochResult.from_metrics_json(_native.compute(x, y, int(num_classes)))
+
+
+class LocalAccumulator:
+    """Exact single-pass class statistics of a stream of (features, labels),
+    kept by the vcid crate's ``Accumulator`` (the daemon's own code).
+
+    The statistics, in float64, as fresh numpy arrays: ``class_counts`` (K,
+    uint64), ``class_means`` (K×d), ``scatter`` (d×d, the symmetric M2 =
+    Σ (h−μ)(h−μ)ᵀ about the global mean), ``within_trace`` (K, Σ_{i∈k}
+    ‖h_i−μ_k‖²), ``unit_sum`` (K×d, Σ u_i over rows with ‖h_i‖ > 0, u_i =
+    h_i/‖h_i‖), ``unit_count`` (K, c_k) and ``unit_within_trace`` (K,
+    Σ_{i∈k} ‖u_i − ū_k‖² with ū_k = unit_sum_k / c_k). Every batch is reduced
+    about its own means and folded in with the Chan-Golub-LeVeque parallel
+    formula, so neither the batch order nor the grouping (batches, ranks)
+    changes the result beyond rounding, and a large common offset of the
+    features costs no digits (docs/metrics.md#the-statistics-behind-them).
+
+    ``metrics()`` gives the epoch's metrics without a daemon;
+    ``Monitor.push_stats`` sends the statistics to one.
+    """
+
+    __slots__ = ("_acc",)
 
     def __init__(self, num_classes: int, feature_dim: int) -> None:
         k, d = _check_shape_args(num_classes, feature_dim)
-        self._k = k
-        self._d = d
-        self._counts = np.zeros(k, dtype=np.int64)
-        self._means = np.zeros((k, d))
-        self._scatter = np.zeros((d, d))
-        self._within = np.zeros(k)
-        self._unit_sum = np.zeros((k, d))
-        self._unit_count = np.zeros(k, dtype=np.int64)
-        self._unit_within = np.zeros(k)
+        self._acc = _native.Accumulator(k, d)
+
+    @classmethod
+    def _wrap(cls, acc: Any) -> "LocalAccumulator":
+        out = cls.__new__(cls)
+        out._acc = acc
+        return out
 
     # -- shape and statistics ---------------------------------------------
 
     @property
     def num_classes(self) -> int:
-        return self._k
+        return self._acc.num_classes
 
     @property
     def feature_dim(self) -> int:
-        return self._d
+        return self._acc.feature_dim
 
     @property
     def samples(self) -> int:
         """N, the number of rows folded in."""
-        return int(self._counts.sum())
+        return self._acc.samples
 
     @property
     def class_counts(self) -> np.ndarray:
-        return self._counts.copy()
+        return self._acc.class_counts()
 
     @property
     def class_means(self) -> np.ndarray:
-        return self._means.copy()
+        return self._acc.class_means()
 
     @property
     def scatter(self) -> np.ndarray:
-        return self._scatter.copy()
+        return self._acc.scatter()
 
     @property
     def within_trace(self) -> np.ndarray:
-        return self._within.copy()
+        return self._acc.within_trace()
 
     @property
     def unit_sum(self) -> np.ndarray:
-        return self._unit_sum.copy()
+        return self._acc.unit_sum()
 
     @property
     def unit_count(self) -> np.ndarray:
-        return self._unit_count.copy()
+        return self._acc.unit_count()
 
     @property
     def unit_within_trace(self) -> np.ndarray:
         """Σ_{i∈k} ‖u_i − ū_k‖² per class (K), the spread of the unit vectors
         about their class mean direction; 0 for classes with c_k = 0."""
-        return self._unit_within.copy()
+        return self._acc.unit_within_trace()
 
     @property
     def global_mean(self) -> np.ndarray:
         """μ = Σ_k n_k μ_k / N (zeros while empty)."""
-        n = self.samples
-        if n == 0:
-            return np.zeros(self._d)
-        return (self._counts.astype(np.float64) @ self._means) / n
+        return self._acc.global_mean()
 
     def __repr__(self) -> str:
         return (
-            f"LocalAccumulator(num_classes={self._k}, feature_dim={self._d}, "
-            f"samples={self.samples})"
+            f"LocalAccumulator(num_classes={self.num_classes}, "
+            f"feature_dim={self.feature_dim}, samples={self.samples})"
         )
 
     # -- folding data in ---------------------------------------------------
 
     def update(self, features: Any, labels: Any) -> "LocalAccumulator":
-        """Fold in one batch (same inputs and checks as ``Monitor.push``).
-
-        The values are used as given, in float64: unlike ``push`` nothing is
-        rounded to a wire encoding.
-        """
-        f = check_features(features, self._d)
-        rows = f.array.shape[0]
-        y = check_labels(labels, rows, self._k)
-        x = np.asarray(f.as_float(), dtype=np.float64)
-        self.merge(_batch_statistics(x, y, self._k))
+        """Fold in one batch (same inputs and checks as ``Monitor.push``);
+        returns ``self``. The values are used as given, in float64: unlike
+        ``push`` nothing is rounded to a wire encoding."""
+        x = _float64(features, self.feature_dim)
+        y = check_labels(labels, x.shape[0], self.num_classes)
+        self._acc.fold(x, y)
         return self
 
     def merge(self, other: "LocalAccumulator") -> "LocalAccumulator":
         """Fold in another accumulator (exact Chan merge); returns ``self``."""
         if not isinstance(other, LocalAccumulator):
-            raise ValueError(
-                f"other: expected a LocalAccumulator, received {type(other).__name__}"
+            raise ArgumentError(
+                "other", f"expected a LocalAccumulator, received {type(other).__name__}"
             )
-        if (other._k, other._d) != (self._k, self._d):
-            raise ValueError(
-                f"other: expected num_classes={self._k}, feature_dim={self._d}, received "
-                f"num_classes={other._k}, feature_dim={other._d}"
+        if (other.num_classes, other.feature_dim) != (self.num_classes, self.feature_dim):
+            raise ArgumentError(
+                "other", f"expected num_classes={self.num_classes}, feature_dim="
+                f"{self.feature_dim}, received num_classes={other.num_classes}, "
+                f"feature_dim={other.feature_dim}"
             )
-        na_k, nb_k = self._counts, other._counts
-        n_a, n_b = int(na_k.sum()), int(nb_k.sum())
-        if n_b == 0:
-            return self
-        if n_a == 0:
-            self._assign(other)
-            return self
-        n = n_a + n_b
-        # Global part: M2 = M2_a + M2_b + δδᵀ·n_a·n_b/n, δ = μ_b − μ_a.
-        delta = other.global_mean - self.global_mean
-        scatter = self._scatter + other._scatter + np.outer(delta, delta) * (n_a * n_b / n)
-        # Per class: the same formula on the class means and within traces.
-        n_k = na_k + nb_k
-        safe = np.maximum(n_k, 1).astype(np.float64)
-        fa = na_k.astype(np.float64)
-        fb = nb_k.astype(np.float64)
-        dk = other._means - self._means
-        means = self._means + dk * (fb / safe)[:, None]
-        within = self._within + other._within + np.einsum("ij,ij->i", dk, dk) * (fa * fb / safe)
-        empty = n_k == 0
-        means[empty] = 0.0
-        within[empty] = 0.0
-        self._scatter = scatter
-        self._means = means
-        self._within = within
-        self._counts = n_k
-        # Unit vectors: the same formula on the mean directions ū = s/c and
-        # the unit-vector traces (the factor c_a·c_b/c is 0 when either side
-        # has no unit vectors of the class).
-        ca_k, cb_k = self._unit_count, other._unit_count
-        c_k = ca_k + cb_k
-        ca = ca_k.astype(np.float64)
-        cb = cb_k.astype(np.float64)
-        du = (other._unit_sum / np.maximum(cb, 1.0)[:, None]
-              - self._unit_sum / np.maximum(ca, 1.0)[:, None])
-        self._unit_within = (self._unit_within + other._unit_within
-                             + np.einsum("ij,ij->i", du, du) * (ca * cb / np.maximum(ca + cb, 1.0)))
-        self._unit_sum = self._unit_sum + other._unit_sum
-        self._unit_count = c_k
+        self._acc.merge(other._acc)
         return self
 
-    def _assign(self, other: "LocalAccumulator") -> None:
-        self._counts = other._counts.copy()
-        self._means = other._means.copy()
-        self._scatter = other._scatter.copy()
-        self._within = other._within.copy()
-        self._unit_sum = other._unit_sum.copy()
-        self._unit_count = other._unit_count.copy()
-        self._unit_within = other._unit_within.copy()
-
     def copy(self) -> "LocalAccumulator":
-        out = LocalAccumulator(self._k, self._d)
-        out._assign(self)
-        return out
+        return LocalAccumulator._wrap(self._acc.copy())
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its statistics (for ``all_gather_object``,
+        multiprocessing, ``copy.deepcopy``), rebuilt through ``from_stats``."""
+        return (LocalAccumulator.from_stats,
+                (self.class_counts, self.class_means, self.scatter, self.within_trace,
+                 self.unit_sum, self.unit_count, self.unit_within_trace))
+
+    def metrics(self) -> EpochResult:
+        """The metrics of the statistics so far (what the daemon returns when
+        it closes an epoch holding them; ``run_id``, ``split`` and ``layer``
+        are empty and ``vci_delta`` is None)."""
+        return EpochResult.from_metrics_json(self._acc.metrics())
 
     # -- building from parts, data-parallel reduction ----------------------
 
@@ -217,11 +220,15 @@ class LocalAccumulator:
     ) -> "LocalAccumulator":
         """An accumulator from the statistics (e.g. combined elsewhere).
 
-        Checks shapes, finiteness, non-negative integral counts, symmetry of
-        ``scatter`` (to 1e-12 relative; it is then made exactly symmetric),
+        The statistics are checked by the same function the daemon applies to
+        ``PushStats`` (``Accumulator::from_parts``, see the README's math-core notes): finite values, counts
+        that are non-negative whole numbers, a symmetric ``scatter`` (to
+        1e-12 of its largest diagonal entry; the two triangles are then
+        averaged) with a non-negative diagonal, non-negative traces,
         ``unit_count`` ≤ ``class_counts``, ``0 ≤ unit_within_trace_k ≤
-        unit_count_k``, and that empty classes carry zero statistics (and
-        classes without unit vectors zero unit sums and traces).
+        unit_count_k``, and zero statistics for empty classes (zero unit
+        sums and traces for classes without unit vectors). A failure raises
+        ``vcid.ArgumentError`` naming the field.
 
         ``unit_within_trace`` may be omitted; it is then derived as
         c_k − ‖unit_sum_k‖²/c_k (what the daemon does with a block that lacks
@@ -233,74 +240,20 @@ class LocalAccumulator:
         k = counts.shape[0]
         means = np.asarray(class_means, dtype=np.float64)
         if means.ndim != 2 or means.shape[0] != k:
-            raise ValueError(
-                f"class_means: expected shape ({k}, feature_dim), received {means.shape}"
+            raise ArgumentError(
+                "class_means", f"expected shape ({k}, feature_dim), received {means.shape}"
             )
         d = means.shape[1]
-        acc = cls(k, d)
-        sc = _as_float(scatter, "scatter", (d, d))
-        asym = np.abs(sc - sc.T).max() if d else 0.0
-        if asym > 1e-12 * max(1.0, np.abs(sc).max()):
-            raise ValueError(
-                f"scatter: expected a symmetric {d}x{d} matrix, received one with "
-                f"max |S - Sᵀ| = {asym}"
-            )
-        acc._counts = counts
-        acc._means = _as_float(means, "class_means", (k, d))
-        acc._scatter = np.triu(sc) + np.triu(sc, 1).T
-        acc._within = _as_float(within_trace, "within_trace", (k,))
-        acc._unit_sum = _as_float(unit_sum, "unit_sum", (k, d))
-        acc._unit_count = _as_counts(unit_count, "unit_count", k)
-        empty = counts == 0
-        for name, arr in (("class_means", acc._means), ("within_trace", acc._within),
-                          ("unit_sum", acc._unit_sum), ("unit_count", acc._unit_count)):
-            if np.any(arr[empty] != 0):
-                k0 = int(np.flatnonzero(empty & np.any(
-                    (arr != 0).reshape(k, -1), axis=1))[0])
-                raise ValueError(
-                    f"{name}: expected zeros for class {k0}, which has class_counts 0, "
-                    f"received non-zero values"
-                )
-        if np.any(acc._unit_count > counts):
-            k0 = int(np.flatnonzero(acc._unit_count > counts)[0])
-            raise ValueError(
-                f"unit_count: expected at most class_counts[{k0}]={int(counts[k0])}, "
-                f"received {int(acc._unit_count[k0])}"
-            )
-        if np.any(acc._within < 0) or np.any(np.diag(acc._scatter) < 0):
-            raise ValueError(
-                "within_trace/scatter: expected non-negative within traces and scatter "
-                "diagonal, received negative values"
-            )
-        no_units = acc._unit_count == 0
-        if np.any(acc._unit_sum[no_units] != 0):
-            k0 = int(np.flatnonzero(no_units & np.any(acc._unit_sum != 0, axis=1))[0])
-            raise ValueError(
-                f"unit_sum: expected zeros for class {k0}, which has unit_count 0, "
-                f"received non-zero values"
-            )
-        if unit_within_trace is None:
-            acc._unit_within = _derived_unit_within(acc._unit_sum, acc._unit_count)
-        else:
-            acc._unit_within = _as_float(unit_within_trace, "unit_within_trace", (k,))
-        if np.any(acc._unit_within[no_units] != 0):
-            k0 = int(np.flatnonzero(no_units & (acc._unit_within != 0))[0])
-            raise ValueError(
-                f"unit_within_trace: expected 0 for class {k0}, which has unit_count 0, "
-                f"received {float(acc._unit_within[k0])!r}"
-            )
-        c = acc._unit_count.astype(np.float64)
-        # Unit vectors spread at most c_k about their mean (c − ‖s‖²/c ≤ c);
-        # the slack admits the rounding of a sum of c values near 1.
-        bad = (acc._unit_within < 0) | (acc._unit_within > c * (1.0 + 1e-12))
-        if np.any(bad):
-            k0 = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"unit_within_trace: expected a value in [0, unit_count[{k0}]="
-                f"{int(acc._unit_count[k0])}] for class {k0}, received "
-                f"{float(acc._unit_within[k0])!r}"
-            )
-        return acc
+        uwt = (np.zeros(0) if unit_within_trace is None
+               else _as_float(unit_within_trace, "unit_within_trace", (k,)))
+        return cls._wrap(_native.Accumulator.from_parts(
+            k, d, counts, means.ravel(),
+            _as_float(scatter, "scatter", (d, d)).ravel(),
+            _as_float(within_trace, "within_trace", (k,)),
+            _as_float(unit_sum, "unit_sum", (k, d)).ravel(),
+            _as_counts(unit_count, "unit_count", k),
+            uwt,
+        ))
 
     def all_reduce(self, sum_fn: Callable[[np.ndarray], np.ndarray]) -> "LocalAccumulator":
         """Combine the accumulators of all data-parallel ranks, exactly.
@@ -313,59 +266,16 @@ class LocalAccumulator:
         ū_k = unit_sum_k / c_k. Round 2 sums each rank's second moments after
         the Chan correction towards those global values: S_r + n_r·δ_rδ_rᵀ
         with δ_r = μ_r − μ; W_rk + n_rk·‖μ_rk − μ_k‖²; and
-        T_rk + c_rk·‖ū_rk − ū_k‖² for the unit-vector traces. Every rank
-        returns the same combined accumulator.
+        T_rk + c_rk·‖ū_rk − ū_k‖² for the unit-vector traces. The rounds and
+        the corrections are computed by the vcid crate; only ``sum_fn`` runs
+        here. Every rank returns the same combined accumulator, checked like
+        ``from_stats``.
         """
-        k, d = self._k, self._d
-        counts = self._counts.astype(np.float64)
-        unit_counts = self._unit_count.astype(np.float64)
-        round1 = np.concatenate([
-            counts, (self._means * counts[:, None]).ravel(),
-            unit_counts, self._unit_sum.ravel(),
-        ])
-        total1 = np.asarray(sum_fn(round1), dtype=np.float64)
-        if total1.shape != round1.shape:
-            raise ValueError(
-                f"sum_fn: expected a vector of shape {round1.shape}, received {total1.shape}"
-            )
-        n_k = np.rint(total1[:k]).astype(np.int64)
-        o = k
-        sums = total1[o: o + k * d].reshape(k, d)
-        o += k * d
-        c_k = np.rint(total1[o: o + k]).astype(np.int64)
-        o += k
-        unit_sum = total1[o: o + k * d].reshape(k, d).copy()
-        means = np.where(n_k[:, None] > 0, sums / np.maximum(n_k, 1)[:, None], 0.0)
-        n = int(n_k.sum())
-        mu = (n_k.astype(np.float64) @ means) / n if n else np.zeros(d)
-        n_r = self.samples
-        delta = self.global_mean - mu if n_r else np.zeros(d)
-        scatter_r = self._scatter + np.outer(delta, delta) * n_r
-        dk = self._means - means
-        within_r = self._within + np.einsum("ij,ij->i", dk, dk) * counts
-        within_r[self._counts == 0] = 0.0
-        du = (self._unit_sum / np.maximum(unit_counts, 1.0)[:, None]
-              - unit_sum / np.maximum(c_k, 1).astype(np.float64)[:, None])
-        unit_within_r = self._unit_within + np.einsum("ij,ij->i", du, du) * unit_counts
-        unit_within_r[self._unit_count == 0] = 0.0
-        round2 = np.concatenate([scatter_r.ravel(), within_r, unit_within_r])
-        total2 = np.asarray(sum_fn(round2), dtype=np.float64)
-        if total2.shape != round2.shape:
-            raise ValueError(
-                f"sum_fn: expected a vector of shape {round2.shape}, received {total2.shape}"
-            )
-        out = LocalAccumulator(k, d)
-        out._counts = n_k
-        out._means = means
-        s = total2[: d * d].reshape(d, d)
-        out._scatter = np.triu(s) + np.triu(s, 1).T
-        o = d * d
-        out._within = total2[o: o + k].copy()
-        o += k
-        out._unit_within = total2[o: o + k].copy()
-        out._unit_sum = unit_sum
-        out._unit_count = c_k
-        return out
+        round1 = self._acc.reduce_round1()
+        total1 = _summed(sum_fn, round1)
+        total2 = _summed(sum_fn, self._acc.reduce_round2(total1))
+        return LocalAccumulator._wrap(_native.Accumulator.reduce_combine(
+            self.num_classes, self.feature_dim, total1, total2))
 
     def to_proto(self, run_id: str, split: str, layer: str, epoch: int,
                  writer_id: str = "", sequence: int = 0) -> pb.StatsBlock:
@@ -373,94 +283,45 @@ class LocalAccumulator:
         included)."""
         return pb.StatsBlock(
             run_id=run_id, split=split, layer=layer, epoch=epoch,
-            class_counts=self._counts.tolist(),
-            class_means=self._means.ravel().tolist(),
-            scatter=self._scatter.ravel().tolist(),
-            within_trace=self._within.tolist(),
-            unit_sum=self._unit_sum.ravel().tolist(),
-            unit_count=self._unit_count.tolist(),
-            unit_within_trace=self._unit_within.tolist(),
+            class_counts=self.class_counts.tolist(),
+            class_means=self.class_means.ravel().tolist(),
+            scatter=self.scatter.ravel().tolist(),
+            within_trace=self.within_trace.tolist(),
+            unit_sum=self.unit_sum.ravel().tolist(),
+            unit_count=self.unit_count.tolist(),
+            unit_within_trace=self.unit_within_trace.tolist(),
             writer_id=writer_id, sequence=sequence,
         )
 
 
-def _derived_unit_within(unit_sum: np.ndarray, unit_count: np.ndarray) -> np.ndarray:
-    """c_k − ‖s_k‖²/c_k (clamped at 0; 0 where c_k = 0): the unit-vector trace
-    that the unit sums alone imply, with their cancellation."""
-    c = unit_count.astype(np.float64)
-    squared = np.einsum("ij,ij->i", unit_sum, unit_sum)
-    return np.where(c > 0, np.maximum(c - squared / np.maximum(c, 1.0), 0.0), 0.0)
+def _summed(sum_fn: Callable[[np.ndarray], np.ndarray], v: np.ndarray) -> np.ndarray:
+    total = np.ascontiguousarray(sum_fn(v.copy()), dtype=np.float64)
+    if total.shape != v.shape:
+        raise ArgumentError(
+            "sum_fn", f"expected a vector of shape {v.shape}, received {total.shape}"
+        )
+    return total
 
 
 def _as_counts(value: Any, name: str, k: int | None = None) -> np.ndarray:
+    """Counts as uint64: integral values of any numeric dtype."""
     arr = np.asarray(value)
     if arr.ndim != 1 or (k is not None and arr.shape[0] != k):
-        raise ValueError(f"{name}: expected shape ({k if k is not None else 'K'},), "
-                         f"received {arr.shape}")
+        raise ArgumentError(name, f"expected shape ({k if k is not None else 'K'},), "
+                                  f"received {arr.shape}")
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or np.any(arr != np.rint(arr)):
-            raise ValueError(f"{name}: expected integral counts, received {arr}")
+            raise ArgumentError(name, f"expected integral counts, received {arr}")
     elif arr.dtype.kind not in "iu":
-        raise ValueError(f"{name}: expected integer counts, received dtype {arr.dtype}")
+        raise ArgumentError(name, f"expected integer counts, received dtype {arr.dtype}")
     if np.any(arr < 0):
-        raise ValueError(f"{name}: expected non-negative counts, received {arr}")
-    return arr.astype(np.int64)
+        raise ArgumentError(name, f"expected non-negative counts, received {arr}")
+    return np.ascontiguousarray(arr, dtype=np.uint64)
 
 
 def _as_float(value: Any, name: str, shape: tuple) -> np.ndarray:
-    arr = np.array(value, dtype=np.float64)
+    arr = np.ascontiguousarray(value, dtype=np.float64)
     if arr.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape}, received {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name}: expected finite values, received NaN or ±inf")
+        raise ArgumentError(name, f"expected shape {shape}, received {arr.shape}")
     return arr
 
-
-def _batch_statistics(x: np.ndarray, y: np.ndarray, k: int) -> LocalAccumulator:
-    """The statistics of one batch, each about the batch's own means."""
-    n, d = x.shape
-    order = np.argsort(y, kind="stable")
-    ys = y[order]
-    xs = x[order]
-    classes, starts, counts = np.unique(ys, return_index=True, return_counts=True)
-    sums = np.add.reduceat(xs, starts, axis=0)
-    means = sums / counts[:, None]
-    centred = xs - np.repeat(means, counts, axis=0)
-    within = np.add.reduceat(np.einsum("ij,ij->i", centred, centred), starts)
-    norms = _row_norms(xs)
-    ok = norms > 0
-    unit = np.where(ok[:, None], xs / np.where(ok, norms, 1.0)[:, None], 0.0)
-    unit_sum = np.add.reduceat(unit, starts, axis=0)
-    unit_count = np.add.reduceat(ok.astype(np.int64), starts)
-    # Second pass over the unit vectors, about their class mean direction:
-    # never c − ‖Σu‖²/c, which cancels when the directions nearly coincide.
-    directions = unit_sum / np.maximum(unit_count, 1)[:, None]
-    spread = np.where(ok[:, None], unit - np.repeat(directions, counts, axis=0), 0.0)
-    unit_within = np.add.reduceat(np.einsum("ij,ij->i", spread, spread), starts)
-    xc = x - x.mean(axis=0)
-    s = xc.T @ xc
-    acc = LocalAccumulator(k, d)
-    acc._counts[classes] = counts
-    acc._means[classes] = means
-    acc._within[classes] = within
-    acc._unit_sum[classes] = unit_sum
-    acc._unit_count[classes] = unit_count
-    acc._unit_within[classes] = unit_within
-    acc._scatter = np.triu(s) + np.triu(s, 1).T
-    return acc
-
-
-def _row_norms(x: np.ndarray) -> np.ndarray:
-    """‖x_i‖₂ per row; rows whose plain sum of squares over- or underflows are
-    rescaled by their largest magnitude first (as the daemon does)."""
-    squared = np.einsum("ij,ij->i", x, x)
-    norms = np.sqrt(squared)
-    risky = ~(np.isfinite(squared) & (squared >= np.finfo(np.float64).tiny))
-    if np.any(risky):
-        rows = x[risky]
-        scale = np.abs(rows).max(axis=1)
-        safe = np.where(scale > 0, scale, 1.0)
-        scaled = rows / safe[:, None]
-        rescaled = scale * np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
-        norms[risky] = np.where(scale > 0, rescaled, 0.0)
-    return norms

@@ -10,16 +10,14 @@ caller already imported it.
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ._errors import ArgumentError
 from .v1 import vcid_pb2 as pb
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
 #: encoding name -> (wire enum, bytes per value)
 ENCODINGS = {
@@ -29,36 +27,23 @@ ENCODINGS = {
 }
 
 
-def check_name(argument: str, value: Any, max_len: int) -> str:
-    """SPEC §1 name rules: 1..max_len characters of ``[A-Za-z0-9_.:-]``."""
-    if not isinstance(value, str):
-        raise ValueError(
-            f"{argument}: expected a string of 1-{max_len} characters of [A-Za-z0-9_.:-], "
-            f"received {type(value).__name__} {value!r}"
-        )
-    if not (1 <= len(value) <= max_len) or not _NAME_RE.match(value):
-        raise ValueError(
-            f"{argument}: expected 1-{max_len} characters of [A-Za-z0-9_.:-], received {value!r}"
-        )
-    return value
-
-
 def check_encoding(encoding: Any) -> str:
     if encoding not in ENCODINGS:
-        raise ValueError(
-            f"encoding: expected one of {sorted(ENCODINGS)}, received {encoding!r}"
+        raise ArgumentError(
+            "encoding", f"expected one of {sorted(ENCODINGS)}, received {encoding!r}"
         )
     return encoding
 
 
 def check_epoch(epoch: Any) -> int:
     if isinstance(epoch, (bool, np.bool_)) or not isinstance(epoch, (int, np.integer)):
-        raise ValueError(
-            f"epoch: expected a non-negative integer, received {type(epoch).__name__} {epoch!r}"
+        raise ArgumentError(
+            "epoch", f"expected a non-negative integer, received {type(epoch).__name__} {epoch!r}"
         )
     epoch = int(epoch)
     if epoch < 0 or epoch >= 2**64:
-        raise ValueError(f"epoch: expected a non-negative integer below 2**64, received {epoch}")
+        raise ArgumentError("epoch",
+                            f"expected a non-negative integer below 2**64, received {epoch}")
     return epoch
 
 
@@ -138,8 +123,8 @@ def _torch_to_numpy(obj: Any, argument: str) -> Features:
         t = t.float()
     numpy_fn = getattr(t, "numpy", None)
     if not callable(numpy_fn):
-        raise ValueError(
-            f"{argument}: expected a numpy array, an object with __array__ or a tensor with "
+        raise ArgumentError(
+            argument, f"expected a numpy array, an object with __array__ or a tensor with "
             f".detach().cpu().numpy(), received {type(obj).__name__} whose .detach().cpu() "
             f"has no .numpy()"
         )
@@ -156,8 +141,8 @@ def to_numpy(obj: Any, argument: str) -> Features:
         try:
             arr = np.asarray(obj)
         except (ValueError, TypeError) as exc:
-            raise ValueError(
-                f"{argument}: expected a numpy array, an object with __array__ or a tensor "
+            raise ArgumentError(
+                argument, f"expected a numpy array, an object with __array__ or a tensor "
                 f"with .detach().cpu().numpy(), received {type(obj).__name__} ({exc})"
             ) from None
     return _with_bf16_dtype(Features(arr))
@@ -175,27 +160,28 @@ def _describe(arr: np.ndarray) -> str:
 
 
 def check_features(obj: Any, feature_dim: int, argument: str = "features") -> Features:
-    """2-D, ``feature_dim`` columns, at least one row, real numeric dtype, all finite."""
-    f = to_numpy(obj, argument)
+    """2-D, ``feature_dim`` columns, at least one row, real numeric dtype, all
+    finite. ``obj`` may also be the ``Features`` that ``to_numpy`` made."""
+    f = obj if isinstance(obj, Features) else to_numpy(obj, argument)
     arr = f.array
     if arr.ndim != 2:
-        raise ValueError(
-            f"{argument}: expected a 2-D array of shape (rows, feature_dim={feature_dim}), "
+        raise ArgumentError(
+            argument, f"expected a 2-D array of shape (rows, feature_dim={feature_dim}), "
             f"received {_describe(arr)}"
         )
     if arr.shape[1] != feature_dim:
-        raise ValueError(
-            f"{argument}: expected feature_dim={feature_dim} columns (the run's feature_dim), "
+        raise ArgumentError(
+            argument, f"expected feature_dim={feature_dim} columns (the run's feature_dim), "
             f"received {arr.shape[1]} columns ({_describe(arr)})"
         )
     if arr.shape[0] == 0:
-        raise ValueError(
-            f"{argument}: expected at least 1 row (an empty batch carries nothing), "
+        raise ArgumentError(
+            argument, f"expected at least 1 row (an empty batch carries nothing), "
             f"received {_describe(arr)}"
         )
     if not f.is_bfloat16_bits and arr.dtype.kind not in "fiu":
-        raise ValueError(
-            f"{argument}: expected a real floating or integer dtype, received {arr.dtype}"
+        raise ArgumentError(
+            argument, f"expected a real floating or integer dtype, received {arr.dtype}"
         )
     _check_finite(f, argument)
     return f
@@ -212,8 +198,8 @@ def _check_finite(f: Features, argument: str, what: str = "finite values") -> No
     if bad.any():
         row, col = (int(i) for i in np.argwhere(bad)[0])
         value = f.as_float()[row, col]
-        raise ValueError(
-            f"{argument}: expected {what}, received {value} at row {row}, column {col} "
+        raise ArgumentError(
+            argument, f"expected {what}, received {value} at row {row}, column {col} "
             f"({int(bad.sum())} non-finite values in total)"
         )
 
@@ -222,26 +208,26 @@ def check_labels(obj: Any, rows: int, num_classes: int, argument: str = "labels"
     """1-D integer labels, one per row, each in ``[0, num_classes)``; returns uint32."""
     arr = to_numpy(obj, argument).array
     if arr.ndim != 1:
-        raise ValueError(
-            f"{argument}: expected a 1-D array of {rows} integer labels, received {_describe(arr)}"
+        raise ArgumentError(
+            argument, f"expected a 1-D array of {rows} integer labels, received {_describe(arr)}"
         )
     if arr.dtype.kind not in "iu":
-        raise ValueError(
-            f"{argument}: expected an integer dtype (class indices in [0, {num_classes})), "
+        raise ArgumentError(
+            argument, f"expected an integer dtype (class indices in [0, {num_classes})), "
             f"received dtype {arr.dtype}"
         )
     if arr.shape[0] != rows:
-        raise ValueError(
-            f"{argument}: expected {rows} labels (one per feature row), received {arr.shape[0]}"
+        raise ArgumentError(
+            argument, f"expected {rows} labels (one per feature row), received {arr.shape[0]}"
         )
     if rows == 0:
-        raise ValueError(f"{argument}: expected at least 1 label, received an empty array")
+        raise ArgumentError(argument, "expected at least 1 label, received an empty array")
     lo, hi = arr.min(), arr.max()
     if lo < 0 or hi >= num_classes:
         bad = np.flatnonzero((arr < 0) | (arr >= num_classes))
         i = int(bad[0])
-        raise ValueError(
-            f"{argument}: expected every label in [0, {num_classes}) (num_classes={num_classes}), "
+        raise ArgumentError(
+            argument, f"expected every label in [0, {num_classes}) (num_classes={num_classes}), "
             f"received {int(arr[i])} at row {i} ({bad.size} labels out of range)"
         )
     return arr.astype(np.uint32, copy=False)

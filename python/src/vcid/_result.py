@@ -4,48 +4,76 @@ Must not hold any logic beyond that conversion."""
 
 from __future__ import annotations
 
+import collections.abc as _abc
+import dataclasses as _dc
 import datetime as _dt
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+import json as _json
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from .v1 import vcid_pb2 as pb
 
-_OPTIONAL_METRICS = (
-    "vci", "linear_probe_mse", "nc1", "cdnv", "class_separation", "equinorm",
-    "equiangularity", "effective_rank", "vci_delta",
-)
+
+def _is_metric(f: FieldDescriptor) -> bool:
+    """The metrics are the ``optional double`` fields (absent = undefined)."""
+    return f.has_presence and f.cpp_type == FieldDescriptor.CPPTYPE_DOUBLE
+
+
+def _plain(msg: Message, f: FieldDescriptor) -> Any:
+    """A field's value as a plain Python value: None for an absent field with
+    presence, a dict for a map, a list for a repeated field."""
+    if f.has_presence and not msg.HasField(f.name):
+        return None
+    value = getattr(msg, f.name)
+    if isinstance(value, _abc.Mapping):
+        return dict(value)
+    if isinstance(value, _abc.Sequence) and not isinstance(value, (str, bytes)):
+        return list(value)
+    return value
+
+
+def _dataclass_field(f: FieldDescriptor) -> Tuple[str, Any, Any]:
+    """(name, type, default) of the message field: its default is the
+    message's, the metrics are typed Optional[float]."""
+    default = _plain(pb.EpochResult(), f)
+    if _is_metric(f):
+        return f.name, Optional[float], field(default=None)
+    if isinstance(default, (dict, list)):
+        return f.name, type(default), field(default_factory=type(default))
+    return f.name, Any if default is None else type(default), field(default=default)
+
+
+#: The metric names, in wire order: the ``optional double`` fields of the
+#: ``EpochResult`` message.
+METRICS: Tuple[str, ...] = tuple(
+    f.name for f in pb.EpochResult.DESCRIPTOR.fields if _is_metric(f))
+
+# Every field of the message, in wire order.
+_EpochResultFields = make_dataclass(
+    "_EpochResultFields", [_dataclass_field(f) for f in pb.EpochResult.DESCRIPTOR.fields],
+    frozen=True)
 
 
 @dataclass(frozen=True)
-class EpochResult:
-    """The metrics of one closed (run, split, layer, epoch); SPEC §2.7.
+class EpochResult(_EpochResultFields):  # type: ignore[misc,valid-type]
+    """The metrics of one closed (run, split, layer, epoch).
+
+    Its fields are those of the wire message ``vcid.v1.EpochResult``, in the
+    same order and under the same names (so a field added to the proto
+    appears here by itself): ``run_id``, ``split``, ``layer``, ``epoch``,
+    ``samples``, ``classes_observed``, ``feature_dim``, the metrics
+    (``METRICS``: ``vci``, ``linear_probe_mse``, ``nc1``, ``cdnv``, ...),
+    ``rank_total``, ``rank_between``, ``small_sample``, ``notes``,
+    ``close_seconds`` and ``closed_unix_ms``.
 
     A metric is ``None`` when it is undefined for this epoch, and
     ``notes[name]`` says why (e.g. fewer than two classes observed).
     """
 
-    run_id: str
-    split: str
-    layer: str
-    epoch: int
-    samples: int
-    classes_observed: int
-    feature_dim: int
-    vci: Optional[float]
-    linear_probe_mse: Optional[float]
-    nc1: Optional[float]
-    cdnv: Optional[float]
-    class_separation: Optional[float]
-    equinorm: Optional[float]
-    equiangularity: Optional[float]
-    effective_rank: Optional[float]
-    vci_delta: Optional[float]
-    rank_total: int
-    rank_between: int
-    small_sample: bool
-    notes: Dict[str, str] = field(default_factory=dict)
-    close_seconds: float = 0.0
-    closed_unix_ms: int = 0
+    METRICS: ClassVar[Tuple[str, ...]] = METRICS
 
     @property
     def closed_at(self) -> _dt.datetime:
@@ -54,18 +82,22 @@ class EpochResult:
 
     @classmethod
     def from_proto(cls, msg: pb.EpochResult) -> "EpochResult":
-        metrics = {
-            name: (getattr(msg, name) if msg.HasField(name) else None)
-            for name in _OPTIONAL_METRICS
-        }
-        return cls(
-            run_id=msg.run_id, split=msg.split, layer=msg.layer, epoch=msg.epoch,
-            samples=msg.samples, classes_observed=msg.classes_observed,
-            feature_dim=msg.feature_dim, rank_total=msg.rank_total,
-            rank_between=msg.rank_between, small_sample=msg.small_sample,
-            notes=dict(msg.notes), close_seconds=msg.close_seconds,
-            closed_unix_ms=msg.closed_unix_ms, **metrics,
-        )
+        return cls(**{f.name: _plain(msg, f) for f in msg.DESCRIPTOR.fields})
+
+    @classmethod
+    def from_metrics_json(cls, document: str) -> "EpochResult":
+        """A result from the JSON of ``vcid compute --format json`` (the
+        metrics, counts, ranks, ``small_sample`` and ``notes``); the fields
+        it lacks keep their defaults."""
+        values = _json.loads(document)
+        names = {f.name for f in _dc.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Every field as a plain ``dict`` (``notes`` copied), e.g. for
+        ``wandb.log``, ``json.dumps`` or a pandas row; undefined metrics are
+        None."""
+        return _dc.asdict(self)
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ process; must not talk gRPC beyond waiting for readiness.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -29,33 +29,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def find_vcid(repo_root: Optional[Union[str, Path]] = None) -> List[str]:
-    """The command that runs the daemon binary: ``$VCID_BIN``, else
-    ``<repo_root>/target/release/vcid``, else ``vcid`` on PATH, else
-    ``cargo run --release --`` in ``repo_root``."""
+def find_vcid() -> List[str]:
+    """The command that runs ``vcid``: ``$VCID_BIN`` if set (e.g. a binary
+    from ``cargo build --release``), else this package's own command
+    (``python -m vcid``)."""
     env = os.environ.get("VCID_BIN")
     if env:
         return [env]
-    if repo_root is not None:
-        built = Path(repo_root) / "target" / "release" / "vcid"
-        if built.is_file() and os.access(built, os.X_OK):
-            return [str(built)]
-    on_path = shutil.which("vcid")
-    if on_path:
-        return [on_path]
-    if repo_root is not None and (Path(repo_root) / "Cargo.toml").is_file():
-        return ["cargo", "run", "--quiet", "--release",
-                "--manifest-path", str(Path(repo_root) / "Cargo.toml"), "--"]
-    raise FileNotFoundError(
-        "vcid binary: expected $VCID_BIN, target/release/vcid or vcid on PATH, received none "
-        "(build it with `cargo build --release`)"
-    )
+    return [sys.executable, "-m", "vcid"]
 
 
 class LocalDaemon:
     """A ``vcid serve`` child process on 127.0.0.1.
 
-    ``with LocalDaemon(["target/release/vcid"]) as d: Monitor(d.address, ...)``.
+    ``with LocalDaemon(find_vcid()) as d: Monitor(run, k, d, address=d.address)``.
     ``stop()`` then ``start()`` restarts it on the same ports and data
     directory (what a crash-and-restart looks like to a client).
     """

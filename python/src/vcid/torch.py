@@ -33,6 +33,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ._accumulator import LocalAccumulator, _check_shape_args
+from ._errors import ArgumentError
 from ._monitor import DEFAULT_LAYER, DEFAULT_SPLIT, Monitor
 from ._result import EpochResult
 
@@ -83,29 +84,29 @@ class FeatureHook(_LabelledHook):
     (batch, features), with the labels set for the current batch.
 
         import vcid, vcid.torch
-        with vcid.Monitor(addr, run="r", num_classes=10, feature_dim=512) as mon:
-            hook = vcid.torch.FeatureHook(mon, model.avgpool, epoch=0)
+        with vcid.Monitor(run="r", num_classes=10, feature_dim=512) as mon:
+            hook = vcid.torch.FeatureHook(mon, model.avgpool)
             for epoch in range(epochs):
-                hook.epoch = epoch
                 for x, y in loader:
                     with hook.labels(y):        # outputs seen inside are pushed with y
                         loss = criterion(model(x), y)
                     ...
-                mon.close_epoch(epoch)
+                mon.close_epoch()               # and the hook moves on to the next epoch
             hook.remove()
 
     The output is detached and copied by ``Monitor.push`` (the autograd graph
     is untouched). Tuple outputs use their first element. Forward passes
     outside a ``labels`` context (or after ``set_labels(None)``) are not
     pushed, so evaluation passes are not mixed into training statistics
-    unless asked for. Labels are per thread.
+    unless asked for. Labels are per thread. ``epoch`` None (the default)
+    pushes into the Monitor's current epoch of the hook's stream.
     """
 
     def __init__(
         self,
         monitor: Monitor,
         module: Any,
-        epoch: int = 0,
+        epoch: Optional[int] = None,
         split: str = DEFAULT_SPLIT,
         layer: str = DEFAULT_LAYER,
     ) -> None:
@@ -142,11 +143,12 @@ class TorchAccumulator:
 
     Because values are never inspected on the host, a batch with a NaN or
     infinite feature (or values so large that their sum overflows), or a
-    label outside ``[0, num_classes)``, cannot raise
-    in ``update``: it is left out of the statistics (on the device) and
-    counted, and ``to_local`` (hence ``Monitor.push_stats``) and
-    ``all_reduce`` then raise ``ValueError`` saying how many batches were
-    left out. Shapes, dtypes and devices are checked in ``update`` itself.
+    label outside ``[0, num_classes)``, cannot raise in ``update``: it is
+    left out of the statistics (on the device) and counted, and
+    ``to_local`` (hence ``Monitor.push_stats``) and ``all_reduce`` then
+    raise ``vcid.ArgumentError`` (a ``ValueError``) saying how many batches
+    were left out. Shapes, dtypes and devices are checked in ``update``
+    itself.
 
     ``device=None`` adopts the device of the first batch.
     """
@@ -312,31 +314,31 @@ class TorchAccumulator:
 
     def _check_batch(self, features: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(features, torch.Tensor):
-            raise ValueError(f"features: expected a torch.Tensor, received "
-                             f"{type(features).__name__}")
+            raise ArgumentError("features", f"expected a torch.Tensor, received "
+                                f"{type(features).__name__}")
         if features.ndim < 2 or features.shape[0] == 0:
-            raise ValueError(f"features: expected shape (rows >= 1, {self._d}), received "
-                             f"{tuple(features.shape)}")
+            raise ArgumentError("features", f"expected shape (rows >= 1, {self._d}), received "
+                                f"{tuple(features.shape)}")
         if not (features.is_floating_point()):
-            raise ValueError(f"features: expected a floating-point tensor, received "
-                             f"{features.dtype}")
+            raise ArgumentError("features", f"expected a floating-point tensor, received "
+                                f"{features.dtype}")
         n = features.shape[0]
         x = features.detach().reshape(n, -1)
         if x.shape[1] != self._d:
-            raise ValueError(f"features: expected {self._d} values per row (feature_dim), "
-                             f"received shape {tuple(features.shape)}")
+            raise ArgumentError("features", f"expected {self._d} values per row (feature_dim), "
+                                f"received shape {tuple(features.shape)}")
         if self._device is None:
             self._allocate(x.device)
         if x.device != self._device:
-            raise ValueError(f"features: expected a tensor on {self._device} (the "
-                             f"accumulator's device), received one on {x.device}")
+            raise ArgumentError("features", f"expected a tensor on {self._device} (the "
+                                f"accumulator's device), received one on {x.device}")
         if not isinstance(labels, torch.Tensor):
             labels = torch.as_tensor(labels)
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise ValueError(f"labels: expected an integer tensor, received {labels.dtype}")
+            raise ArgumentError("labels", f"expected an integer tensor, received {labels.dtype}")
         if tuple(labels.shape) != (n,):
-            raise ValueError(f"labels: expected shape ({n},) (one per row), received "
-                             f"{tuple(labels.shape)}")
+            raise ArgumentError("labels", f"expected shape ({n},) (one per row), received "
+                                f"{tuple(labels.shape)}")
         y = labels.detach().to(self._device, torch.int64, non_blocking=True)
         return x.to(_F64), y
 
@@ -366,11 +368,11 @@ class TorchAccumulator:
         """Fold in another accumulator (exact Chan merge; its tensors are
         moved to this device); returns ``self``."""
         if not isinstance(other, TorchAccumulator):
-            raise ValueError(f"other: expected a TorchAccumulator, received "
-                             f"{type(other).__name__}")
+            raise ArgumentError("other", f"expected a TorchAccumulator, received "
+                                f"{type(other).__name__}")
         if (other._k, other._d) != (self._k, self._d):
-            raise ValueError(
-                f"other: expected num_classes={self._k}, feature_dim={self._d}, received "
+            raise ArgumentError(
+                "other", f"expected num_classes={self._k}, feature_dim={self._d}, received "
                 f"num_classes={other._k}, feature_dim={other._d}")
         if other._device is None:
             return self
@@ -405,7 +407,7 @@ class TorchAccumulator:
         rank's second moments after the Chan correction towards those (the
         scatter about the global mean, within traces, unit spreads). Every
         rank must call it; every rank gets the same combined accumulator
-        (a new one). Raises ``ValueError`` if any rank left batches out."""
+        (a new one). Raises ``vcid.ArgumentError`` if any rank left batches out."""
         import torch.distributed as dist
 
         if self._device is None:
@@ -455,7 +457,7 @@ class TorchAccumulator:
     def to_local(self) -> LocalAccumulator:
         """The statistics as a ``vcid.LocalAccumulator`` (copied to the host:
         one synchronisation), validated by ``LocalAccumulator.from_stats``.
-        ``Monitor.push_stats`` calls it. Raises ``ValueError`` if batches
+        ``Monitor.push_stats`` calls it. Raises ``vcid.ArgumentError`` if batches
         were left out (see the class docs)."""
         rejected = self.rejected_batches
         if rejected:
@@ -472,9 +474,9 @@ class TorchAccumulator:
         )
 
 
-def _rejected_error(batches: int) -> ValueError:
-    return ValueError(
-        f"features/labels: expected finite features and labels in [0, num_classes) in "
+def _rejected_error(batches: int) -> ArgumentError:
+    return ArgumentError(
+        "features/labels", f"expected finite features and labels in [0, num_classes) in "
         f"every batch, received {batches} batch(es) that were not (they were left out of "
         f"the statistics; check the data, or build a new accumulator)")
 
@@ -487,7 +489,6 @@ class AccumulatingHook(_LabelledHook):
         hook = vcid.torch.AccumulatingHook(mon if rank == 0 else None, model.avgpool,
                                            num_classes=1000, feature_dim=2048)
         for epoch in range(epochs):
-            hook.epoch = epoch
             for x, y in loader:
                 with hook.labels(y):
                     loss = criterion(model(x), y)
@@ -500,7 +501,8 @@ class AccumulatingHook(_LabelledHook):
     the rank that holds a Monitor pushes them (``push_stats``) and closes the
     daemon's epoch, returning its ``EpochResult``; the others return None.
     Give the Monitor to exactly one rank. ``num_classes`` and
-    ``feature_dim`` default to the Monitor's.
+    ``feature_dim`` default to the Monitor's. ``epoch`` None (the default)
+    pushes into and closes the Monitor's current epoch of the hook's stream.
     """
 
     def __init__(
@@ -509,14 +511,14 @@ class AccumulatingHook(_LabelledHook):
         module: Any,
         num_classes: Optional[int] = None,
         feature_dim: Optional[int] = None,
-        epoch: int = 0,
+        epoch: Optional[int] = None,
         split: str = DEFAULT_SPLIT,
         layer: str = DEFAULT_LAYER,
         group: Any = None,
     ) -> None:
         if monitor is None and (num_classes is None or feature_dim is None):
-            raise ValueError("num_classes/feature_dim: expected both when monitor is None, "
-                             f"received num_classes={num_classes}, feature_dim={feature_dim}")
+            raise ArgumentError("num_classes/feature_dim", "expected both when monitor is None, "
+                                f"received num_classes={num_classes}, feature_dim={feature_dim}")
         self.monitor = monitor
         self.num_classes = monitor.num_classes if num_classes is None else num_classes
         self.feature_dim = monitor.feature_dim if feature_dim is None else feature_dim

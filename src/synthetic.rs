@@ -1,5 +1,7 @@
-//! Synthetic features whose classes collapse epoch by epoch, for `vcid demo`
-//! and the ingest load generator.
+//! Synthetic features whose classes collapse epoch by epoch, with a known
+//! population VCI: the data of `vcid demo` and of the ingest load generator
+//! (`examples/ingest_load.rs`), and a source for trying a dashboard or an
+//! alert rule without a model.
 //!
 //! Owns the data model only: class means on a scaled simplex (equiangular,
 //! equal norms, plus a common offset like post-ReLU features have) and

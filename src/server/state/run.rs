@@ -1,0 +1,827 @@
+//! One run's state: its streams with their open epoch accumulators,
+//! closing and closed epochs (the history), lost epochs and the writers'
+//! duplicate filters, with the locks that guard them.
+//!
+//! Owns the run's locking discipline and an epoch's life (open → closing →
+//! closed, or deleted / frozen); it must not do I/O, decode wire bytes or
+//! compute metrics (callers do those outside every lock). Sequence
+//! bookkeeping is [`super::dedup`]'s, memory accounting [`super::budget`]'s.
+//!
+//! # Concurrency
+//!
+//! * Each run has one `Mutex<RunInner>` for its stream table and duplicate
+//!   filter, held for map look-ups only (O(log n)), never for statistics.
+//! * Each open (stream, epoch) has its own [`EpochSlot`] mutex; only the
+//!   O(d²) `Accumulator::merge` runs under it. Batches of different epochs,
+//!   streams or runs therefore merge in parallel; batches of the same epoch
+//!   (several data-parallel ranks) serialise only the merge.
+//! * Lock order: a slot lock may be taken before the run lock, never the
+//!   reverse (no code acquires a slot while holding `RunInner`).
+//!
+//! A batch is applied in three steps: (1) under the run lock, skip
+//! duplicates, reject a sequence beyond the writer's gap limit and closed
+//! epochs, claim the `(writer_id, sequence)` key as in flight and find or
+//! create the slot (reserving its memory); (2) under the slot lock, check the
+//! slot is still open and merge; (3) under the run lock, record the key as
+//! applied (or release the claim on failure). A close moves the slot from
+//! `open` to `closing` under the run lock and then marks it `Closing` under
+//! the slot lock, so a merge either lands before the close takes the
+//! accumulator or is rejected with FAILED_PRECONDITION: never half-applied,
+//! never lost.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::proto::{EpochResult, OpenEpoch};
+use crate::server::clock::utc_timestamp;
+use crate::server::decode::StreamKey;
+use crate::server::error::ServerError;
+use crate::stats::Accumulator;
+
+use super::budget::Budget;
+use super::dedup::{SeqSet, WriterState};
+use super::lock;
+use super::marker::EpochMarker;
+
+/// The immutable description of a run.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct RunInfo {
+    pub(crate) run_id: String,
+    pub(crate) num_classes: u32,
+    pub(crate) feature_dim: u32,
+    pub(crate) metadata: BTreeMap<String, String>,
+    pub(crate) created_unix_ms: i64,
+}
+
+impl RunInfo {
+    /// Bytes one open accumulator of this run reserves from the budget
+    /// (`u64::MAX` when the shape is too large to exist).
+    pub(crate) fn accumulator_bytes(&self) -> u64 {
+        Accumulator::estimated_bytes(self.num_classes.into(), self.feature_dim.into())
+            .unwrap_or(u64::MAX)
+    }
+}
+
+/// Where an epoch slot is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Open,
+    Closing,
+    /// The run was deleted.
+    Deleted,
+    /// Written to the shutdown checkpoint; no more merges.
+    Frozen,
+}
+
+#[derive(Debug)]
+struct SlotInner {
+    acc: Option<Accumulator>,
+    phase: Phase,
+}
+
+/// One open (stream, epoch) accumulator with its own lock.
+#[derive(Debug)]
+struct EpochSlot {
+    inner: Mutex<SlotInner>,
+    /// Bytes reserved from the [`Budget`] for this slot.
+    reserved: u64,
+}
+
+impl EpochSlot {
+    fn new(acc: Accumulator, reserved: u64) -> EpochSlot {
+        EpochSlot {
+            inner: Mutex::new(SlotInner {
+                acc: Some(acc),
+                phase: Phase::Open,
+            }),
+            reserved,
+        }
+    }
+
+    fn samples(&self) -> u64 {
+        lock(&self.inner)
+            .acc
+            .as_ref()
+            .map_or(0, Accumulator::samples)
+    }
+}
+
+#[derive(Debug, Default)]
+struct StreamState {
+    open: BTreeMap<u64, Arc<EpochSlot>>,
+    closing: BTreeSet<u64>,
+    history: BTreeMap<u64, Arc<EpochResult>>,
+    /// Markers of epochs without an accumulator yet (being written, or
+    /// written for a first batch that was then refused).
+    marked: BTreeMap<u64, EpochMarker>,
+    /// Epochs that lost their data, with the unix ms of the start-up that
+    /// found them.
+    lost: BTreeMap<u64, i64>,
+}
+
+#[derive(Debug, Default)]
+struct RunInner {
+    streams: BTreeMap<StreamKey, StreamState>,
+    writers: HashMap<String, WriterState>,
+    /// Set by the shutdown checkpoint: no new accumulators.
+    frozen: bool,
+}
+
+impl RunInner {
+    /// Every open slot with its stream and epoch, ordered by stream and
+    /// epoch (to be locked after the run lock is released).
+    fn open_slots(&self) -> Vec<(StreamKey, u64, Arc<EpochSlot>)> {
+        self.streams
+            .iter()
+            .flat_map(|(key, s)| {
+                s.open
+                    .iter()
+                    .map(move |(&epoch, slot)| (key.clone(), epoch, Arc::clone(slot)))
+            })
+            .collect()
+    }
+}
+
+/// What happened to a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Applied {
+    /// Merged; carries the batch's samples.
+    Merged(u64),
+    /// Its `(writer_id, sequence)` was applied before: skipped.
+    Duplicate,
+    /// Nothing happened: the batch opens its epoch, whose marker must be
+    /// durable first (write it, then apply again).
+    NeedsMarker(EpochMarker),
+}
+
+/// An epoch taken out of `open` by [`RunState::begin_close`].
+#[derive(Debug)]
+pub(crate) struct Closing {
+    pub(crate) key: StreamKey,
+    pub(crate) epoch: u64,
+    slot: Arc<EpochSlot>,
+    /// The accumulator to compute metrics from (given back on abort).
+    pub(crate) acc: Accumulator,
+    /// VCI of the closest lower closed epoch of the stream: `None` when
+    /// there is none, `Some(None)` when its VCI was undefined.
+    pub(crate) previous_vci: Option<Option<f64>>,
+}
+
+/// A run as frozen for the shutdown checkpoint.
+#[derive(Debug, Default)]
+pub(crate) struct FrozenRun {
+    /// Open accumulators `(stream, epoch, statistics)`.
+    pub(crate) open: Vec<(StreamKey, u64, Accumulator)>,
+    /// Epochs being closed (their result may or may not get stored).
+    pub(crate) closing: Vec<(StreamKey, u64)>,
+    /// The writers' duplicate filters.
+    pub(crate) writers: Vec<(String, SeqSet)>,
+}
+
+/// One run: its description, counters, streams and duplicate filter, and
+/// the daemon-wide limits it is held to (made by [`super::State::new_run`]).
+#[derive(Debug)]
+pub(crate) struct RunState {
+    pub(crate) info: RunInfo,
+    rows_ingested: AtomicU64,
+    deleted: AtomicBool,
+    inner: Mutex<RunInner>,
+    /// The daemon's budget, shared by all runs.
+    budget: Arc<Budget>,
+    /// `--max-sequence-gaps-per-writer`.
+    max_gaps: u64,
+}
+
+impl RunState {
+    pub(super) fn new(
+        info: RunInfo,
+        rows_ingested: u64,
+        budget: Arc<Budget>,
+        max_gaps: u64,
+    ) -> RunState {
+        RunState {
+            info,
+            rows_ingested: AtomicU64::new(rows_ingested),
+            deleted: AtomicBool::new(false),
+            inner: Mutex::new(RunInner::default()),
+            budget,
+            max_gaps,
+        }
+    }
+
+    pub(crate) fn rows_ingested(&self) -> u64 {
+        self.rows_ingested.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    fn stream_name(&self, key: &StreamKey) -> String {
+        key.display(&self.info.run_id)
+    }
+
+    fn lost_error(&self, key: &StreamKey, epoch: u64, found_unix_ms: i64) -> ServerError {
+        ServerError::EpochLost {
+            stream: self.stream_name(key),
+            epoch,
+            stopped_before: utc_timestamp(found_unix_ms),
+        }
+    }
+
+    /// Whether `(writer_id, sequence)` was already applied (a cheap check
+    /// before computing a batch's statistics; [`RunState::apply`] decides).
+    pub(crate) fn is_duplicate(&self, dedup: Option<&(String, u64)>) -> bool {
+        let Some((writer, seq)) = dedup else {
+            return false;
+        };
+        let inner = lock(&self.inner);
+        inner
+            .writers
+            .get(writer)
+            .is_some_and(|w| w.is_duplicate(*seq))
+    }
+
+    /// Merges a batch's statistics into the open accumulator of
+    /// `(key, epoch)`, creating it if needed once the epoch's marker is
+    /// durable ([`Applied::NeedsMarker`] until then). Whole or nothing: a
+    /// batch whose sequence would give its writer more gaps than the limit,
+    /// or whose epoch was lost, is rejected before anything is claimed,
+    /// created or merged.
+    pub(crate) fn apply(
+        &self,
+        key: &StreamKey,
+        epoch: u64,
+        batch: &Accumulator,
+        dedup: Option<&(String, u64)>,
+    ) -> Result<Applied, ServerError> {
+        // Step 1: admission under the run lock.
+        let slot = {
+            let mut inner = lock(&self.inner);
+            if self.is_deleted() {
+                return Err(ServerError::RunNotFound(self.info.run_id.clone()));
+            }
+            if let Some((writer, seq)) = dedup {
+                if let Some(w) = inner.writers.get(writer) {
+                    if w.is_duplicate(*seq) {
+                        return Ok(Applied::Duplicate);
+                    }
+                    w.admit(*seq, self.max_gaps)
+                        .map_err(|gaps| ServerError::SequenceGaps {
+                            run_id: self.info.run_id.clone(),
+                            writer_id: writer.clone(),
+                            sequence: *seq,
+                            gaps,
+                            limit: self.max_gaps,
+                        })?;
+                }
+            }
+            let frozen = inner.frozen;
+            let stream = inner.streams.entry(key.clone()).or_default();
+            if let Some(&found) = stream.lost.get(&epoch) {
+                return Err(self.lost_error(key, epoch, found));
+            }
+            if stream.history.contains_key(&epoch) {
+                return Err(ServerError::EpochClosed {
+                    stream: self.stream_name(key),
+                    epoch,
+                    state: "already closed",
+                });
+            }
+            if stream.closing.contains(&epoch) {
+                return Err(ServerError::EpochClosed {
+                    stream: self.stream_name(key),
+                    epoch,
+                    state: "being closed",
+                });
+            }
+            let slot = match stream.open.get(&epoch) {
+                Some(slot) => Arc::clone(slot),
+                None => {
+                    if frozen {
+                        return Err(ServerError::ShuttingDown(
+                            "open accumulators were checkpointed".into(),
+                        ));
+                    }
+                    let needed = self.info.accumulator_bytes();
+                    let marker = stream.marked.entry(epoch).or_default();
+                    if !marker.is_written() {
+                        // Refuse a batch the budget cannot take before a
+                        // marker is written for it (try_reserve decides).
+                        let in_use = self.budget.used();
+                        if in_use.saturating_add(needed) > self.budget.limit() {
+                            return Err(self.budget.refusal(&self.info, needed, in_use));
+                        }
+                        return Ok(Applied::NeedsMarker(marker.clone()));
+                    }
+                    self.budget
+                        .try_reserve(needed)
+                        .map_err(|in_use| self.budget.refusal(&self.info, needed, in_use))?;
+                    // The accumulator now stands for the durable marker.
+                    stream.marked.remove(&epoch);
+                    let acc = Accumulator::new(
+                        self.info.num_classes as usize,
+                        self.info.feature_dim as usize,
+                    );
+                    let slot = Arc::new(EpochSlot::new(acc, needed));
+                    stream.open.insert(epoch, Arc::clone(&slot));
+                    slot
+                }
+            };
+            if let Some((writer, seq)) = dedup {
+                inner.writers.entry(writer.clone()).or_default().claim(*seq);
+            }
+            slot
+        };
+
+        // Step 2: the merge, under the slot lock only.
+        let merged = {
+            let mut guard = lock(&slot.inner);
+            let SlotInner { acc, phase } = &mut *guard;
+            match (phase, acc) {
+                (Phase::Open, Some(acc)) => acc.merge(batch).map_err(ServerError::from),
+                (Phase::Closing, _) => Err(ServerError::EpochClosed {
+                    stream: self.stream_name(key),
+                    epoch,
+                    state: "being closed",
+                }),
+                (Phase::Deleted, _) => Err(ServerError::RunNotFound(self.info.run_id.clone())),
+                _ => Err(ServerError::ShuttingDown(
+                    "open accumulators were checkpointed".into(),
+                )),
+            }
+        };
+
+        // Step 3: settle the claim.
+        if let Some((writer, seq)) = dedup {
+            let mut inner = lock(&self.inner);
+            if let Some(w) = inner.writers.get_mut(writer) {
+                w.settle(*seq, merged.is_ok());
+            }
+        }
+        merged?;
+        let samples = batch.samples();
+        self.rows_ingested.fetch_add(samples, Ordering::Relaxed);
+        Ok(Applied::Merged(samples))
+    }
+
+    /// Takes `(key, epoch)` out of the open set for closing.
+    pub(crate) fn begin_close(&self, key: &StreamKey, epoch: u64) -> Result<Closing, ServerError> {
+        let (slot, previous_vci) = {
+            let mut inner = lock(&self.inner);
+            if self.is_deleted() {
+                return Err(ServerError::RunNotFound(self.info.run_id.clone()));
+            }
+            let name = self.stream_name(key);
+            let Some(stream) = inner.streams.get_mut(key) else {
+                return Err(ServerError::NoOpenEpoch {
+                    stream: name,
+                    epoch,
+                    open: "none".into(),
+                });
+            };
+            if let Some(&found) = stream.lost.get(&epoch) {
+                return Err(self.lost_error(key, epoch, found));
+            }
+            if stream.history.contains_key(&epoch) {
+                return Err(ServerError::EpochClosed {
+                    stream: name,
+                    epoch,
+                    state: "already closed",
+                });
+            }
+            if stream.closing.contains(&epoch) {
+                return Err(ServerError::EpochClosed {
+                    stream: name,
+                    epoch,
+                    state: "being closed",
+                });
+            }
+            let Some(slot) = stream.open.remove(&epoch) else {
+                let open: Vec<String> = stream.open.keys().map(u64::to_string).collect();
+                return Err(ServerError::NoOpenEpoch {
+                    stream: name,
+                    epoch,
+                    open: if open.is_empty() {
+                        "none".into()
+                    } else {
+                        open.join(", ")
+                    },
+                });
+            };
+            stream.closing.insert(epoch);
+            let previous_vci = stream
+                .history
+                .range(..epoch)
+                .next_back()
+                .map(|(_, r)| r.vci);
+            (slot, previous_vci)
+        };
+        let acc = {
+            let mut guard = lock(&slot.inner);
+            guard.phase = Phase::Closing;
+            guard.acc.take()
+        };
+        match acc {
+            Some(acc) => Ok(Closing {
+                key: key.clone(),
+                epoch,
+                slot,
+                acc,
+                previous_vci,
+            }),
+            None => {
+                // Deleted or checkpointed between the two locks.
+                let mut inner = lock(&self.inner);
+                if let Some(stream) = inner.streams.get_mut(key) {
+                    stream.closing.remove(&epoch);
+                }
+                Err(if self.is_deleted() {
+                    ServerError::RunNotFound(self.info.run_id.clone())
+                } else {
+                    ServerError::ShuttingDown("open accumulators were checkpointed".into())
+                })
+            }
+        }
+    }
+
+    /// Puts a closing epoch back into the open set (its metrics or its
+    /// storage failed), so no data is lost; frees it instead when the run
+    /// was deleted meanwhile. Takes the slot lock, then the run lock (the
+    /// allowed order), so a concurrent delete is seen consistently.
+    pub(crate) fn abort_close(&self, closing: Closing) {
+        let Closing {
+            key,
+            epoch,
+            slot,
+            acc,
+            ..
+        } = closing;
+        let mut guard = lock(&slot.inner);
+        let mut inner = lock(&self.inner);
+        if self.is_deleted() {
+            guard.phase = Phase::Deleted;
+            guard.acc = None;
+            self.budget.release(slot.reserved);
+            return;
+        }
+        guard.acc = Some(acc);
+        guard.phase = Phase::Open;
+        let stream = inner.streams.entry(key).or_default();
+        stream.closing.remove(&epoch);
+        stream.open.insert(epoch, Arc::clone(&slot));
+    }
+
+    /// Records the durable result of a closing epoch and frees its memory.
+    pub(crate) fn finish_close(&self, closing: Closing, result: Arc<EpochResult>) {
+        {
+            let mut inner = lock(&self.inner);
+            let stream = inner.streams.entry(closing.key.clone()).or_default();
+            stream.closing.remove(&closing.epoch);
+            stream.history.insert(closing.epoch, result);
+        }
+        let reserved = closing.slot.reserved;
+        drop(closing);
+        self.budget.release(reserved);
+    }
+
+    /// Marks the run deleted and frees every open accumulator.
+    pub(super) fn mark_deleted(&self) {
+        let slots: Vec<Arc<EpochSlot>> = {
+            let mut inner = lock(&self.inner);
+            self.deleted.store(true, Ordering::Release);
+            let slots = inner
+                .streams
+                .values_mut()
+                .flat_map(|s| std::mem::take(&mut s.open).into_values())
+                .collect();
+            inner.streams.clear();
+            inner.writers.clear();
+            slots
+        };
+        for slot in slots {
+            let mut guard = lock(&slot.inner);
+            guard.phase = Phase::Deleted;
+            guard.acc = None;
+            self.budget.release(slot.reserved);
+        }
+    }
+
+    /// Freezes every open accumulator and returns copies of them with the
+    /// epochs being closed and the duplicate filter, for the shutdown
+    /// checkpoint. Later merges and new accumulators fail with UNAVAILABLE,
+    /// so nothing is acknowledged that the checkpoint misses.
+    pub(crate) fn freeze_for_checkpoint(&self) -> FrozenRun {
+        let (slots, closing, writers) = {
+            let mut inner = lock(&self.inner);
+            inner.frozen = true;
+            let closing = inner
+                .streams
+                .iter()
+                .flat_map(|(key, s)| s.closing.iter().map(move |&epoch| (key.clone(), epoch)))
+                .collect();
+            let slots = inner.open_slots();
+            let writers = inner
+                .writers
+                .iter()
+                .map(|(w, state)| (w.clone(), state.applied().clone()))
+                .collect();
+            (slots, closing, writers)
+        };
+        let mut epochs = Vec::new();
+        for (key, epoch, slot) in slots {
+            let mut guard = lock(&slot.inner);
+            if guard.phase == Phase::Open {
+                guard.phase = Phase::Frozen;
+                if let Some(acc) = guard.acc.as_ref() {
+                    epochs.push((key, epoch, acc.clone()));
+                }
+            }
+        }
+        FrozenRun {
+            open: epochs,
+            closing,
+            writers,
+        }
+    }
+
+    /// Restores an open accumulator from a checkpoint.
+    pub(crate) fn restore_open(&self, key: StreamKey, epoch: u64, acc: Accumulator) {
+        let reserved = self.info.accumulator_bytes();
+        self.budget.force_reserve(reserved);
+        let mut inner = lock(&self.inner);
+        let stream = inner.streams.entry(key).or_default();
+        if let Some(old) = stream
+            .open
+            .insert(epoch, Arc::new(EpochSlot::new(acc, reserved)))
+        {
+            self.budget.release(old.reserved);
+        }
+    }
+
+    /// Restores a closed epoch's result.
+    pub(crate) fn restore_result(&self, key: StreamKey, result: Arc<EpochResult>) {
+        let mut inner = lock(&self.inner);
+        inner
+            .streams
+            .entry(key)
+            .or_default()
+            .history
+            .insert(result.epoch, result);
+    }
+
+    /// Remembers an epoch that lost its data (found at start-up at
+    /// `found_unix_ms`): pushes and closes of it are refused from now on.
+    pub(crate) fn restore_lost(&self, key: StreamKey, epoch: u64, found_unix_ms: i64) {
+        let mut inner = lock(&self.inner);
+        inner
+            .streams
+            .entry(key)
+            .or_default()
+            .lost
+            .insert(epoch, found_unix_ms);
+    }
+
+    /// Restores a writer's duplicate filter.
+    pub(crate) fn restore_writer(&self, writer_id: String, applied: SeqSet) {
+        let mut inner = lock(&self.inner);
+        inner
+            .writers
+            .insert(writer_id, WriterState::restored(applied));
+    }
+
+    /// Open epochs with their sample counts, ordered by split, layer, epoch.
+    pub(crate) fn open_epochs(&self) -> Vec<OpenEpoch> {
+        let slots = lock(&self.inner).open_slots();
+        slots
+            .into_iter()
+            .map(|(key, epoch, slot)| OpenEpoch {
+                split: key.split,
+                layer: key.layer,
+                epoch,
+                samples: slot.samples(),
+            })
+            .collect()
+    }
+
+    /// Number of closed epochs over all streams.
+    pub(crate) fn closed_epochs(&self) -> u64 {
+        let inner = lock(&self.inner);
+        inner.streams.values().map(|s| s.history.len() as u64).sum()
+    }
+
+    /// Closed results ordered by split, layer, epoch, optionally filtered.
+    pub(crate) fn history(
+        &self,
+        split: Option<&str>,
+        layer: Option<&str>,
+    ) -> Vec<Arc<EpochResult>> {
+        let inner = lock(&self.inner);
+        inner
+            .streams
+            .iter()
+            .filter(|(key, _)| split.is_none_or(|s| s == key.split))
+            .filter(|(key, _)| layer.is_none_or(|l| l == key.layer))
+            .flat_map(|(_, s)| s.history.values().cloned())
+            .collect()
+    }
+
+    /// The result of the highest closed epoch of every stream.
+    pub(crate) fn latest_results(&self) -> Vec<Arc<EpochResult>> {
+        let inner = lock(&self.inner);
+        inner
+            .streams
+            .values()
+            .filter_map(|s| s.history.values().next_back().cloned())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run of K = 2, d = 1 with a 1 MiB budget (returned to inspect it).
+    fn tiny_run(max_gaps: u64) -> (RunState, Arc<Budget>) {
+        let budget = Arc::new(Budget::new(1 << 20));
+        let info = RunInfo {
+            run_id: "r".into(),
+            num_classes: 2,
+            feature_dim: 1,
+            metadata: BTreeMap::new(),
+            created_unix_ms: 0,
+        };
+        (
+            RunState::new(info, 0, Arc::clone(&budget), max_gaps),
+            budget,
+        )
+    }
+
+    fn train() -> StreamKey {
+        StreamKey {
+            split: "train".into(),
+            layer: "penultimate".into(),
+        }
+    }
+
+    fn one_row(value: f64, label: u32) -> Accumulator {
+        let x = ndarray::Array2::from_elem((1, 1), value);
+        Accumulator::from_batch(x.view(), &[label], 2, crate::stats::Par::Seq).unwrap()
+    }
+
+    /// [`RunState::apply`], writing the epoch marker when asked (as the
+    /// daemon does, minus the disk).
+    fn apply_marked(
+        run: &RunState,
+        key: &StreamKey,
+        epoch: u64,
+        batch: &Accumulator,
+        dedup: Option<&(String, u64)>,
+    ) -> Result<Applied, ServerError> {
+        loop {
+            match run.apply(key, epoch, batch, dedup)? {
+                Applied::NeedsMarker(marker) => futures::executor::block_on(
+                    marker.write_once(|| async { Ok::<(), ServerError>(()) }),
+                )?,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    fn samples_of(run: &RunState) -> u64 {
+        run.open_epochs().iter().map(|o| o.samples).sum()
+    }
+
+    #[test]
+    fn a_new_gap_beyond_the_default_limit_is_rejected_and_changes_nothing() {
+        let limit = crate::server::config::DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER;
+        let (run, budget) = tiny_run(limit);
+        let key = train();
+        let batch = one_row(1.5, 1);
+        let apply = |seq: u64| apply_marked(&run, &key, 0, &batch, Some(&("w".to_owned(), seq)));
+        // Even sequences 0, 2, …, 2·limit: exactly `limit` gaps.
+        for i in 0..=limit {
+            assert_eq!(apply(2 * i).unwrap(), Applied::Merged(1));
+        }
+        let used = budget.used();
+        let next = 2 * limit + 2;
+        match apply(next) {
+            Err(ServerError::SequenceGaps {
+                writer_id,
+                sequence,
+                gaps,
+                limit: l,
+                ..
+            }) => assert_eq!(
+                (writer_id.as_str(), sequence, gaps, l),
+                ("w", next, limit, limit)
+            ),
+            other => panic!("expected SequenceGaps, got {other:?}"),
+        }
+        // Nothing changed: samples, rows, budget, and no claim left behind
+        // (the same sequence is refused again, not called a duplicate).
+        assert_eq!(samples_of(&run), limit + 1);
+        assert_eq!(run.rows_ingested(), limit + 1);
+        assert_eq!(budget.used(), used);
+        assert!(!run.is_duplicate(Some(&("w".to_owned(), next))));
+        assert!(matches!(apply(next), Err(ServerError::SequenceGaps { .. })));
+        // At the limit, duplicates are still recognised...
+        assert_eq!(apply(0).unwrap(), Applied::Duplicate);
+        // ...a late batch filling a remembered gap is applied...
+        assert_eq!(apply(1).unwrap(), Applied::Merged(1));
+        assert_eq!(apply(2 * limit + 1).unwrap(), Applied::Merged(1));
+        // ...which makes room for the refused one; other writers are
+        // unaffected throughout.
+        assert_eq!(apply(next).unwrap(), Applied::Merged(1));
+        assert_eq!(
+            apply_marked(&run, &key, 0, &batch, Some(&("v".to_owned(), 7))).unwrap(),
+            Applied::Merged(1)
+        );
+        assert_eq!(samples_of(&run), limit + 5);
+    }
+
+    #[test]
+    fn a_restored_filter_beyond_a_lowered_limit_is_kept_and_bounded() {
+        // Checkpointed with 3 gaps; restarted with a limit of 1.
+        let (run, _) = tiny_run(1);
+        let key = train();
+        run.restore_writer("w".into(), SeqSet::from_flat(&[0, 0, 2, 2, 4, 4, 6, 6]));
+        let batch = one_row(0.5, 0);
+        let apply = |seq: u64| apply_marked(&run, &key, 0, &batch, Some(&("w".to_owned(), seq)));
+        assert_eq!(apply(4).unwrap(), Applied::Duplicate);
+        assert!(matches!(
+            apply(9),
+            Err(ServerError::SequenceGaps {
+                gaps: 3,
+                limit: 1,
+                ..
+            })
+        ));
+        assert_eq!(apply(7).unwrap(), Applied::Merged(1));
+        assert_eq!(apply(3).unwrap(), Applied::Merged(1));
+        assert_eq!(samples_of(&run), 2);
+    }
+
+    #[test]
+    fn a_new_epoch_waits_for_one_marker_and_a_lost_epoch_is_refused() {
+        let (run, budget) = tiny_run(8);
+        let key = train();
+        let batch = one_row(2.0, 0);
+        // Two ranks open epoch 0 at once: both are told to wait for the
+        // same marker, and nothing is created or counted before it exists.
+        let first = run.apply(&key, 0, &batch, None).unwrap();
+        let second = run.apply(&key, 0, &batch, None).unwrap();
+        let Applied::NeedsMarker(marker) = first else {
+            panic!("expected NeedsMarker, got {first:?}");
+        };
+        assert_eq!(second, Applied::NeedsMarker(marker.clone()));
+        assert!(run.open_epochs().is_empty());
+        assert_eq!((budget.used(), run.rows_ingested()), (0, 0));
+        // One write; the second caller finds it done.
+        let writes = AtomicU64::new(0);
+        for _ in 0..2 {
+            futures::executor::block_on(marker.write_once(|| async {
+                writes.fetch_add(1, Ordering::Relaxed);
+                Ok::<(), ServerError>(())
+            }))
+            .unwrap();
+        }
+        assert_eq!(writes.load(Ordering::Relaxed), 1);
+        for _ in 0..2 {
+            assert_eq!(
+                run.apply(&key, 0, &batch, None).unwrap(),
+                Applied::Merged(1)
+            );
+        }
+        assert_eq!(samples_of(&run), 2);
+
+        // A lost epoch refuses pushes and closes and changes nothing.
+        run.restore_lost(key.clone(), 3, 1_700_000_000_000);
+        let used = budget.used();
+        for err in [
+            run.apply(&key, 3, &batch, None).unwrap_err(),
+            run.begin_close(&key, 3).unwrap_err(),
+        ] {
+            assert_eq!(err.code(), tonic::Code::DataLoss);
+            let text = err.to_string();
+            assert!(
+                text.starts_with("epoch: ")
+                    && text.contains("epoch 3 of stream r/train/penultimate")
+                    && text.contains("2023-11-14T22:13:20Z")
+                    && text.contains("new epoch number"),
+                "{text}"
+            );
+        }
+        assert_eq!((samples_of(&run), budget.used()), (2, used));
+        assert_eq!(run.open_epochs().len(), 1);
+
+        // After the shutdown checkpoint froze the run, no epoch is opened.
+        let frozen = run.freeze_for_checkpoint();
+        assert_eq!(frozen.open.len(), 1);
+        assert!(matches!(
+            run.apply(&key, 4, &batch, None),
+            Err(ServerError::ShuttingDown(_))
+        ));
+    }
+}
