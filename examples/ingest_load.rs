@@ -12,14 +12,15 @@
 //!
 //! What is measured (printed again as a Markdown table at the end):
 //!
-//! - **in-process**: on one thread, decode the same float32 bytes to f64
-//!   (as the server does), `Accumulator::from_batch` and `merge` into one
-//!   accumulator, with the parallelism the server uses for `from_batch`
-//!   (`Par::Seq`: one thread per batch). This is the baseline of the
-//!   "vs in-process" column.
-//! - **in-process, 2 threads**: the same work on two threads with one
-//!   accumulator each, merged at the end: how much a second core really
-//!   adds on this machine (the ceiling for several streams).
+//! - **in-process**: decode the same float32 bytes to f64 (as the server
+//!   does) and fold them in place into one accumulator
+//!   (`Accumulator::fold_batch_with`, one reused `FoldScratch`) with all
+//!   cores in the product, as the daemon folds into an epoch's only shard.
+//!   This is the baseline of the "vs in-process" column.
+//! - **in-process, 2 threads**: the same on two threads with one
+//!   accumulator each (`Par::Seq`), merged at the end, as the daemon folds
+//!   two streams into two shards: how much a second core really adds on
+//!   this machine.
 //! - **stream, c writers**: c concurrent client-streaming `Push` calls into
 //!   the same (run, split, layer, epoch), like data-parallel ranks, each
 //!   sending `batches / c` batches back to back. Rate = rows / wall time from
@@ -38,7 +39,11 @@
 //!   printed next to it.
 //!
 //! Each phase writes a fresh epoch, which is then closed and its sample
-//! count checked, so a silently dropped batch would fail the run. The data
+//! count checked, so a silently dropped batch would fail the run. Before
+//! the close, the daemon's `vcid_accumulator_bytes` (its budget in use: one
+//! accumulator per shard) is read from `/metrics`; the slowest close and
+//! the process's peak RSS (`VmHWM`: daemon and client together, with the
+//! data pool) are printed at the end. The data
 //! pool (16 distinct batches) is generated before timing starts; each sent
 //! message is a clone of a pool batch (a 512 KiB memcpy, included in the
 //! client's cost).
@@ -46,6 +51,7 @@
 //! Performance numbers belong to BENCHMARKS.md, not to tests; this example
 //! is the command behind them.
 
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use faer::linalg::matmul::triangular::{matmul, BlockStructure};
@@ -53,7 +59,7 @@ use faer::{Accum, Mat};
 use ndarray::Array2;
 use vcid::proto::vci_monitor_client::VciMonitorClient;
 use vcid::proto::{CloseEpochRequest, CreateRunRequest, Encoding, FeatureBatch};
-use vcid::stats::{Accumulator, Par};
+use vcid::stats::{Accumulator, FoldScratch, Par};
 use vcid::synthetic::{Split, Synthetic};
 
 const ROWS: usize = 256;
@@ -166,29 +172,28 @@ fn decode(batch: &FeatureBatch) -> Array2<f64> {
     Array2::from_shape_vec((ROWS, dim()), values).expect("pool batches are 256 x d")
 }
 
-/// Rows per second of decode + from_batch + merge on one thread.
+/// Rows per second of decode + fold into one accumulator, with `par` in
+/// the fold's product; and the time per batch of each step.
 fn in_process(
     pool: &[FeatureBatch],
     batches: usize,
     par: Par,
-) -> Result<(f64, [f64; 3]), BoxError> {
+) -> Result<(f64, [f64; 2]), BoxError> {
     let mut acc = Accumulator::new(classes(), dim());
+    let mut scratch = FoldScratch::new();
     // Time per step, to show where a batch's cost lies (three clock reads
     // per batch are negligible next to milliseconds of work).
-    let mut steps = [Duration::ZERO; 3];
+    let mut steps = [Duration::ZERO; 2];
     let start = Instant::now();
     for i in 0..batches {
         let batch = &pool[i % pool.len()];
         let t0 = Instant::now();
         let features = decode(batch);
         let t1 = Instant::now();
-        let stats = Accumulator::from_batch(features.view(), &batch.labels, classes(), par)?;
+        acc.fold_batch_with(features.view(), &batch.labels, &mut scratch, par)?;
         let t2 = Instant::now();
-        acc.merge(&stats)?;
-        let t3 = Instant::now();
         steps[0] += t1 - t0;
         steps[1] += t2 - t1;
-        steps[2] += t3 - t2;
     }
     let secs = start.elapsed().as_secs_f64();
     assert_eq!(acc.samples(), (batches * ROWS) as u64);
@@ -196,9 +201,9 @@ fn in_process(
     Ok(((batches * ROWS) as f64 / secs, per_batch_ms))
 }
 
-/// Rows per second of the same work on `threads` threads, each with its
-/// own accumulator, merged at the end: what the hardware allows when
-/// batches are processed in parallel (the ceiling for several streams).
+/// Rows per second of the same work on `threads` threads, each folding
+/// into its own accumulator with one core, merged at the end (as the
+/// daemon's shards): what the hardware allows for several streams.
 fn in_process_parallel(
     pool: &[FeatureBatch],
     batches: usize,
@@ -211,17 +216,12 @@ fn in_process_parallel(
             .map(|t| {
                 scope.spawn(move || {
                     let mut acc = Accumulator::new(classes(), dim());
+                    let mut scratch = FoldScratch::new();
                     for i in 0..per_thread {
                         let batch = &pool[(t * 7 + i) % pool.len()];
                         let features = decode(batch);
-                        let stats = Accumulator::from_batch(
-                            features.view(),
-                            &batch.labels,
-                            classes(),
-                            Par::Seq,
-                        )
-                        .map_err(|e| e.to_string())?;
-                        acc.merge(&stats).map_err(|e| e.to_string())?;
+                        acc.fold_batch_with(features.view(), &batch.labels, &mut scratch, Par::Seq)
+                            .map_err(|e| e.to_string())?;
                     }
                     Ok(acc)
                 })
@@ -232,13 +232,40 @@ fn in_process_parallel(
             .map(|h| h.join().unwrap_or_else(|_| Err("worker panicked".into())))
             .collect()
     });
-    let mut total = Accumulator::new(classes(), dim());
+    let mut parts = parts.into_iter();
+    let mut total = parts.next().ok_or("no threads")??;
     for part in parts {
         total.merge(&part?)?;
     }
     let secs = start.elapsed().as_secs_f64();
     assert_eq!(total.samples(), (per_thread * threads * ROWS) as u64);
     Ok(total.samples() as f64 / secs)
+}
+
+/// The daemon's `vcid_accumulator_bytes` (budget in use), from `/metrics`.
+fn accumulator_bytes(http: std::net::SocketAddr) -> Result<u64, BoxError> {
+    let mut conn = std::net::TcpStream::connect(http)?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("vcid_accumulator_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| "no vcid_accumulator_bytes in /metrics".into())
+}
+
+/// Peak resident set of this process (daemon and client), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }
 
 /// c long-lived Push streams into one epoch; returns rows/s.
@@ -318,7 +345,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx]
 }
 
-async fn close_and_check(client: &Client, epoch: u64, rows: u64) -> Result<(), BoxError> {
+/// Closes `epoch`, checks its samples; returns the close's wall time.
+async fn close_and_check(client: &Client, epoch: u64, rows: u64) -> Result<Duration, BoxError> {
+    let started = Instant::now();
     let result = client
         .clone()
         .close_epoch(CloseEpochRequest {
@@ -336,7 +365,7 @@ async fn close_and_check(client: &Client, epoch: u64, rows: u64) -> Result<(), B
         )
         .into());
     }
-    Ok(())
+    Ok(started.elapsed())
 }
 
 /// The f64 syrk ceiling measured now: faer's lower-triangular XᵀX of a
@@ -388,9 +417,11 @@ async fn main() -> Result<(), BoxError> {
         })
         .await?;
     let pool = pool();
-    // The parallelism the server uses for a batch's statistics
-    // (`Daemon::ingest`): one thread per batch, batches in parallel.
-    let par = Par::Seq;
+    // The parallelism of the daemon's fold into an epoch's only shard.
+    let par = Par::rayon(0);
+    let http = server.http_addr();
+    let per_accumulator = Accumulator::estimated_bytes(classes() as u64, dim() as u64)
+        .ok_or("accumulator size overflows")?;
     println!(
         "ingest_load: {ROWS} x {} float32 batches ({} KiB), K={}, {} batches per phase, best of {} rounds, server at {addr}",
         dim(),
@@ -409,7 +440,9 @@ async fn main() -> Result<(), BoxError> {
 
     let mut best_inproc = 0f64;
     let mut best_inproc2 = 0f64;
-    let mut best_steps = [0f64; 3];
+    let mut best_steps = [0f64; 2];
+    let mut slowest_close = Duration::ZERO;
+    let mut most_shards = 0u64;
     let mut best_stream = vec![0f64; opts.writers.len()];
     let mut best_calls = vec![(0f64, Duration::ZERO, Duration::ZERO); opts.writers.len()];
     let mut ceiling = (0f64, 0f64);
@@ -433,25 +466,30 @@ async fn main() -> Result<(), BoxError> {
         for (i, &writers) in opts.writers.iter().enumerate() {
             epoch += 1;
             let rate = streaming(&client, &pool, writers, opts.batches, epoch).await?;
-            close_and_check(
+            let shards = accumulator_bytes(http)? / per_accumulator;
+            most_shards = most_shards.max(shards);
+            let close = close_and_check(
                 &client,
                 epoch,
                 ((opts.batches / writers) * writers * ROWS) as u64,
             )
             .await?;
+            slowest_close = slowest_close.max(close);
             best_stream[i] = best_stream[i].max(rate);
 
             epoch += 1;
             let (call_rate, mut lat) =
                 one_batch_calls(&client, &pool, writers, opts.batches / 2, epoch).await?;
-            close_and_check(&client, epoch, (lat.len() * ROWS) as u64).await?;
+            let close = close_and_check(&client, epoch, (lat.len() * ROWS) as u64).await?;
+            slowest_close = slowest_close.max(close);
             lat.sort();
             let (p50, p99) = (percentile(&lat, 0.50), percentile(&lat, 0.99));
             if best_calls[i].0 == 0.0 || p99 < best_calls[i].2 {
                 best_calls[i] = (call_rate, p50, p99);
             }
             println!(
-                "round {round}: {writers} stream(s) {rate:.0} rows/s; one-batch calls {call_rate:.0} rows/s, p50 {:.2} ms, p99 {:.2} ms",
+                "round {round}: {writers} stream(s) {rate:.0} rows/s ({:.0}% of this round's ceiling, {shards} shard(s)); one-batch calls {call_rate:.0} rows/s, p50 {:.2} ms, p99 {:.2} ms",
+                100.0 * rate / measured.1,
                 p50.as_secs_f64() * 1e3,
                 p99.as_secs_f64() * 1e3
             );
@@ -467,12 +505,12 @@ async fn main() -> Result<(), BoxError> {
     println!("| mode | writers | rows/s | MB/s | vs in-process | vs syrk ceiling (rows/s) | p50 batch latency | p99 batch latency |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| in-process decode + from_batch + merge | 1 thread | {best_inproc:.0} | {:.1} | 100% | {} | | |",
+        "| in-process decode + fold (one shard) | 1 stream | {best_inproc:.0} | {:.1} | 100% | {} | | |",
         mb_per_s(best_inproc),
         of_ceiling(best_inproc)
     );
     println!(
-        "| in-process, 2 threads in parallel (hardware ceiling) | 2 threads | {best_inproc2:.0} | {:.1} | {:.0}% | {} | | |",
+        "| in-process, 2 threads folding 2 accumulators | 2 threads | {best_inproc2:.0} | {:.1} | {:.0}% | {} | | |",
         mb_per_s(best_inproc2),
         100.0 * best_inproc2 / best_inproc,
         of_ceiling(best_inproc2)
@@ -497,17 +535,24 @@ async fn main() -> Result<(), BoxError> {
     }
     println!();
     println!(
-        "in-process time per batch (best round): decode {:.3} ms, from_batch {:.3} ms, merge {:.3} ms",
-        best_steps[0], best_steps[1], best_steps[2]
+        "in-process time per batch (best round): decode {:.3} ms, fold {:.3} ms",
+        best_steps[0], best_steps[1]
     );
-    if let Some(i) = opts.writers.iter().position(|&w| w == 2) {
-        let ratio = best_stream[i] / best_inproc;
-        println!();
-        println!(
-            "target: 2 streams >= 60% of in-process: {:.0}% -> {}",
-            100.0 * ratio,
-            if ratio >= 0.6 { "met" } else { "MISSED" }
-        );
+    println!(
+        "slowest close: {:.3} s; most shards of an epoch: {most_shards} ({} bytes each); peak RSS of this process (daemon + client + data pool): {}",
+        slowest_close.as_secs_f64(),
+        per_accumulator,
+        peak_rss_mib().map_or("unknown".into(), |m| format!("{m:.0} MiB")),
+    );
+    for (i, &writers) in opts.writers.iter().enumerate() {
+        if writers == 2 || writers == 4 {
+            let share = best_stream[i] / ceiling.1;
+            println!(
+                "target: {writers} streams >= 75% of the f64 syrk ceiling: {:.0}% -> {}",
+                100.0 * share,
+                if share >= 0.75 { "met" } else { "MISSED" }
+            );
+        }
     }
 
     server.stop().await?;

@@ -155,6 +155,25 @@ impl Accumulator {
         Ok(acc)
     }
 
+    /// Checks a batch without folding it: what [`Accumulator::fold_batch_with`]
+    /// would refuse (shape, label count, a label outside `[0, num_classes)`,
+    /// the first NaN or infinite value), with the same error. Lets a caller
+    /// refuse a batch before it changes any state of its own.
+    pub fn check_batch(
+        features: ArrayView2<'_, f64>,
+        labels: &[u32],
+        num_classes: usize,
+    ) -> Result<(), StatsError> {
+        validate_batch(features, labels, num_classes)?;
+        match features
+            .indexed_iter()
+            .find(|(_, value)| !value.is_finite())
+        {
+            Some(((row, column), &value)) => Err(StatsError::NonFinite { row, column, value }),
+            None => Ok(()),
+        }
+    }
+
     /// [`Accumulator::fold_batch_with`] with scratch buffers of its own
     /// (allocated for this one call).
     pub fn fold_batch(
