@@ -125,7 +125,7 @@ impl RequireToken {
     }
 
     /// Checks an `authorization` header value.
-    fn check(&self, header: Option<&[u8]>) -> Result<(), ServerError> {
+    pub(crate) fn check(&self, header: Option<&[u8]>) -> Result<(), ServerError> {
         let Some(token) = &self.token else {
             return Ok(());
         };

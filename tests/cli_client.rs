@@ -5,6 +5,8 @@
 //! client, and what the binary prints is checked against what the server
 //! returns over gRPC.
 
+mod web_support;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -16,6 +18,7 @@ use vcid::proto::{
     GetRunRequest,
 };
 use vcid::server::{spawn, ServeConfig, ServerHandle};
+use web_support::three_classes;
 
 type Client = VciMonitorClient<tonic::transport::Channel>;
 
@@ -89,22 +92,6 @@ async fn close(client: &mut Client, run: &str, split: &str, epoch: u64) -> Epoch
         .await
         .unwrap()
         .into_inner()
-}
-
-/// 12 rows of K = 3 classes in d = 2 with some within-class spread; the
-/// `shrink` factor scales that spread (smaller: more collapsed).
-fn three_classes(shrink: f32) -> (Vec<f32>, Vec<u32>) {
-    let centres = [(0.0f32, 0.0f32), (4.0, 0.0), (0.0, 4.0)];
-    let offsets = [(1.0f32, 0.5f32), (-1.0, 0.3), (0.4, -1.0), (-0.4, 0.2)];
-    let mut features = Vec::new();
-    let mut labels = Vec::new();
-    for (k, (cx, cy)) in centres.iter().enumerate() {
-        for (ox, oy) in offsets {
-            features.extend([cx + shrink * ox, cy + shrink * oy]);
-            labels.push(k as u32);
-        }
-    }
-    (features, labels)
 }
 
 /// Run "alpha" (K=3, d=2): train epochs 0 and 1 closed, val epoch 0 closed
@@ -187,11 +174,20 @@ async fn runs_lists_every_run_with_its_counts() {
     // alpha: K 3, d 2, 12+12+3+12 rows, 1 open epoch, 3 closed.
     assert_eq!(
         row(&table, &["alpha"]),
-        ["alpha", "3", "2", "39", "1", "3", "dataset=toy,model=mlp"]
+        [
+            "alpha",
+            "3",
+            "2",
+            "39",
+            "1",
+            "3",
+            "running",
+            "dataset=toy,model=mlp"
+        ]
     );
     assert_eq!(
         row(&table, &["beta"]),
-        ["beta", "2", "5", "0", "0", "0", "-"]
+        ["beta", "2", "5", "0", "0", "0", "running", "-"]
     );
 
     // The address without scheme works as well, and JSON matches GetRun.
@@ -369,7 +365,7 @@ async fn delete_removes_the_run_and_says_what_it_held() {
     assert!(!table.lines().any(|l| l.starts_with("alpha")), "{table}");
     assert_eq!(
         row(&table, &["beta"]),
-        ["beta", "2", "5", "0", "0", "0", "-"]
+        ["beta", "2", "5", "0", "0", "0", "running", "-"]
     );
     let status = client
         .get_run(GetRunRequest {

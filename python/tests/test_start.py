@@ -19,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def test_a_monitor_starts_a_daemon_a_rerun_appends_and_vcid_stop_ends_it(isolate
     started = [line for line in err.splitlines() if "started a local daemon" in line]
     assert len(started) == 1, err
     assert f"gRPC {env['VCID_ADDR']}" in started[0]
-    assert f"metrics http://{env['VCID_HTTP_ADDR']}/metrics" in started[0]
+    assert f"web view http://{env['VCID_HTTP_ADDR']}/" in started[0]
 
     # The daemon outlived the script; its file says where it is.
     info = _daemon_file(isolated["data_dir"])
@@ -359,13 +360,25 @@ def test_the_readme_snippet_works_on_a_fresh_machine(isolated):
     assert len(snippet.strip().splitlines()) <= 12
     script = isolated["script"].with_name("readme.py")
     script.write_text(snippet)
-    runs = []
+    runs, logs = [], []
     for _ in range(2):
         proc = subprocess.run([sys.executable, str(script)], env=isolated["env"],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         runs.append([line.split() for line in proc.stdout.splitlines()])
+        logs.append(proc.stderr)
     assert [int(e) for e, _ in runs[0]] == [0, 1, 2, 3, 4]
     assert [int(e) for e, _ in runs[1]] == [5, 6, 7, 8, 9]
     vci = [float(v) for _, v in runs[0]]
     assert vci == sorted(vci, reverse=True) and vci[0] > 0.5 and vci[-1] < 0.15
+    # The first run's log line gives the web view's address; the page is
+    # there and its data holds every printed epoch.
+    web = f"http://{isolated['env']['VCID_HTTP_ADDR']}/"
+    assert f"web view {web}" in logs[0]
+    with urllib.request.urlopen(web, timeout=10) as page:
+        assert page.status == 200 and "<html" in page.read().decode().lower()
+    with urllib.request.urlopen(web + "api/v1/runs/readme/history", timeout=10) as reply:
+        history = json.load(reply)["results"]
+    assert [r["epoch"] for r in history] == list(range(10))
+    printed = [float(v) for run in runs for _, v in run]
+    assert [round(r["vci"], 3) for r in history] == printed

@@ -23,6 +23,7 @@ use crate::proto::{
     DeleteRunRequest, EpochResult, GetHistoryRequest, GetRunRequest, ListRunsRequest, Run,
 };
 use crate::server::config::DEFAULT_GRPC_ADDR;
+use crate::server::web::format::{self, history_csv, run_json};
 
 /// How long to wait for the TCP/HTTP2 handshake before saying the server is
 /// unreachable; a local daemon answers in milliseconds.
@@ -107,6 +108,18 @@ pub enum Format {
     Json,
 }
 
+/// Output format of `vcid history`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HistoryFormat {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON document for scripts.
+    Json,
+    /// CSV with a header row, one row per epoch result (as the HTTP API's
+    /// `history?format=csv`).
+    Csv,
+}
+
 /// Where the daemon is and how to authenticate; shared by the client
 /// subcommands.
 #[derive(Debug, Clone, clap::Args)]
@@ -153,8 +166,8 @@ pub struct HistoryArgs {
     #[arg(long)]
     pub layer: Option<String>,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Table)]
-    pub format: Format,
+    #[arg(long, value_enum, default_value_t = HistoryFormat::Table)]
+    pub format: HistoryFormat,
     #[command(flatten)]
     pub connect: ConnectArgs,
 }
@@ -169,7 +182,8 @@ pub struct DeleteArgs {
     pub connect: ConnectArgs,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+/// A single-threaded runtime for one client command.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -195,31 +209,48 @@ pub fn runs(args: RunsArgs) -> Result<(), CliError> {
     super::emit(&text)
 }
 
-/// Runs `vcid history RUN`.
-pub fn history(args: HistoryArgs) -> Result<(), CliError> {
-    let auth = args.connect.auth()?;
-    let addr = args.connect.addr.clone();
+/// The epoch results of `run` (`GetHistory`), optionally of one split
+/// and layer.
+pub fn fetch_history(
+    connect_args: &ConnectArgs,
+    run: &str,
+    split: Option<&str>,
+    layer: Option<&str>,
+) -> Result<Vec<EpochResult>, CliError> {
+    let auth = connect_args.auth()?;
+    let addr = connect_args.addr.clone();
     let request = GetHistoryRequest {
-        run_id: args.run.clone(),
-        split: args.split.clone().unwrap_or_default(),
-        layer: args.layer.clone().unwrap_or_default(),
+        run_id: run.to_owned(),
+        split: split.unwrap_or_default().to_owned(),
+        layer: layer.unwrap_or_default().to_owned(),
     };
-    let results = runtime()?.block_on(async {
+    runtime()?.block_on(async {
         let mut client = connect(&addr, auth).await?;
         client
             .get_history(request)
             .await
             .map(|reply| reply.into_inner().results)
-            .map_err(|status| status_error(&status, &addr, Some(&args.run)))
-    })?;
+            .map_err(|status| status_error(&status, &addr, Some(run)))
+    })
+}
+
+/// Runs `vcid history RUN`.
+pub fn history(args: HistoryArgs) -> Result<(), CliError> {
+    let results = fetch_history(
+        &args.connect,
+        &args.run,
+        args.split.as_deref(),
+        args.layer.as_deref(),
+    )?;
     let text = match args.format {
-        Format::Table if results.is_empty() => format!(
+        HistoryFormat::Table if results.is_empty() => format!(
             "run {:?} has no closed epochs{}\n",
             args.run,
             filter_text(&args.split, &args.layer)
         ),
-        Format::Table => render_history(&results),
-        Format::Json => history_json(&args.run, &results),
+        HistoryFormat::Table => render_history(&results),
+        HistoryFormat::Json => history_json_text(&args.run, &results),
+        HistoryFormat::Csv => history_csv(&results),
     };
     super::emit(&text)
 }
@@ -381,6 +412,7 @@ pub fn render_runs(runs: &[Run]) -> String {
         ("ROWS", true),
         ("OPEN", true),
         ("CLOSED", true),
+        ("STATE", false),
         ("METADATA", false),
     ]);
     let mut runs: Vec<&Run> = runs.iter().collect();
@@ -393,6 +425,7 @@ pub fn render_runs(runs: &[Run]) -> String {
             run.rows_ingested.to_string(),
             run.open_epochs.len().to_string(),
             run.closed_epochs.to_string(),
+            if run.finished { "finished" } else { "running" }.into(),
             fmt_metadata(run),
         ]);
     }
@@ -400,26 +433,7 @@ pub fn render_runs(runs: &[Run]) -> String {
 }
 
 fn runs_json(runs: &[Run]) -> String {
-    let runs: Vec<serde_json::Value> = runs
-        .iter()
-        .map(|run| {
-            serde_json::json!({
-                "run_id": run.run_id,
-                "num_classes": run.num_classes,
-                "feature_dim": run.feature_dim,
-                "metadata": run.metadata,
-                "created_unix_ms": run.created_unix_ms,
-                "rows_ingested": run.rows_ingested,
-                "closed_epochs": run.closed_epochs,
-                "open_epochs": run.open_epochs.iter().map(|open| serde_json::json!({
-                    "split": open.split,
-                    "layer": open.layer,
-                    "epoch": open.epoch,
-                    "samples": open.samples,
-                })).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
+    let runs: Vec<serde_json::Value> = runs.iter().map(|run| run_json(run, None)).collect();
     let mut text = serde_json::to_string_pretty(&serde_json::json!({ "runs": runs }))
         .unwrap_or_else(|err| format!("{{\"error\": \"{err}\"}}"));
     text.push('\n');
@@ -479,35 +493,8 @@ pub fn render_history(results: &[EpochResult]) -> String {
     text
 }
 
-/// One epoch result as JSON; undefined metrics are `null`.
-pub fn result_json(r: &EpochResult) -> serde_json::Value {
-    let mut doc = serde_json::json!({
-        "run_id": r.run_id,
-        "split": r.split,
-        "layer": r.layer,
-        "epoch": r.epoch,
-        "samples": r.samples,
-        "classes_observed": r.classes_observed,
-        "feature_dim": r.feature_dim,
-        "rank_total": r.rank_total,
-        "rank_between": r.rank_between,
-        "small_sample": r.small_sample,
-        "notes": r.notes,
-        "close_seconds": r.close_seconds,
-        "closed_unix_ms": r.closed_unix_ms,
-    });
-    for m in METRICS {
-        doc[m.name] = serde_json::json!((m.get)(r));
-    }
-    doc
-}
-
-fn history_json(run: &str, results: &[EpochResult]) -> String {
-    let doc = serde_json::json!({
-        "run_id": run,
-        "results": results.iter().map(result_json).collect::<Vec<_>>(),
-    });
-    let mut text = serde_json::to_string_pretty(&doc)
+fn history_json_text(run: &str, results: &[EpochResult]) -> String {
+    let mut text = serde_json::to_string_pretty(&format::HistoryJson::new(run, results))
         .unwrap_or_else(|err| format!("{{\"error\": \"{err}\"}}"));
     text.push('\n');
     text

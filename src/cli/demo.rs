@@ -68,11 +68,12 @@ pub struct DemoArgs {
     /// loopback port).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub grpc_addr: SocketAddr,
-    /// HTTP (/metrics) listen address of the in-process daemon (default: an
-    /// ephemeral loopback port).
+    /// HTTP (web view, /metrics) listen address of the in-process daemon
+    /// (default: an ephemeral loopback port).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub http_addr: SocketAddr,
-    /// Keep the daemon and /metrics up after the last epoch, until Ctrl-C.
+    /// Keep the daemon, its web view and /metrics up after the last epoch,
+    /// until Ctrl-C.
     #[arg(long)]
     pub serve: bool,
 }
@@ -160,6 +161,7 @@ async fn run_async(args: DemoArgs) -> Result<(), CliError> {
 async fn serve_until_ctrl_c(args: &DemoArgs, daemon: &daemon::Daemon) -> Result<(), CliError> {
     println!();
     println!("the daemon stays up until Ctrl-C:");
+    println!("  web view http://{}/", daemon.http_addr());
     println!("  gRPC     http://{}", daemon.grpc_addr());
     println!("  metrics  http://{}/metrics", daemon.http_addr());
     println!(
@@ -224,6 +226,10 @@ async fn play(args: &DemoArgs, daemon: &daemon::Daemon) -> Result<(), CliError> 
     println!(
         "vcid demo: run {:?}, K={} classes, d={}, {} train + {} val rows per epoch, {} train writers",
         args.run_id, args.classes, args.dim, args.train_rows, args.val_rows, args.writers
+    );
+    println!(
+        "web view: http://{}/  (live charts per epoch; open it now to watch the curves fill in)",
+        daemon.http_addr()
     );
     println!(
         "daemon: gRPC http://{}  metrics http://{}/metrics",

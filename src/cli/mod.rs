@@ -16,6 +16,8 @@ use crate::auth::BearerToken;
 mod client;
 mod compute;
 mod demo;
+mod finish;
+mod plot;
 mod serve;
 mod stop;
 
@@ -93,6 +95,11 @@ enum Command {
     /// Delete a run of a running daemon: its open epochs, history and
     /// exported series (no prompt, no undo).
     Delete(client::DeleteArgs),
+    /// Mark a run finished: it keeps its history and series, takes no more
+    /// pushes, and the stall alert ignores it.
+    Finish(finish::FinishArgs),
+    /// Draw one metric of a run over epochs into an SVG or PNG file.
+    Plot(plot::PlotArgs),
     /// Stop the daemon that serves a data directory (by default the one a
     /// Python `vcid.Monitor` starts by itself): SIGTERM, then wait for its
     /// graceful shutdown.
@@ -148,6 +155,8 @@ where
         Command::Runs(args) => client::runs(args),
         Command::History(args) => client::history(args),
         Command::Delete(args) => client::delete(args),
+        Command::Finish(args) => finish::run(args),
+        Command::Plot(args) => plot::run(args),
         Command::Stop(args) => stop::run(args),
     });
     match outcome {

@@ -43,6 +43,11 @@ pub struct Metric {
     pub direction: &'static str,
     /// Header of its column in `vcid history`.
     pub column: &'static str,
+    /// Axis label for people (the web view's selector, `vcid plot`).
+    pub label: &'static str,
+    /// Whether charts default to a logarithmic y axis (metrics that span
+    /// orders of magnitude).
+    pub log_scale: bool,
     /// Where the value comes from.
     pub source: Source,
     /// Reads it from a result.
@@ -80,6 +85,8 @@ pub const METRICS: &[Metric] = &[
         range: "[0, 1]",
         direction: "lower = more collapsed; 0 = complete collapse",
         column: "VCI",
+        label: "VCI",
+        log_scale: false,
         source: Source::Epoch(|m| m.vci),
         get: |r| r.vci,
         set: |r, v| r.vci = v,
@@ -91,6 +98,8 @@ pub const METRICS: &[Metric] = &[
         range: "[0, 1 − Σ_k p_k²]",
         direction: "lower = more collapsed",
         column: "PROBE_MSE",
+        label: "linear-probe MSE",
+        log_scale: false,
         source: Source::Epoch(|m| m.linear_probe_mse),
         get: |r| r.linear_probe_mse,
         set: |r, v| r.linear_probe_mse = v,
@@ -102,6 +111,8 @@ pub const METRICS: &[Metric] = &[
         range: "≥ 0",
         direction: "lower = more collapsed",
         column: "NC1",
+        label: "NC1",
+        log_scale: true,
         source: Source::Epoch(|m| m.nc1),
         get: |r| r.nc1,
         set: |r, v| r.nc1 = v,
@@ -113,6 +124,8 @@ pub const METRICS: &[Metric] = &[
         range: "≥ 0",
         direction: "lower = more collapsed",
         column: "CDNV",
+        label: "CDNV",
+        log_scale: true,
         source: Source::Epoch(|m| m.cdnv),
         get: |r| r.cdnv,
         set: |r, v| r.cdnv = v,
@@ -124,6 +137,8 @@ pub const METRICS: &[Metric] = &[
         range: "[0, 1]",
         direction: "higher = more collapsed",
         column: "CLASS_SEP",
+        label: "class separation",
+        log_scale: false,
         source: Source::Epoch(|m| m.class_separation),
         get: |r| r.class_separation,
         set: |r, v| r.class_separation = v,
@@ -135,6 +150,8 @@ pub const METRICS: &[Metric] = &[
         range: "≥ 0",
         direction: "lower = closer to equal norms",
         column: "EQUINORM",
+        label: "equinorm",
+        log_scale: false,
         source: Source::Epoch(|m| m.equinorm),
         get: |r| r.equinorm,
         set: |r, v| r.equinorm = v,
@@ -146,6 +163,8 @@ pub const METRICS: &[Metric] = &[
         range: "[0, 1]",
         direction: "lower = closer to equal angles",
         column: "EQUIANG",
+        label: "equiangularity",
+        log_scale: false,
         source: Source::Epoch(|m| m.equiangularity),
         get: |r| r.equiangularity,
         set: |r, v| r.equiangularity = v,
@@ -157,6 +176,8 @@ pub const METRICS: &[Metric] = &[
         range: "[1, rank(Σ_T)]",
         direction: "lower = fewer dimensions in use",
         column: "EFF_RANK",
+        label: "effective rank",
+        log_scale: false,
         source: Source::Epoch(|m| m.effective_rank),
         get: |r| r.effective_rank,
         set: |r, v| r.effective_rank = v,
@@ -168,11 +189,27 @@ pub const METRICS: &[Metric] = &[
         range: "[−1, 1]",
         direction: "negative = collapsing further",
         column: "VCI_DELTA",
+        label: "VCI change per epoch",
+        log_scale: false,
         source: Source::Change,
         get: |r| r.vci_delta,
         set: |r, v| r.vci_delta = v,
     },
 ];
+
+/// The metric called `name`.
+pub fn metric(name: &str) -> Option<&'static Metric> {
+    METRICS.iter().find(|m| m.name == name)
+}
+
+/// The names of [`METRICS`], comma-separated (for error messages).
+pub fn metric_names() -> String {
+    METRICS
+        .iter()
+        .map(|m| m.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// The metrics of one epoch's own statistics (all but the changes), the
 /// ones [`compute`](super::compute) fills.

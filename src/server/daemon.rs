@@ -92,11 +92,13 @@ impl ApplyJob {
     }
 }
 
-/// What `Watch` subscribers receive.
+/// What `Watch` subscribers (and the web view's event stream) receive.
 #[derive(Clone, Debug)]
 pub enum WatchEvent {
     /// A new epoch result.
     Result(Arc<EpochResult>),
+    /// A run was created or finished (its state after the change).
+    RunChanged(Arc<Run>),
     /// The run was deleted: its watchers end.
     RunDeleted(String),
 }
@@ -195,7 +197,11 @@ impl Daemon {
                 metadata: run.metadata.into_iter().collect(),
                 created_unix_ms: run.created_unix_ms,
             };
-            state.insert(state.new_run(info, run.rows_ingested));
+            let restored = state.new_run(info, run.rows_ingested);
+            if run.finished {
+                restored.set_finished(Some(run.finished_unix_ms));
+            }
+            state.insert(restored);
         }
         for result in restored.results {
             let Some(run) = state.find(&result.run_id) else {
@@ -307,7 +313,10 @@ impl Daemon {
 
     /// The stored form of a run (no volatile fields).
     fn run_record(run: &RunState) -> Run {
+        let finished = run.finished_unix_ms();
         Run {
+            finished: finished.is_some(),
+            finished_unix_ms: finished.unwrap_or(0),
             run_id: run.info.run_id.clone(),
             num_classes: run.info.num_classes,
             feature_dim: run.info.feature_dim,
@@ -369,7 +378,35 @@ impl Daemon {
         blocking(move || store.put_run(&record)).await??;
         self.state.insert(Arc::clone(&run));
         tracing::info!(run = %run.info.run_id, k = run.info.num_classes, d = run.info.feature_dim, "run created");
-        Ok(self.run_proto(&run))
+        let created = self.run_proto(&run);
+        let _ = self
+            .events
+            .send(WatchEvent::RunChanged(Arc::new(created.clone())));
+        Ok(created)
+    }
+
+    /// `FinishRun`: durable before it returns; a no-op for a finished run.
+    pub async fn finish_run(&self, run_id: &str) -> Result<Run, ServerError> {
+        let _admin = self.admin.lock().await;
+        let run = self.state.get(run_id)?;
+        if !run.finish(now_unix_ms())? {
+            return Ok(self.run_proto(&run));
+        }
+        let record = Self::run_record(&run);
+        let store = self.store.clone();
+        if let Err(err) = blocking(move || store.put_run(&record))
+            .await
+            .and_then(|stored| stored.map_err(ServerError::from))
+        {
+            run.set_finished(None);
+            return Err(err);
+        }
+        tracing::info!(run = %run_id, "run finished");
+        let finished = self.run_proto(&run);
+        let _ = self
+            .events
+            .send(WatchEvent::RunChanged(Arc::new(finished.clone())));
+        Ok(finished)
     }
 
     /// `GetRun`.
@@ -610,6 +647,17 @@ impl Daemon {
                 .map(|r| (**r).clone())
                 .collect(),
         })
+    }
+
+    /// The result of the highest closed epoch of every stream of a run.
+    pub fn latest_results(&self, run_id: &str) -> Result<Vec<Arc<EpochResult>>, ServerError> {
+        Ok(self.state.get(run_id)?.latest_results())
+    }
+
+    /// A receiver of every future event of every run (callers filter);
+    /// the web view's event stream.
+    pub fn subscribe_all(&self) -> broadcast::Receiver<WatchEvent> {
+        self.events.subscribe()
     }
 
     /// A receiver of every future result and deletion (callers filter).

@@ -63,6 +63,23 @@ pub enum ServerError {
         state: &'static str,
     },
 
+    /// Push or close for a run that `FinishRun` marked finished
+    /// (FAILED_PRECONDITION).
+    #[error(
+        "run_id: expected a run that is not finished, received {run_id:?}, which was marked \
+         finished at {finished_at} (FinishRun) and takes no more pushes or closes. Nothing was \
+         applied; continue under a new run"
+    )]
+    RunFinished { run_id: String, finished_at: String },
+
+    /// `FinishRun` while epochs are open or being closed
+    /// (FAILED_PRECONDITION).
+    #[error(
+        "run_id: expected a run without open epochs to finish, received {run_id:?}, which has \
+         open epochs ({open}). Close them (CloseEpoch) first, or delete the run"
+    )]
+    OpenEpochsAtFinish { run_id: String, open: String },
+
     /// Close for an epoch that never received data (FAILED_PRECONDITION).
     #[error("epoch: expected an open epoch of stream {stream} (open: {open}), received {epoch}")]
     NoOpenEpoch {
@@ -201,7 +218,9 @@ impl ServerError {
             ServerError::RunConflict { .. } => Code::AlreadyExists,
             ServerError::EpochClosed { .. }
             | ServerError::NoOpenEpoch { .. }
-            | ServerError::SequenceGaps { .. } => Code::FailedPrecondition,
+            | ServerError::SequenceGaps { .. }
+            | ServerError::RunFinished { .. }
+            | ServerError::OpenEpochsAtFinish { .. } => Code::FailedPrecondition,
             ServerError::BudgetExceeded { .. }
             | ServerError::TooManyRows { .. }
             | ServerError::MessageTooLarge { .. } => Code::ResourceExhausted,
@@ -230,6 +249,9 @@ impl ServerError {
                 Reason::EpochClosed
             }
             ServerError::SequenceGaps { .. } => Reason::SequenceGaps,
+            ServerError::RunFinished { .. } | ServerError::OpenEpochsAtFinish { .. } => {
+                Reason::RunFinished
+            }
             ServerError::EpochLost { .. } => Reason::EpochLost,
             ServerError::BudgetExceeded { .. } => Reason::MemoryBudget,
             ServerError::TooManyRows { .. } | ServerError::MessageTooLarge { .. } => {
@@ -328,7 +350,14 @@ impl ServerError {
                 *max as u64,
             )),
             ServerError::PushAborted { source, .. } => source.detail(),
+            ServerError::RunFinished {
+                run_id,
+                finished_at,
+            } => Some(
+                ResourceInfo::new("run", run_id, "", format!("finished at {finished_at}")).into(),
+            ),
             ServerError::EpochClosed { .. }
+            | ServerError::OpenEpochsAtFinish { .. }
             | ServerError::NoOpenEpoch { .. }
             | ServerError::EpochLost { .. }
             | ServerError::SequenceGaps { .. }
@@ -392,6 +421,8 @@ reasons! {
     EpochClosed => "epoch_closed",
     /// Too many gaps in a writer's sequence numbers (FAILED_PRECONDITION).
     SequenceGaps => "sequence_gaps",
+    /// A push or an epoch of a run marked finished (FAILED_PRECONDITION).
+    RunFinished => "run_finished",
     /// An epoch whose statistics died with the daemon (DATA_LOSS).
     EpochLost => "epoch_lost",
     /// The accumulator memory budget (RESOURCE_EXHAUSTED).

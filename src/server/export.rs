@@ -237,6 +237,14 @@ const ROWS_INGESTED: StateSeries = StateSeries {
     kind: MetricType::COUNTER,
     labels: &["run"],
 };
+/// 1 for a run marked finished (FinishRun), 0 otherwise: stall alerts
+/// ignore finished runs with `unless on (run) (vcid_run_finished == 1)`.
+const RUN_FINISHED: StateSeries = StateSeries {
+    name: "vcid_run_finished",
+    help: "1 if the run was marked finished (FinishRun): it takes no more data.",
+    kind: MetricType::GAUGE,
+    labels: &["run"],
+};
 const RUNS: StateSeries = StateSeries {
     name: "vcid_runs",
     help: "Runs registered in the daemon.",
@@ -255,8 +263,14 @@ const BUILD_INFO: StateSeries = StateSeries {
     kind: MetricType::GAUGE,
     labels: &["version"],
 };
-const STATE_SERIES: [StateSeries; 5] =
-    [RUN_INFO, ROWS_INGESTED, RUNS, ACCUMULATOR_BYTES, BUILD_INFO];
+const STATE_SERIES: [StateSeries; 6] = [
+    RUN_INFO,
+    ROWS_INGESTED,
+    RUN_FINISHED,
+    RUNS,
+    ACCUMULATOR_BYTES,
+    BUILD_INFO,
+];
 
 /// Renders run, stream and budget series from [`State`] at scrape time.
 struct StateCollector {
@@ -297,6 +311,7 @@ impl Collector for StateCollector {
 
         let mut info = Vec::with_capacity(runs.len());
         let mut rows = Vec::with_capacity(runs.len());
+        let mut finished = Vec::with_capacity(runs.len());
         let mut per_gauge: Vec<Vec<Metric>> = vec![Vec::new(); self.streams.len()];
         for run in &runs {
             let id = run.info.run_id.as_str();
@@ -313,6 +328,8 @@ impl Collector for StateCollector {
             metric.set_label(vec![label("run", id)]);
             metric.set_counter(counter);
             rows.push(metric);
+            let done = f64::from(u8::from(run.finished_unix_ms().is_some()));
+            finished.push(gauge_metric(vec![label("run", id)], done));
             for result in run.latest_results() {
                 let labels = vec![
                     label("run", id),
@@ -341,6 +358,7 @@ impl Collector for StateCollector {
         if !info.is_empty() {
             out.push(RUN_INFO.family(info));
             out.push(ROWS_INGESTED.family(rows));
+            out.push(RUN_FINISHED.family(finished));
         }
         out.push(RUNS.family(vec![gauge_metric(vec![], runs.len() as f64)]));
         out.push(

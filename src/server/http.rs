@@ -1,6 +1,7 @@
 //! The HTTP listener (axum): `GET /metrics` (Prometheus text format),
 //! `GET /healthz` (the process is up) and `GET /readyz` (it serves gRPC:
-//! state restored and not shutting down).
+//! state restored and not shutting down), plus the web view and HTTP API
+//! of [`super::web`].
 //!
 //! Owns routes and status codes only; what `/metrics` contains is
 //! `export`'s.
@@ -14,22 +15,30 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
+use tokio::sync::watch;
+
 use super::daemon::Daemon;
+use crate::auth::RequireToken;
 
 /// What the handlers read.
 #[derive(Clone, Debug)]
-pub struct HttpState {
-    pub daemon: Arc<Daemon>,
+pub(crate) struct HttpState {
+    pub(crate) daemon: Arc<Daemon>,
     /// True while gRPC is served; false once shutdown began.
-    pub ready: Arc<AtomicBool>,
+    pub(crate) ready: Arc<AtomicBool>,
+    /// The token the web view and API require (the gRPC one).
+    pub(crate) auth: RequireToken,
+    /// Becomes `true` when shutdown begins (ends the event streams).
+    pub(crate) shutdown: watch::Receiver<bool>,
 }
 
-/// The router of the three endpoints.
-pub fn router(state: HttpState) -> Router {
+/// The router of the probes, `/metrics` and the web view.
+pub(crate) fn router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(super::web::router(&state))
         .with_state(state)
 }
 

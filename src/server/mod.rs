@@ -19,6 +19,7 @@
 //! | `daemon` | request logic over state + store + math core |
 //! | `export` | Prometheus names and the scrape-time collector |
 //! | `http` | `/metrics`, `/healthz`, `/readyz` |
+//! | `web` | the web view at `/` and the HTTP API under `/api/v1` |
 //! | `service` | the tonic `VciMonitor` implementation |
 //! | [`discovery`] | `<data-dir>/daemon.json` and the per-user data directory (public: `vcid stop` and the Python client read it) |
 //!
@@ -44,6 +45,7 @@ pub(crate) mod http;
 pub(crate) mod service;
 pub(crate) mod state;
 pub(crate) mod store;
+pub(crate) mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -83,7 +85,8 @@ impl ServerHandle {
         self.grpc_addr
     }
 
-    /// The bound HTTP address of `/metrics`, `/healthz`, `/readyz`.
+    /// The bound HTTP address of `/metrics`, `/healthz`, `/readyz` and the
+    /// web view.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
@@ -96,6 +99,11 @@ impl ServerHandle {
     /// `http://<http_addr>/metrics`.
     pub fn metrics_url(&self) -> String {
         format!("http://{}/metrics", self.http_addr)
+    }
+
+    /// `http://<http_addr>/`, the web view.
+    pub fn web_url(&self) -> String {
+        format!("http://{}/", self.http_addr)
     }
 
     /// Begins a graceful shutdown without waiting for it.
@@ -232,6 +240,8 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
     let router = http::router(http::HttpState {
         daemon: Arc::clone(&daemon),
         ready: Arc::clone(&ready),
+        auth: auth.clone(),
+        shutdown: shutdown_rx.clone(),
     });
     let http_signal = {
         let mut rx = shutdown_rx.clone();

@@ -25,8 +25,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::proto::vci_monitor_server::VciMonitor;
 use crate::proto::{
     CloseEpochRequest, CreateRunRequest, DeleteRunRequest, DeleteRunResponse, EpochResult,
-    FeatureBatch, GetHistoryRequest, GetRunRequest, History, ListRunsRequest, ListRunsResponse,
-    PushSummary, Run, StatsBlock, WatchRequest,
+    FeatureBatch, FinishRunRequest, GetHistoryRequest, GetRunRequest, History, ListRunsRequest,
+    ListRunsResponse, PushSummary, Run, StatsBlock, WatchRequest,
 };
 
 use super::daemon::{Daemon, Ingested, PreparedBatch, WatchEvent};
@@ -106,7 +106,7 @@ async fn next_watch_item(mut st: WatchState) -> Option<(Result<EpochResult, Stat
                 }
             }
             Ok(WatchEvent::RunDeleted(run_id)) if run_id == st.run_id => return None,
-            Ok(WatchEvent::RunDeleted(_)) => {}
+            Ok(WatchEvent::RunDeleted(_) | WatchEvent::RunChanged(_)) => {}
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 st.done = true;
                 return Some((Err(ServerError::WatchLagged(missed).into()), st));
@@ -148,6 +148,15 @@ impl VciMonitor for VciService {
     ) -> Result<Response<DeleteRunResponse>, Status> {
         self.daemon.delete_run(&request.into_inner().run_id).await?;
         Ok(Response::new(DeleteRunResponse {}))
+    }
+
+    async fn finish_run(
+        &self,
+        request: Request<FinishRunRequest>,
+    ) -> Result<Response<Run>, Status> {
+        Ok(Response::new(
+            self.daemon.finish_run(&request.into_inner().run_id).await?,
+        ))
     }
 
     async fn push(

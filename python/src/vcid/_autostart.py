@@ -28,7 +28,7 @@ from ._errors import VcidError
 
 log = logging.getLogger("vcid")
 
-#: Where the HTTP listener (/metrics) goes unless ``$VCID_HTTP_ADDR`` says
+#: Where the HTTP listener (web view, /metrics) goes unless ``$VCID_HTTP_ADDR`` says
 #: otherwise (a free port is taken when it is busy).
 DEFAULT_HTTP_ADDRESS = "127.0.0.1:9464"
 #: Longest wait for a started daemon to answer (it restores its history
@@ -84,7 +84,7 @@ def ensure_local_daemon(target: str) -> None:
         proc = _spawn(target, data_dir)
         info = _wait_ready(proc, target, data_dir)
     log.warning(
-        "vcid: started a local daemon (pid %s): gRPC %s, metrics http://%s/metrics; data and log "
+        "vcid: started a local daemon (pid %s): gRPC %s, web view http://%s/; data and log "
         "in %s; `vcid stop` ends it", info["pid"], info["grpc_addr"], info["http_addr"],
         data_dir)
 

@@ -119,6 +119,8 @@ class Monitor:
             ``--max-message-bytes`` and ``--max-batch-rows``.
         writer_id: the idempotence key of this Monitor's batches (default: a
             fresh UUID). Reuse one only to resend the same sequence numbers.
+        finish_on_exit: mark the run finished (``finish()``) on a clean
+            ``close()`` or ``with`` exit; never after an exception.
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class Monitor:
         max_batch_bytes: int = 16 << 20,
         max_batch_rows: int = 65536,
         writer_id: Optional[str] = None,
+        finish_on_exit: bool = False,
     ) -> None:
         self._closed = True  # until fully constructed, close() is a no-op
         self._run_id = check_run_id(run)
@@ -162,6 +165,7 @@ class Monitor:
         if queue_size < 1:
             raise ArgumentError("queue_size", f"expected at least 1, received {queue_size}")
         self._writer_id = writer_id if writer_id is not None else uuid.uuid4().hex
+        self._finish_on_exit = bool(finish_on_exit)
         self._close_timeout = float(close_timeout)
         self._queue_timeout = queue_timeout
         self._max_batch_bytes = int(max_batch_bytes)
@@ -314,6 +318,17 @@ class Monitor:
         self._check_usable()
         msg = self._conn.unary(self._conn.stub.GetRun, pb.GetRunRequest(run_id=self._run_id),
                                what="GetRun")
+        return RunInfo.from_proto(msg)
+
+    def finish(self) -> RunInfo:
+        """Flush, then mark the run finished (``FinishRun``): the daemon keeps
+        its history and series, refuses further pushes and the stall alert
+        ignores it. Refused (``FAILED_PRECONDITION``) while an epoch is open."""
+        self._check_usable()
+        self.flush()
+        msg = self._conn.unary(self._conn.stub.FinishRun,
+                               pb.FinishRunRequest(run_id=self._run_id), what="FinishRun",
+                               retry=True)
         return RunInfo.from_proto(msg)
 
     # ------------------------------------------------------------------ push
@@ -531,6 +546,8 @@ class Monitor:
             return
         try:
             self.flush()
+            if self._finish_on_exit:
+                self.finish()
         finally:
             left = self._left_open()
             self._closed = True
@@ -568,7 +585,9 @@ class Monitor:
         if exc_type is None:
             self.close()
             return
-        # Do not hide the exception already on its way out.
+        # Do not hide the exception already on its way out, nor call a
+        # failed run finished.
+        self._finish_on_exit = False
         try:
             self.close()
         except Exception as err:  # noqa: BLE001 - reported, not swallowed silently

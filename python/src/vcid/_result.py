@@ -141,6 +141,8 @@ class RunInfo:
     rows_ingested: int
     open_epochs: List[OpenEpoch]
     closed_epochs: int
+    finished: bool = False
+    finished_unix_ms: int = 0
 
     @classmethod
     def from_proto(cls, msg: pb.Run) -> "RunInfo":
@@ -151,4 +153,5 @@ class RunInfo:
             open_epochs=[OpenEpoch(o.split, o.layer, o.epoch, o.samples)
                          for o in msg.open_epochs],
             closed_epochs=msg.closed_epochs,
+            finished=msg.finished, finished_unix_ms=msg.finished_unix_ms,
         )

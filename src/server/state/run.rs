@@ -289,6 +289,9 @@ struct RunInner {
     writers: HashMap<String, WriterState>,
     /// Set by the shutdown checkpoint: no new accumulators.
     frozen: bool,
+    /// Unix ms when `FinishRun` marked the run finished: no more pushes or
+    /// closes.
+    finished: Option<i64>,
 }
 
 impl RunInner {
@@ -397,6 +400,53 @@ impl RunState {
         }
     }
 
+    fn finished_error(&self, finished_unix_ms: i64) -> ServerError {
+        ServerError::RunFinished {
+            run_id: self.info.run_id.clone(),
+            finished_at: utc_timestamp(finished_unix_ms),
+        }
+    }
+
+    /// When `FinishRun` marked the run finished, if it did.
+    pub(crate) fn finished_unix_ms(&self) -> Option<i64> {
+        lock(&self.inner).finished
+    }
+
+    /// Marks the run finished at `unix_ms`; `Ok(false)` when it already was.
+    /// Refused while an epoch is open or being closed, so a finished run
+    /// never changes again; later pushes and closes fail in
+    /// [`RunState::apply`] and [`RunState::begin_close`].
+    pub(crate) fn finish(&self, unix_ms: i64) -> Result<bool, ServerError> {
+        let mut inner = lock(&self.inner);
+        if inner.finished.is_some() {
+            return Ok(false);
+        }
+        let open: Vec<String> = inner
+            .streams
+            .iter()
+            .flat_map(|(key, s)| {
+                s.open
+                    .keys()
+                    .chain(s.closing.iter())
+                    .map(move |epoch| format!("{}/{} epoch {epoch}", key.split, key.layer))
+            })
+            .collect();
+        if !open.is_empty() {
+            return Err(ServerError::OpenEpochsAtFinish {
+                run_id: self.info.run_id.clone(),
+                open: open.join(", "),
+            });
+        }
+        inner.finished = Some(unix_ms);
+        Ok(true)
+    }
+
+    /// Restores the finished mark (start-up), or clears it when `None`
+    /// (undoing [`RunState::finish`] whose durable write failed).
+    pub(crate) fn set_finished(&self, unix_ms: Option<i64>) {
+        lock(&self.inner).finished = unix_ms;
+    }
+
     /// Whether `(writer_id, sequence)` was already applied (a cheap check
     /// before computing a batch's statistics; [`RunState::apply`] decides).
     pub(crate) fn is_duplicate(&self, dedup: Option<&(String, u64)>) -> bool {
@@ -428,6 +478,9 @@ impl RunState {
             let mut inner = lock(&self.inner);
             if self.is_deleted() {
                 return Err(ServerError::RunNotFound(self.info.run_id.clone()));
+            }
+            if let Some(at) = inner.finished {
+                return Err(self.finished_error(at));
             }
             if let Some((writer, seq)) = dedup {
                 if let Some(w) = inner.writers.get(writer) {
@@ -541,6 +594,9 @@ impl RunState {
             let mut inner = lock(&self.inner);
             if self.is_deleted() {
                 return Err(ServerError::RunNotFound(self.info.run_id.clone()));
+            }
+            if let Some(at) = inner.finished {
+                return Err(self.finished_error(at));
             }
             let name = self.stream_name(key);
             let Some(stream) = inner.streams.get_mut(key) else {

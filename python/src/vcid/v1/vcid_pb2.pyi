@@ -61,8 +61,14 @@ class DeleteRunResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class FinishRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
 class Run(_message.Message):
-    __slots__ = ("run_id", "num_classes", "feature_dim", "metadata", "created_unix_ms", "rows_ingested", "open_epochs", "closed_epochs")
+    __slots__ = ("run_id", "num_classes", "feature_dim", "metadata", "created_unix_ms", "rows_ingested", "open_epochs", "closed_epochs", "finished", "finished_unix_ms")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +84,8 @@ class Run(_message.Message):
     ROWS_INGESTED_FIELD_NUMBER: _ClassVar[int]
     OPEN_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     CLOSED_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     num_classes: int
     feature_dim: int
@@ -86,7 +94,9 @@ class Run(_message.Message):
     rows_ingested: int
     open_epochs: _containers.RepeatedCompositeFieldContainer[OpenEpoch]
     closed_epochs: int
-    def __init__(self, run_id: _Optional[str] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_unix_ms: _Optional[int] = ..., rows_ingested: _Optional[int] = ..., open_epochs: _Optional[_Iterable[_Union[OpenEpoch, _Mapping]]] = ..., closed_epochs: _Optional[int] = ...) -> None: ...
+    finished: bool
+    finished_unix_ms: int
+    def __init__(self, run_id: _Optional[str] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_unix_ms: _Optional[int] = ..., rows_ingested: _Optional[int] = ..., open_epochs: _Optional[_Iterable[_Union[OpenEpoch, _Mapping]]] = ..., closed_epochs: _Optional[int] = ..., finished: bool = ..., finished_unix_ms: _Optional[int] = ...) -> None: ...
 
 class OpenEpoch(_message.Message):
     __slots__ = ("split", "layer", "epoch", "samples")

@@ -81,6 +81,11 @@ class VciMonitorStub(object):
                 request_serializer=vcid_dot_v1_dot_vcid__pb2.WatchRequest.SerializeToString,
                 response_deserializer=vcid_dot_v1_dot_vcid__pb2.EpochResult.FromString,
                 _registered_method=True)
+        self.FinishRun = channel.unary_unary(
+                '/vcid.v1.VciMonitor/FinishRun',
+                request_serializer=vcid_dot_v1_dot_vcid__pb2.FinishRunRequest.SerializeToString,
+                response_deserializer=vcid_dot_v1_dot_vcid__pb2.Run.FromString,
+                _registered_method=True)
 
 
 class VciMonitorServicer(object):
@@ -156,6 +161,16 @@ class VciMonitorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FinishRun(self, request, context):
+        """Mark a run finished: it keeps its history and exported series, takes no
+        more pushes (FAILED_PRECONDITION), and stall alerts ignore it. A run
+        with open epochs is refused (FAILED_PRECONDITION): close them first.
+        Finishing a finished run is a no-op that returns it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VciMonitorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +218,11 @@ def add_VciMonitorServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=vcid_dot_v1_dot_vcid__pb2.WatchRequest.FromString,
                     response_serializer=vcid_dot_v1_dot_vcid__pb2.EpochResult.SerializeToString,
+            ),
+            'FinishRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishRun,
+                    request_deserializer=vcid_dot_v1_dot_vcid__pb2.FinishRunRequest.FromString,
+                    response_serializer=vcid_dot_v1_dot_vcid__pb2.Run.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -450,6 +470,33 @@ class VciMonitor(object):
             '/vcid.v1.VciMonitor/Watch',
             vcid_dot_v1_dot_vcid__pb2.WatchRequest.SerializeToString,
             vcid_dot_v1_dot_vcid__pb2.EpochResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vcid.v1.VciMonitor/FinishRun',
+            vcid_dot_v1_dot_vcid__pb2.FinishRunRequest.SerializeToString,
+            vcid_dot_v1_dot_vcid__pb2.Run.FromString,
             options,
             channel_credentials,
             insecure,
