@@ -36,7 +36,9 @@ np.save(sys.argv[2], y)
 EOF
 fi
 
-cargo build --release --quiet --bin vcid
+# --all-targets: the feature set `cargo test --release` uses, so the two share
+# one build (a plain `cargo build --release` recompiles every dependency).
+cargo build --release --all-targets --quiet
 
 vcid_cmd=("$VCID" compute --features "$X" --labels "$Y" --format json)
 numpy_cmd=("$PYTHON" benches/numpy_vci.py "$X" "$Y")

@@ -1,19 +1,29 @@
 //! Math-core benchmarks (criterion): the batch update and the epoch close.
 //!
-//! - `batch_update/{d}`: `Accumulator::from_batch` + `merge` of a 256-row
-//!   batch into a running accumulator (K = 10), d ∈ {128, 512, 2048}, with
-//!   all cores (`Par::rayon(0)`), reported as rows/s: the daemon's path.
-//! - `batch_fold/{d}`: the same batch folded in place with
-//!   `Accumulator::fold_batch` (no second d × d scatter): `vcid compute`'s path.
+//! 256-row f64 batches, all cores (`Par::rayon(0)`), for (d, K) in
+//! {(128, 10), (512, 10), (2048, 10), (2048, 1000)}; with K = 1000 a batch
+//! holds ~230 of the classes.
+//!
+//! - `batch_update/d{d}_k{K}`: `Accumulator::from_batch` + `merge` into a
+//!   running accumulator: batch statistics in a d × d accumulator of their
+//!   own, then an O(d²) merge (the daemon's path before sharding).
+//! - `batch_fold/d{d}_k{K}`: `Accumulator::fold_batch_with`, the batch
+//!   folded in place with a reused `FoldScratch` (no d × d or d × rows
+//!   allocation, classes present only): `vcid compute`'s path and a shard's.
+//! - `shard_merge/d{d}_k{K}`: `merge` of one full accumulator into another
+//!   (what closing a sharded epoch does once per shard).
 //! - `faer_syrk/{d}` and `faer_gemm/{d}`: faer's lower-triangular product
 //!   and its dense `matmul` on the same operands (the 256 × d centred batch
 //!   times its transpose), measured in the same run as the baseline.
 //! - `close/d2048_k1000`: `metrics::compute` (all metrics) of an
 //!   accumulator with d = 2048, K = 1000, N = 4096.
 //!
-//! At the end a table prints rows/s and GFLOP/s for each: the batch update
-//! and the syrk count n·d·(d+1) flops (lower triangle of XᵀX), the gemm
-//! 2·n·d². Run: `cargo bench --bench math`.
+//! At the end a table prints rows/s and GFLOP/s for each (the batch paths
+//! and the syrk count n·d·(d+1) flops, the lower triangle of XᵀX; the gemm
+//! 2·n·d²), and for the batch paths the share of the syrk ceiling measured
+//! in this run: ceiling rows/s = syrk GFLOP/s ÷ d·(d+1).
+//! Run: `cargo bench --bench math` (add a filter such as `d2048` to run
+//! fewer).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -27,11 +37,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use vcid::metrics;
-use vcid::stats::{Accumulator, Par};
+use vcid::stats::{Accumulator, FoldScratch, Par};
 
 const ROWS: usize = 256;
-const CLASSES: usize = 10;
 const DIMS: [usize; 3] = [128, 512, 2048];
+/// (d, K) of the batch paths.
+const CASES: [(usize, usize); 4] = [(128, 10), (512, 10), (2048, 10), (2048, 1000)];
 
 /// (iterations, total time) per benchmark, for the GFLOP/s table.
 static TIMES: Mutex<BTreeMap<String, (u64, Duration, f64)>> = Mutex::new(BTreeMap::new());
@@ -59,58 +70,95 @@ fn features(rng: &mut StdRng, rows: usize, d: usize, classes: usize) -> (Array2<
     (x, labels)
 }
 
-fn batch_update(c: &mut Criterion) {
-    let mut rng = StdRng::seed_from_u64(1);
-    let mut group = c.benchmark_group("batch_update");
+fn batch_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut group = c.benchmark_group(name);
     group
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
     group.throughput(Throughput::Elements(ROWS as u64));
-    for d in DIMS {
-        let (x, labels) = features(&mut rng, ROWS, d, CLASSES);
-        let mut acc = Accumulator::from_batch(x.view(), &labels, CLASSES, Par::rayon(0))
+    group
+}
+
+/// Times `step` (one 256-row batch per call) under `name/d{d}_k{k}`.
+fn time_batches(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    (d, k): (usize, usize),
+    mut step: impl FnMut(),
+) {
+    let id = format!("d{d}_k{k}");
+    let flops = (ROWS * d * (d + 1)) as f64;
+    group.bench_function(&id, |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                step();
+            }
+            let elapsed = start.elapsed();
+            record(&format!("{name}/{id}"), iters, elapsed, flops);
+            elapsed
+        })
+    });
+}
+
+fn batch_update(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut group = batch_group(c, "batch_update");
+    for (d, k) in CASES {
+        let (x, labels) = features(&mut rng, ROWS, d, k);
+        let mut acc = Accumulator::from_batch(x.view(), &labels, k, Par::rayon(0))
             .unwrap_or_else(|e| panic!("{e}"));
-        let flops = (ROWS * d * (d + 1)) as f64;
-        group.bench_with_input(BenchmarkId::from_parameter(d), &d, |b, _| {
-            b.iter_custom(|iters| {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let batch = Accumulator::from_batch(x.view(), &labels, CLASSES, Par::rayon(0))
-                        .unwrap_or_else(|e| panic!("{e}"));
-                    acc.merge(&batch).unwrap_or_else(|e| panic!("{e}"));
-                }
-                let elapsed = start.elapsed();
-                record(&format!("batch_update/{d}"), iters, elapsed, flops);
-                elapsed
-            })
+        time_batches(&mut group, "batch_update", (d, k), || {
+            let batch = Accumulator::from_batch(x.view(), &labels, k, Par::rayon(0))
+                .unwrap_or_else(|e| panic!("{e}"));
+            acc.merge(&batch).unwrap_or_else(|e| panic!("{e}"));
         });
     }
     group.finish();
 }
 
-/// The same batches folded in place (`fold_batch`), as `vcid compute` does.
+/// The same batches folded in place with a reused scratch.
 fn batch_fold(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(1);
-    let mut group = c.benchmark_group("batch_fold");
+    let mut group = batch_group(c, "batch_fold");
+    for (d, k) in CASES {
+        let (x, labels) = features(&mut rng, ROWS, d, k);
+        let mut acc = Accumulator::new(k, d);
+        let mut scratch = FoldScratch::new();
+        time_batches(&mut group, "batch_fold", (d, k), || {
+            acc.fold_batch_with(x.view(), &labels, &mut scratch, Par::rayon(0))
+                .unwrap_or_else(|e| panic!("{e}"));
+        });
+    }
+    group.finish();
+}
+
+/// Merging one full accumulator (every class observed) into another.
+fn shard_merge(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(4);
+    let mut group = c.benchmark_group("shard_merge");
     group
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    group.throughput(Throughput::Elements(ROWS as u64));
-    for d in DIMS {
-        let (x, labels) = features(&mut rng, ROWS, d, CLASSES);
-        let mut acc = Accumulator::new(CLASSES, d);
-        let flops = (ROWS * d * (d + 1)) as f64;
-        group.bench_with_input(BenchmarkId::from_parameter(d), &d, |b, _| {
+    for (d, k) in [(512, 10), (2048, 1000)] {
+        let (x, labels) = features(&mut rng, k.max(ROWS), d, k);
+        let shard = Accumulator::from_batch(x.view(), &labels, k, Par::rayon(0))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut total = shard.clone();
+        let id = format!("d{d}_k{k}");
+        group.bench_function(&id, |b| {
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    acc.fold_batch(x.view(), &labels, Par::rayon(0))
-                        .unwrap_or_else(|e| panic!("{e}"));
+                    total.merge(&shard).unwrap_or_else(|e| panic!("{e}"));
                 }
                 let elapsed = start.elapsed();
-                record(&format!("batch_fold/{d}"), iters, elapsed, flops);
+                record(&format!("shard_merge/{id}"), iters, elapsed, 0.0);
                 elapsed
             })
         });
@@ -121,12 +169,7 @@ fn batch_fold(c: &mut Criterion) {
 fn faer_products(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(2);
     for (kernel, triangular) in [("faer_syrk", true), ("faer_gemm", false)] {
-        let mut group = c.benchmark_group(kernel);
-        group
-            .sample_size(10)
-            .warm_up_time(Duration::from_millis(500))
-            .measurement_time(Duration::from_secs(2));
-        group.throughput(Throughput::Elements(ROWS as u64));
+        let mut group = batch_group(c, kernel);
         for d in DIMS {
             // The centred batch, d × n column-major as in from_batch.
             let x = Mat::<f64>::from_fn(d, ROWS, |_, _| rng.sample(StandardNormal));
@@ -202,34 +245,57 @@ fn close(c: &mut Criterion) {
 
 fn summary() {
     let Ok(times) = TIMES.lock() else { return };
+    let per_iter = |&(iters, total, _): &(u64, Duration, f64)| total.as_secs_f64() / iters as f64;
+    // The syrk ceiling of each d, measured in this run.
+    let syrk_gflops = |d: usize| {
+        let entry = times.get(&format!("faer_syrk/{d}"))?;
+        (entry.0 > 0).then(|| entry.2 / per_iter(entry) / 1e9)
+    };
     println!(
-        "\n{:<22} {:>12} {:>14} {:>10}",
-        "benchmark", "time/iter", "rows/s", "GFLOP/s"
+        "\n{:<24} {:>12} {:>12} {:>9} {:>14} {:>9}",
+        "benchmark", "time/iter", "rows/s", "GFLOP/s", "syrk ceiling", "share"
     );
-    for (name, &(iters, total, flops)) in times.iter() {
-        if iters == 0 {
+    for (name, entry) in times.iter() {
+        if entry.0 == 0 {
             continue;
         }
-        let per_iter = total.as_secs_f64() / iters as f64;
-        if flops > 0.0 {
-            println!(
-                "{name:<22} {:>10.3}ms {:>14.0} {:>10.1}",
-                per_iter * 1e3,
-                ROWS as f64 / per_iter,
-                flops / per_iter / 1e9
-            );
-        } else {
-            println!(
-                "{name:<22} {:>10.3}ms {:>14} {:>10}",
-                per_iter * 1e3,
-                "-",
-                "-"
-            );
+        let t = per_iter(entry);
+        if entry.2 == 0.0 {
+            println!("{name:<24} {:>10.3}ms", t * 1e3);
+            continue;
         }
+        let gflops = entry.2 / t / 1e9;
+        let d = name
+            .split(['/', '_'])
+            .find_map(|part| part.trim_start_matches('d').parse::<usize>().ok())
+            .unwrap_or(0);
+        let ceiling = syrk_gflops(d).map(|g| g * 1e9 / (d * (d + 1)) as f64);
+        let (ceiling, share) = match ceiling {
+            Some(c) if !name.starts_with("faer_") => (
+                format!("{c:.0}"),
+                format!("{:.0}%", 100.0 * ROWS as f64 / t / c),
+            ),
+            _ => ("-".into(), "-".into()),
+        };
+        println!(
+            "{name:<24} {:>10.3}ms {:>12.0} {:>9.1} {:>14} {:>9}",
+            t * 1e3,
+            ROWS as f64 / t,
+            gflops,
+            ceiling,
+            share
+        );
     }
 }
 
-criterion_group!(benches, batch_update, batch_fold, faer_products, close);
+criterion_group!(
+    benches,
+    batch_update,
+    batch_fold,
+    shard_merge,
+    faer_products,
+    close
+);
 
 fn main() {
     benches();

@@ -2,8 +2,8 @@
 //! batch-split invariance, merge associativity and commutativity, VCI
 //! invariance under invertible affine maps, VCI in [0, 1], VCI = 0 for
 //! collapsed data, the balanced-class identity between the probe MSE and
-//! VCI, the undefined cases, and the `AccumulatorParts` round trip and
-//! validation.
+//! VCI, the undefined cases, the `AccumulatorParts` round trip and
+//! validation, and in-place folds spread over shards then merged.
 //!
 //! Data comes from a seeded RNG inside each case (proptest picks the seed
 //! and the shapes), so shrinking cannot drift into degenerate matrices that
@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use vcid::metrics::{self, EpochMetrics};
-use vcid::stats::{Accumulator, AccumulatorParts, Par};
+use vcid::stats::{Accumulator, AccumulatorParts, FoldScratch, Par};
 
 /// Gaussian classes: N rows, d features, labels in [0, K) (every class used
 /// when N ≥ K), class means at scale `sep`, unit noise, common `offset`.
@@ -212,6 +212,44 @@ proptest! {
         prop_assert_eq!(reference.class_counts.iter().sum::<u64>(), n as u64);
         if let Err(e) = parts_close(&split, &reference, tolerance(offset)) {
             return Err(TestCaseError::fail(e));
+        }
+    }
+
+    /// Batches folded in place into 1..=8 shards (each batch into a shard
+    /// picked at random, as a sharded daemon hands a batch to whichever
+    /// shard is free), the shards then merged: the statistics of one batch
+    /// to ~1e-12, including classes absent from most batches (K up to 40).
+    #[test]
+    fn sharded_folds_merge_to_one_accumulator(
+        seed in any::<u64>(),
+        n in 1usize..120,
+        d in 1usize..9,
+        k in 2usize..40,
+        offset in prop_oneof![Just(0.0), Just(1e4), Just(-3.5)],
+        raw_cuts in prop::collection::vec(0usize..1000, 0..16),
+        shards in 1usize..=8,
+        parallel in any::<bool>(),
+    ) {
+        let (x, y) = gaussian_data(seed, n, d, k, 2.0, offset);
+        let reference = one_batch(&x, &y, k).to_parts();
+        let par = if parallel { Par::rayon(0) } else { Par::Seq };
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5a4d);
+        let mut parts: Vec<Accumulator> = (0..shards).map(|_| Accumulator::new(k, d)).collect();
+        // One scratch for every shard: what one folding thread would keep.
+        let mut scratch = FoldScratch::new();
+        for w in cuts_from(n, &raw_cuts).windows(2).filter(|w| w[0] < w[1]) {
+            let shard = &mut parts[rng.random_range(0..shards)];
+            shard
+                .fold_batch_with(x.slice(s![w[0]..w[1], ..]), &y[w[0]..w[1]], &mut scratch, par)
+                .unwrap();
+        }
+        let mut merged = Accumulator::new(k, d);
+        for shard in &parts {
+            merged.merge(shard).unwrap();
+        }
+        prop_assert_eq!(merged.samples(), n as u64);
+        if let Err(e) = parts_close(&merged.to_parts(), &reference, tolerance(offset)) {
+            return Err(TestCaseError::fail(format!("{shards} shards: {e}")));
         }
     }
 

@@ -4,7 +4,8 @@
 //! direct two-pass definitions (extended-precision means and scatter, eigh,
 //! explicit pseudo-inverses) and commits small fixtures. This test reads the
 //! same `.npy` files with `vcid::npy`, streams them through the accumulator
-//! in several batchings, and checks every metric within 1e-9 relative (1e-9
+//! in several batchings (batch statistics merged, and batches folded in
+//! place into 1 to 8 shards that are merged at the end), and checks every metric within 1e-9 relative (1e-9
 //! absolute near 0), the ranks, K_obs, `small_sample`, and exactly which
 //! metrics are undefined.
 
@@ -14,7 +15,7 @@ use ndarray::{s, Array2};
 use serde_json::Value;
 use vcid::metrics::{self, EpochMetrics};
 use vcid::npy::{self, FeatureReader};
-use vcid::stats::{Accumulator, Par};
+use vcid::stats::{Accumulator, FoldScratch, Par};
 
 const REL: f64 = 1e-9;
 const ABS: f64 = 1e-9;
@@ -93,6 +94,33 @@ fn accumulate(case: &Case, batch: usize, par: Par) -> Accumulator {
         start = end;
     }
     acc
+}
+
+/// Folds `case` in place `batch` rows at a time, batch `i` into shard
+/// `i % shards`, then merges the shards (a sharded daemon's path).
+fn accumulate_sharded(case: &Case, batch: usize, shards: usize, par: Par) -> Accumulator {
+    let dim = case.features.ncols();
+    let mut parts: Vec<Accumulator> = (0..shards)
+        .map(|_| Accumulator::new(case.num_classes, dim))
+        .collect();
+    let mut scratch = FoldScratch::new();
+    let n = case.labels.len();
+    for (i, start) in (0..n).step_by(batch).enumerate() {
+        let end = (start + batch).min(n);
+        parts[i % shards]
+            .fold_batch_with(
+                case.features.slice(s![start..end, ..]),
+                &case.labels[start..end],
+                &mut scratch,
+                par,
+            )
+            .unwrap();
+    }
+    let mut total = Accumulator::new(case.num_classes, dim);
+    for part in &parts {
+        total.merge(part).unwrap();
+    }
+    total
 }
 
 fn value_of(m: &EpochMetrics, name: &str) -> Option<f64> {
@@ -178,15 +206,23 @@ fn every_fixture_matches_the_numpy_reference_in_several_batchings() {
         let n = case.labels.len();
         let mut worst: f64 = 0.0;
         // One batch (sequential and parallel kernels), odd small batches,
-        // and single rows: all must agree with the reference.
-        for (batch, par) in [
-            (n.max(1), Par::Seq),
-            (n.max(1), Par::rayon(0)),
-            (7, Par::Seq),
-            (64, Par::rayon(0)),
-            (1, Par::Seq),
+        // and single rows, merged batch by batch or folded into shards: all
+        // must agree with the reference.
+        for (batch, par, shards) in [
+            (n.max(1), Par::Seq, None),
+            (n.max(1), Par::rayon(0), None),
+            (7, Par::Seq, None),
+            (64, Par::rayon(0), None),
+            (1, Par::Seq, None),
+            (n.max(1), Par::Seq, Some(1)),
+            (7, Par::Seq, Some(3)),
+            (64, Par::rayon(0), Some(8)),
+            (1, Par::Seq, Some(5)),
         ] {
-            let acc = accumulate(&case, batch, par);
+            let acc = match shards {
+                None => accumulate(&case, batch, par),
+                Some(shards) => accumulate_sharded(&case, batch, shards, par),
+            };
             let m = metrics::compute(&acc, par).unwrap();
             // Checked on its own in class_separation_with_a_large_offset.
             let skip: &[&str] = if name == "large_offset" {
@@ -197,7 +233,7 @@ fn every_fixture_matches_the_numpy_reference_in_several_batchings() {
             let (problems, w) = compare(&case, &m, skip);
             worst = worst.max(w);
             for p in problems {
-                failures.push(format!("{name} (batch {batch}): {p}"));
+                failures.push(format!("{name} (batch {batch}, shards {shards:?}): {p}"));
             }
         }
         report.push(format!(

@@ -5,7 +5,9 @@
 //! checkpoints open epochs (and the duplicate filter) so an epoch closed
 //! after a graceful restart has the same metrics as without the restart; a
 //! Push stream in flight at shutdown keeps every batch it was told was
-//! applied.
+//! applied; an epoch fed by concurrent streams (several accumulator
+//! shards, each in the memory budget) is checkpointed as its combined
+//! statistics and closes after the restart as without it.
 
 mod server_support;
 
@@ -351,6 +353,66 @@ async fn sigterm_checkpoints_open_epochs() {
     assert_eq!(run.closed_epochs, 1);
     drop(client);
     daemon.kill9();
+}
+
+fn accumulator_bytes(daemon: &Daemon) -> u64 {
+    let (status, body) = http_get(daemon.http, "/metrics");
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("vcid_accumulator_bytes "))
+        .and_then(|v| v.parse().ok())
+        .expect("vcid_accumulator_bytes in metrics")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_fold_into_budgeted_shards_and_checkpoint_exactly() {
+    let (k, d) = (10u32, 192u32);
+    let (x, y) = dataset(91, 4096, k, d, 1.2);
+    let per_accumulator = vcid::stats::Accumulator::estimated_bytes(k.into(), d.into()).unwrap();
+    let all = batches("shards", "", 0, d, &x, &y, 64);
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::spawn(dir.path(), &["--max-shards-per-epoch", "2"]);
+    let mut client = connect(&daemon.url()).await;
+    create_run(&mut client, "shards", k, d).await;
+    // Open the epoch, then two ranks push their halves concurrently.
+    client
+        .push(tokio_stream::iter(all[..1].to_vec()))
+        .await
+        .unwrap();
+    let rest = &all[1..];
+    let ranks: Vec<Vec<FeatureBatch>> = (0..2)
+        .map(|r| rest.iter().skip(r).step_by(2).cloned().collect())
+        .collect();
+    let pushes = ranks.into_iter().map(|part| {
+        let mut c = client.clone();
+        tokio::spawn(async move { c.push(tokio_stream::iter(part)).await })
+    });
+    for push in pushes.collect::<Vec<_>>() {
+        push.await.unwrap().unwrap();
+    }
+    // Every shard is one accumulator of the budget, at most two of them.
+    let reserved = accumulator_bytes(&daemon);
+    assert_eq!(reserved % per_accumulator, 0, "{reserved}");
+    assert!(
+        (1..=2).contains(&(reserved / per_accumulator)),
+        "{reserved}"
+    );
+    drop(client);
+    assert_eq!(daemon.terminate(), Some(0));
+
+    // Restored as one accumulator holding the combined statistics.
+    let daemon = Daemon::spawn(dir.path(), &["--max-shards-per-epoch", "2"]);
+    assert_eq!(accumulator_bytes(&daemon), per_accumulator);
+    let mut client = connect(&daemon.url()).await;
+    let closed = client
+        .close_epoch(close_req("shards", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_matches(&closed, &reference(&x, &y, k, d), 1e-9);
+    assert_eq!(accumulator_bytes(&daemon), 0);
+    drop(client);
+    assert_eq!(daemon.terminate(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

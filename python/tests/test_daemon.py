@@ -100,22 +100,6 @@ def test_tensor_like_inputs(daemon, run_id):
             assert getattr(results[split], name) == getattr(results["numpy"], name), (split, name)
 
 
-def test_real_torch_tensors_if_installed(daemon, run_id):
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(3)
-    x, y = ref.clustered(rng, 200, 8, 3)
-    t = torch.tensor(x, dtype=torch.float32, requires_grad=True) * 1.0
-    labels = torch.tensor(y)
-    with vcid.Monitor(run_id, 3, 8, encoding="bfloat16", address=daemon.address) as mon:
-        mon.push(t, labels, epoch=0)                        # float32 tensor with grad
-        mon.push(t.detach().to(torch.bfloat16), labels, epoch=0, split="bf16")  # bit for bit
-        r32 = mon.close_epoch(0)
-        r16 = mon.close_epoch(0, split="bf16")
-    x_wire = t.detach().to(torch.bfloat16).float().numpy().astype(np.float64)
-    assert_matches_reference(r32, x_wire, y, 3)
-    assert r16.vci == r32.vci
-
-
 def test_history_and_vci_delta(daemon, run_id):
     rng = np.random.default_rng(5)
     k, d = 3, 5
@@ -529,84 +513,3 @@ def test_large_batches_are_split_below_the_message_limit(daemon, run_id):
         assert summary == vcid.PushSummary(batches_applied=9, rows_applied=1000)
         result = mon.close_epoch(0)
     assert_matches_reference(result, x.astype(np.float32).astype(np.float64), y, 4)
-
-
-# ------------------------------------------------------------ vcid.torch
-
-
-class FakeModule:
-    """The part of torch.nn.Module the hook uses: forward hooks."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.hooks = {}
-
-    def register_forward_hook(self, hook):
-        key = object()
-        self.hooks[key] = hook
-        module = self
-
-        class Handle:
-            def remove(self):
-                module.hooks.pop(key, None)
-
-        return Handle()
-
-    def __call__(self, x):
-        out = self.fn(x)
-        for hook in list(self.hooks.values()):
-            hook(self, (x,), out)
-        return out
-
-
-class FakeOutput(FakeTensor):
-    """A 4-D activation map, as a conv layer would give."""
-
-    @property
-    def shape(self):
-        return self._a.shape
-
-    def reshape(self, *shape):
-        return FakeTensor(self._a.reshape(*shape))
-
-
-def test_forward_hook_pushes_flattened_outputs_with_the_batch_labels(daemon, run_id):
-    import vcid.torch as vt
-
-    rng = np.random.default_rng(12)
-    x, y = ref.clustered(rng, 120, 12, 3)
-    maps = x.reshape(120, 3, 2, 2)  # flattened by the hook back to 12 columns
-    layer = FakeModule(lambda batch: FakeOutput(batch))
-    with vcid.Monitor(run_id, 3, 12, address=daemon.address) as mon:
-        hook = vt.FeatureHook(mon, layer, epoch=0, layer="block4")
-        for start in range(0, 120, 40):
-            with hook.labels(y[start:start + 40]):
-                layer(maps[start:start + 40])
-        layer(maps[:40])  # outside a labels block: not pushed
-        hook.set_labels(y[:40])
-        hook.epoch = 1
-        layer(maps[:40])
-        hook.remove()
-        layer(maps[:40])  # removed: not pushed
-        r0 = mon.close_epoch(0, layer="block4")
-        r1 = mon.close_epoch(1, layer="block4")
-    assert r0.samples == 120 and r1.samples == 40
-    assert_matches_reference(r0, x.astype(np.float32).astype(np.float64), y, 3)
-
-
-def test_forward_hook_on_a_real_torch_module_if_installed(daemon, run_id):
-    torch = pytest.importorskip("torch")
-    import vcid.torch as vt
-
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    x = torch.randn(90, 6)
-    y = torch.randint(0, 3, (90,))
-    with vcid.Monitor(run_id, 3, 8, address=daemon.address) as mon:
-        hook = vt.FeatureHook(mon, model[1], epoch=0)
-        with hook.labels(y):
-            model(x).sum().backward()
-        hook.remove()
-        result = mon.close_epoch(0)
-    feats = model[1](model[0](x)).detach().numpy().astype(np.float64)
-    assert result.samples == 90
-    assert result.vci == pytest.approx(ref.metrics(feats, y.numpy(), 3)["vci"], rel=1e-6)

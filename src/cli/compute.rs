@@ -2,8 +2,10 @@
 //! `.npy`.
 //!
 //! Owns the offline path: validate the label file, stream the feature file
-//! through [`Accumulator::fold_batch`] `--batch-rows` rows at a time, close with [`metrics::compute`] and print
-//! the result as JSON (the names of `docs/metrics.md`) or a table. Every
+//! through [`Accumulator::fold_batch_with`] `--batch-rows` rows at a time
+//! (each worker thread folding in place into its own accumulator with one
+//! reused [`FoldScratch`]), close with [`metrics::compute`] and print the
+//! result as JSON (the names of `docs/metrics.md`) or a table. Every
 //! problem with an input file becomes one [`CliError::Input`] line naming
 //! the file, what was expected and what was found (exit status 2). A closed
 //! stdout ends it quietly ([`super::emit`]).
@@ -20,7 +22,7 @@ use ndarray::Array2;
 use super::CliError;
 use crate::metrics::{self, registry, EpochMetrics};
 use crate::npy::{self, FeatureReader, NpyError};
-use crate::stats::{Accumulator, Par, StatsError};
+use crate::stats::{Accumulator, FoldScratch, Par, StatsError};
 
 /// Largest accumulator `vcid compute` will allocate; a wrong `--num-classes`
 /// or a stray huge label should be an error, not an out-of-memory abort.
@@ -229,10 +231,11 @@ fn fold(
             workers.push(
                 scope.spawn(move || -> Result<Accumulator, (usize, CliError)> {
                     let mut acc = Accumulator::new(num_classes, dim);
+                    let mut scratch = FoldScratch::new();
                     // Returning early drops `inbox`, which stops the reader.
                     for (start, batch) in inbox {
                         let batch_labels = &labels[start..start + batch.nrows()];
-                        acc.fold_batch(batch.view(), batch_labels, par)
+                        acc.fold_batch_with(batch.view(), batch_labels, &mut scratch, par)
                             .map_err(|e| (start, batch_error(path, start, e)))?;
                         // The reader may have finished; then the buffer is just freed.
                         let _ = recycle.send(batch);
@@ -281,10 +284,13 @@ fn fold(
             return Err(first);
         }
         // Merge in worker order: the same rounding on every run.
-        let mut total = Accumulator::new(num_classes, dim);
-        for acc in &accumulators {
+        let mut accumulators = accumulators.into_iter();
+        let mut total = accumulators
+            .next()
+            .unwrap_or_else(|| Accumulator::new(num_classes, dim));
+        for acc in accumulators {
             total
-                .merge(acc)
+                .merge(&acc)
                 .map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))?;
         }
         Ok(total)

@@ -25,7 +25,7 @@ use tracing_subscriber::EnvFilter;
 use crate::server::config::{
     DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_DATA_DIR, DEFAULT_GRPC_ADDR, DEFAULT_HTTP_ADDR,
     DEFAULT_MAX_ACCUMULATOR_BYTES, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER, DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER, DEFAULT_MAX_SHARDS_PER_EPOCH, DEFAULT_SHUTDOWN_GRACE,
 };
 use crate::server::{self, Limits, ServeConfig};
 
@@ -93,6 +93,18 @@ pub(crate) struct ServeArgs {
         default_value_t = DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER
     )]
     max_sequence_gaps_per_writer: u64,
+    /// Most accumulator shards of one open epoch: concurrent streams of an
+    /// epoch fold in parallel into separate shards, merged at close. Each
+    /// shard counts as one accumulator in --max-accumulator-bytes; at most
+    /// the number of cores are used.
+    #[arg(
+        long,
+        env = "VCID_MAX_SHARDS_PER_EPOCH",
+        value_name = "N",
+        default_value_t = DEFAULT_MAX_SHARDS_PER_EPOCH,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_shards_per_epoch: u32,
     /// File holding a bearer token; when set, every gRPC call must send
     /// `authorization: Bearer <token>` (without it, no authentication).
     #[arg(long, env = "VCID_AUTH_TOKEN_FILE", value_name = "FILE")]
@@ -171,6 +183,7 @@ impl ServeArgs {
                     max_batch_rows: self.max_batch_rows,
                     max_accumulator_bytes: self.max_accumulator_bytes,
                     max_sequence_gaps_per_writer: self.max_sequence_gaps_per_writer,
+                    max_shards_per_epoch: self.max_shards_per_epoch,
                 },
                 auth_token,
                 shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),

@@ -32,6 +32,9 @@ pub const DEFAULT_MAX_ACCUMULATOR_BYTES: u64 = 2 << 30;
 /// this only bounds writers that skip or reorder sequences. About 16 bytes
 /// per gap.
 pub const DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER: u64 = 1024;
+/// Default most accumulator shards of one open epoch (used only while
+/// batches of the epoch arrive concurrently; never more than the cores).
+pub const DEFAULT_MAX_SHARDS_PER_EPOCH: u32 = 4;
 /// How long a graceful shutdown waits for in-flight RPCs before it
 /// checkpoints anyway.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -53,6 +56,19 @@ pub struct Limits {
     /// of a run; a batch that would open another one is rejected
     /// (FAILED_PRECONDITION) rather than remembered inexactly.
     pub max_sequence_gaps_per_writer: u64,
+    /// Most accumulator shards one open epoch folds concurrent batches into
+    /// (each reserves a whole accumulator from `max_accumulator_bytes`);
+    /// the daemon uses at most as many as it has cores.
+    pub max_shards_per_epoch: u32,
+}
+
+impl Limits {
+    /// The shard limit in effect: `max_shards_per_epoch`, at most the
+    /// number of cores, at least 1.
+    pub fn shards_per_epoch(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (self.max_shards_per_epoch as usize).clamp(1, cores)
+    }
 }
 
 impl Default for Limits {
@@ -62,6 +78,7 @@ impl Default for Limits {
             max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
             max_accumulator_bytes: DEFAULT_MAX_ACCUMULATOR_BYTES,
             max_sequence_gaps_per_writer: DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER,
+            max_shards_per_epoch: DEFAULT_MAX_SHARDS_PER_EPOCH,
         }
     }
 }

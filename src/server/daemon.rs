@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use ndarray::Array2;
 use prost::Message;
 use tokio::sync::broadcast;
 
@@ -29,14 +30,16 @@ use super::config::Limits;
 use super::decode::{self, StreamKey};
 use super::error::ServerError;
 use super::export::Telemetry;
-use super::state::{Applied, EpochMarker, RestoredEpoch, RunInfo, RunState, SeqSet, State};
+use super::state::{
+    Applied, Contribution, EpochMarker, RestoredEpoch, RunInfo, RunState, SeqSet, State,
+};
 use super::store::{EpochCheckpoint, EpochKey, Store, WriterCheckpoint};
 
 /// How many results a `Watch` subscriber may fall behind before it is cut
 /// off (it can re-read `GetHistory`).
 const WATCH_CAPACITY: usize = 1024;
 
-/// A validated batch with its statistics, not yet applied (see
+/// A validated, decoded batch, not yet applied (see
 /// [`Daemon::prepare_batch`]).
 #[derive(Debug)]
 pub struct PreparedBatch {
@@ -45,7 +48,7 @@ pub struct PreparedBatch {
     epoch: u64,
     dedup: Option<(String, u64)>,
     /// `None`: already known to be a duplicate.
-    acc: Option<Accumulator>,
+    input: Option<Input>,
 }
 
 impl PreparedBatch {
@@ -57,21 +60,38 @@ impl PreparedBatch {
     }
 }
 
-/// A batch's statistics on their way into one epoch's accumulator.
+/// What a batch brings, owned until it is folded.
+#[derive(Debug)]
+enum Input {
+    /// Decoded rows `rows × d` and their labels, checked.
+    Rows(Array2<f64>, Vec<u32>),
+    /// A `PushStats` block, validated.
+    Stats(Accumulator),
+}
+
+/// A batch on its way into one epoch's shards.
 #[derive(Debug)]
 struct ApplyJob {
     run: Arc<RunState>,
     key: StreamKey,
     epoch: u64,
-    acc: Accumulator,
+    input: Input,
     dedup: Option<(String, u64)>,
 }
 
 impl ApplyJob {
-    /// One attempt of [`RunState::apply`] (blocking: the O(d²) merge).
+    /// One attempt of [`RunState::apply`] (blocking: the O(rows·d²) fold
+    /// or the O(d²) merge).
     fn apply(&self) -> Result<Applied, ServerError> {
+        let batch = match &self.input {
+            Input::Rows(features, labels) => Contribution::Rows {
+                features: features.view(),
+                labels,
+            },
+            Input::Stats(acc) => Contribution::Stats(acc),
+        };
         self.run
-            .apply(&self.key, self.epoch, &self.acc, self.dedup.as_ref())
+            .apply(&self.key, self.epoch, batch, self.dedup.as_ref())
     }
 
     fn epoch_key(&self) -> EpochKey {
@@ -397,16 +417,18 @@ impl Daemon {
         let store = self.store.clone();
         let id = run_id.to_owned();
         blocking(move || store.delete_run(&id)).await??;
-        self.state.remove(run_id);
+        // Waits for folds in flight: on the blocking pool.
+        let state = Arc::clone(&self.state);
+        let id = run_id.to_owned();
+        blocking(move || state.remove(&id)).await?;
         let _ = self.events.send(WatchEvent::RunDeleted(run_id.to_owned()));
         tracing::info!(run = %run_id, "run deleted");
         Ok(())
     }
 
-    /// The lock-free half of ingesting a batch: validation, decoding and the
-    /// batch's own statistics, on the blocking pool. Changes nothing, so
-    /// several batches of one stream may be prepared concurrently and then
-    /// applied in order.
+    /// The lock-free half of ingesting a batch: validation and decoding, on
+    /// the blocking pool. Changes nothing, so several batches of one stream
+    /// may be prepared concurrently and then applied in order.
     pub async fn prepare_batch(&self, batch: FeatureBatch) -> Result<PreparedBatch, ServerError> {
         self.telemetry.ingest_bytes(batch.encoded_len());
         let run = self.state.get(&batch.run_id)?;
@@ -417,32 +439,27 @@ impl Daemon {
                 key: decode::stream_key(&batch.split, &batch.layer)?,
                 epoch: batch.epoch,
                 dedup,
-                acc: None,
+                input: None,
             });
         }
         let (k, d) = (run.info.num_classes, run.info.feature_dim);
         let max_rows = self.limits.max_batch_rows;
-        let (key, epoch, dedup, acc) = blocking(move || {
+        let decoded = blocking(move || {
             let decoded = decode::decode_batch(batch, d, max_rows)?;
-            let acc = Accumulator::from_batch(
-                decoded.features.view(),
-                &decoded.labels,
-                k as usize,
-                Par::Seq,
-            )?;
-            Ok::<_, ServerError>((decoded.key, decoded.epoch, decoded.dedup, acc))
+            Accumulator::check_batch(decoded.features.view(), &decoded.labels, k as usize)?;
+            Ok::<_, ServerError>(decoded)
         })
         .await??;
         Ok(PreparedBatch {
             run,
-            key,
-            epoch,
-            dedup,
-            acc: Some(acc),
+            key: decoded.key,
+            epoch: decoded.epoch,
+            dedup: decoded.dedup,
+            input: Some(Input::Rows(decoded.features, decoded.labels)),
         })
     }
 
-    /// The serialised half: the O(d²) merge under the epoch's lock (on the
+    /// The serialised half: the fold into a shard of the epoch (on the
     /// blocking pool), with the duplicate, sequence-gap, closed-epoch and
     /// budget checks (batches of one stream arrive here in order, so a
     /// sequence prepared before its predecessor landed is judged after it).
@@ -452,16 +469,16 @@ impl Daemon {
             key,
             epoch,
             dedup,
-            acc,
+            input,
         } = prepared;
-        let Some(acc) = acc else {
+        let Some(input) = input else {
             return Ok(Ingested::Duplicate);
         };
         let job = ApplyJob {
             run,
             key,
             epoch,
-            acc,
+            input,
             dedup,
         };
         let (outcome, job) = blocking(move || (job.apply(), job)).await?;
@@ -571,7 +588,7 @@ impl Daemon {
                 run,
                 key,
                 epoch,
-                acc: Accumulator::from_parts(parts)?,
+                input: Input::Stats(Accumulator::from_parts(parts)?),
                 dedup,
             };
             Ok::<_, ServerError>((job.apply(), job))
@@ -586,12 +603,15 @@ impl Daemon {
         let started = Instant::now();
         let run = self.state.get(&req.run_id)?;
         let key = decode::stream_key(&req.split, &req.layer)?;
-        let closing = run.begin_close(&key, req.epoch)?;
-        let (computed, closing) = blocking(move || {
-            let computed = metrics::compute(&closing.acc, Par::rayon(0));
-            (computed, closing)
-        })
-        .await?;
+        let (computed, closing) = {
+            let (run, key, epoch) = (Arc::clone(&run), key.clone(), req.epoch);
+            blocking(move || {
+                let closing = run.begin_close(&key, epoch)?;
+                let computed = metrics::compute(&closing.acc, Par::rayon(0));
+                Ok::<_, ServerError>((computed, closing))
+            })
+            .await??
+        };
         let metrics = match computed {
             Ok(m) => m,
             Err(err) => {

@@ -3,13 +3,16 @@
 //!
 //! Owns [`Accumulator`]: per-class counts and means, the total scatter about
 //! the global mean, per-class within-class traces, unit-vector sums and the
-//! within-class trace of the unit vectors (see below). A
-//! batch is folded in by computing its own statistics ([`Accumulator::from_batch`],
-//! one symmetric rank-n update of the batch centred on its own mean) and
-//! merging them with the parallel formula of Chan, Golub & LeVeque
-//! ([`Accumulator::merge`]). The same merge combines accumulators from
-//! different ranks or connections, so how a stream was split into batches
-//! changes the result only by rounding.
+//! within-class trace of the unit vectors (see below). A batch is folded in
+//! place ([`Accumulator::fold_batch_with`]): its statistics about its own
+//! means are computed in a reusable [`FoldScratch`] (`batch`), and merged
+//! with the parallel formula of Chan, Golub & LeVeque: the batch's scatter
+//! and the correction `δδᵀ·n_a·n_b/n` enter the accumulator's scatter as one
+//! triangular product, and only the classes present in the batch are
+//! touched (`classes`). [`Accumulator::merge`] combines whole accumulators
+//! (ranks, connections, shards of one stream) with the same formula, so how
+//! a stream was split into batches or shards changes the result only by
+//! rounding.
 //!
 //! Pure computation in f64: no I/O, no locking, no knowledge of runs or
 //! epochs. It must never use the naive `Σx² − N·x̄²` form, which loses every
@@ -30,13 +33,19 @@
 //! unit sums are row-major `K × d` vectors so one class is one contiguous
 //! slice.
 
+mod batch;
+mod classes;
 pub mod reduce;
+mod simd;
 
 use faer::linalg::matmul::triangular::{matmul, BlockStructure};
 use faer::{Accum, Mat};
 use ndarray::ArrayView2;
 
+pub use batch::FoldScratch;
 pub use faer::Par;
+
+use classes::ClassStats;
 
 /// Why statistics could not be built or combined. Every message names the
 /// field, what was expected and what was received.
@@ -113,6 +122,11 @@ pub struct Accumulator {
     classes: ClassStats,
     /// Lower triangle of M2 = Σ (h − μ)(h − μ)ᵀ; the upper triangle is stale.
     scatter: Mat<f64>,
+    /// The running global mean μ, moved by the Chan update with every fold
+    /// and merge (O(d), where `Σ_k n_k μ_k / N` would cost O(K·d) per batch).
+    /// Equal to [`Accumulator::global_mean`] up to rounding; only the
+    /// scatter's Chan correction reads it.
+    mean: Vec<f64>,
 }
 
 impl Accumulator {
@@ -122,16 +136,13 @@ impl Accumulator {
         Self {
             classes: ClassStats::new(num_classes, feature_dim),
             scatter: Mat::zeros(feature_dim, feature_dim),
+            mean: vec![0.0; feature_dim],
         }
     }
 
     /// The statistics of one batch: row `i` of `features` has label
-    /// `labels[i]`. Validates everything before computing anything.
-    ///
-    /// Class means and within-class traces use the corrected two-pass
-    /// algorithm over the batch (exact to rounding even with a large common
-    /// offset); the scatter is one lower-triangular product `XcᵀXc` of the
-    /// batch centred on its own mean, with the given parallelism.
+    /// `labels[i]`. Validates everything before computing anything. Equal
+    /// to folding the batch into [`Accumulator::new`].
     pub fn from_batch(
         features: ArrayView2<'_, f64>,
         labels: &[u32],
@@ -140,20 +151,54 @@ impl Accumulator {
     ) -> Result<Self, StatsError> {
         validate_batch(features, labels, num_classes)?;
         let mut acc = Self::new(num_classes, features.ncols());
-        acc.fold_valid_batch(features, labels, par);
+        acc.fold_batch_with(features, labels, &mut FoldScratch::new(), par)?;
         Ok(acc)
     }
 
-    /// Folds one batch into `self` in place: the same result as merging
-    /// [`Accumulator::from_batch`] of it, without allocating a second d × d
-    /// scatter (the batch's `XcᵀXc` is accumulated straight into `self`).
-    /// Use it where one owner folds many batches; the daemon instead builds
-    /// batch statistics outside its locks and merges them under one.
-    /// On any error `self` is left unchanged.
+    /// Checks a batch without folding it: what [`Accumulator::fold_batch_with`]
+    /// would refuse (shape, label count, a label outside `[0, num_classes)`,
+    /// the first NaN or infinite value), with the same error. Lets a caller
+    /// refuse a batch before it changes any state of its own.
+    pub fn check_batch(
+        features: ArrayView2<'_, f64>,
+        labels: &[u32],
+        num_classes: usize,
+    ) -> Result<(), StatsError> {
+        validate_batch(features, labels, num_classes)?;
+        match features
+            .indexed_iter()
+            .find(|(_, value)| !value.is_finite())
+        {
+            Some(((row, column), &value)) => Err(StatsError::NonFinite { row, column, value }),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Accumulator::fold_batch_with`] with scratch buffers of its own
+    /// (allocated for this one call).
     pub fn fold_batch(
         &mut self,
         features: ArrayView2<'_, f64>,
         labels: &[u32],
+        par: Par,
+    ) -> Result<(), StatsError> {
+        self.fold_batch_with(features, labels, &mut FoldScratch::new(), par)
+    }
+
+    /// Folds one batch into `self` in place: row `i` of `features` has label
+    /// `labels[i]`. The fast path: the batch is centred on its own mean in
+    /// `scratch` (reused from batch to batch, so nothing of size d × d or
+    /// d × rows is allocated once it has grown), its scatter and the Chan
+    /// correction are added to `self`'s scatter by one lower-triangular
+    /// product with the given parallelism, and only the classes present in
+    /// the batch are merged. Equal, up to rounding, to merging
+    /// [`Accumulator::from_batch`] of the batch. On any error `self` is left
+    /// unchanged.
+    pub fn fold_batch_with(
+        &mut self,
+        features: ArrayView2<'_, f64>,
+        labels: &[u32],
+        scratch: &mut FoldScratch,
         par: Par,
     ) -> Result<(), StatsError> {
         if features.ncols() != self.feature_dim() {
@@ -164,14 +209,8 @@ impl Accumulator {
             });
         }
         validate_batch(features, labels, self.num_classes())?;
-        self.fold_valid_batch(features, labels, par);
-        Ok(())
-    }
-
-    fn fold_valid_batch(&mut self, features: ArrayView2<'_, f64>, labels: &[u32], par: Par) {
-        let (rows, dim) = features.dim();
         // Row-major values as one slice (a copy only for an unusual layout),
-        // so every per-row loop below runs over plain slices.
+        // so every per-row pass runs over plain slices.
         let copied: Vec<f64>;
         let values = match features.as_slice() {
             Some(values) => values,
@@ -180,33 +219,32 @@ impl Accumulator {
                 &copied
             }
         };
-        let batch = ClassStats::of_batch(values, dim, labels, self.num_classes());
-        let batch_mean = batch.global_mean();
-        self.add_to_scatter(None, &batch_mean, batch.samples());
-        let mut centred = Mat::<f64>::zeros(dim, rows);
-        for (i, row) in values.chunks_exact(dim).enumerate() {
-            let column = centred.col_as_slice_mut(i);
-            for ((c, &h), &m) in column.iter_mut().zip(row).zip(&batch_mean) {
-                *c = h - m;
-            }
-        }
+        scratch.compute(values, self.feature_dim(), labels, self.num_classes())?;
+
+        let (n_a, n_b) = (self.samples(), labels.len() as u64);
+        let n = n_a + n_b;
+        let chan = (n_a > 0).then(|| (n_a as f64 * n_b as f64 / n as f64, self.mean.as_slice()));
+        let operand = scratch.scatter_operand(chan);
         matmul(
             self.scatter.as_mut(),
             BlockStructure::TriangularLower,
             Accum::Add,
-            centred.as_ref(),
+            operand,
             BlockStructure::Rectangular,
-            centred.transpose(),
+            operand.transpose(),
             BlockStructure::Rectangular,
             1.0,
             par,
         );
-        self.classes.merge(&batch);
+        simd::move_mean(&mut self.mean, &scratch.mean, n_b as f64 / n as f64);
+        self.classes.merge_slots(&scratch.present, &scratch.classes);
+        Ok(())
     }
 
     /// Folds `other` into `self` with the Chan–Golub–LeVeque formula:
     /// `M2 = M2_a + M2_b + δδᵀ·n_a·n_b/n`, and likewise per class for the
-    /// means and within-class traces. On a shape mismatch `self` is left
+    /// means and within-class traces. Combines ranks, connections, or the
+    /// shards one stream was folded into. On a shape mismatch `self` is left
     /// unchanged.
     pub fn merge(&mut self, other: &Accumulator) -> Result<(), StatsError> {
         let shapes = [
@@ -222,48 +260,29 @@ impl Accumulator {
                 });
             }
         }
-        if other.samples() == 0 {
+        let (n_a, n_b) = (self.samples(), other.samples());
+        if n_b == 0 {
             return Ok(());
         }
-        self.add_to_scatter(Some(&other.scatter), &other.global_mean(), other.samples());
+        let n = n_a + n_b;
+        let weight = n_a as f64 * n_b as f64 / n as f64;
+        let delta: Vec<f64> = other
+            .mean
+            .iter()
+            .zip(&self.mean)
+            .map(|(b, a)| b - a)
+            .collect();
+        for j in 0..self.feature_dim() {
+            simd::add_with_scaled(
+                &mut self.scatter.col_as_slice_mut(j)[j..],
+                &other.scatter.col_as_slice(j)[j..],
+                &delta[j..],
+                weight * delta[j],
+            );
+        }
+        simd::move_mean(&mut self.mean, &other.mean, n_b as f64 / n as f64);
         self.classes.merge(&other.classes);
         Ok(())
-    }
-
-    /// Adds to the lower triangle of the scatter the Chan correction
-    /// `δδᵀ·n_a·n_b/n` for `n_b` samples with mean `mean_b` about to join,
-    /// plus, if given, their own scatter `M2_b` (lower triangle), in one
-    /// sweep. Must run before the class statistics are merged (it reads
-    /// `self`'s current mean).
-    fn add_to_scatter(&mut self, other: Option<&Mat<f64>>, mean_b: &[f64], n_b: u64) {
-        let n_a = self.samples();
-        let weight = if n_a == 0 || n_b == 0 {
-            0.0
-        } else {
-            n_a as f64 * n_b as f64 / (n_a + n_b) as f64
-        };
-        if weight == 0.0 && other.is_none() {
-            return;
-        }
-        let mean_a = self.global_mean();
-        let delta: Vec<f64> = mean_b.iter().zip(&mean_a).map(|(b, a)| b - a).collect();
-        for j in 0..self.feature_dim() {
-            let scaled = weight * delta[j];
-            let mine = &mut self.scatter.col_as_slice_mut(j)[j..];
-            match other {
-                Some(theirs) => {
-                    let theirs = &theirs.col_as_slice(j)[j..];
-                    for ((s, &t), &d) in mine.iter_mut().zip(theirs).zip(&delta[j..]) {
-                        *s += t + scaled * d;
-                    }
-                }
-                None => {
-                    for (s, &d) in mine.iter_mut().zip(&delta[j..]) {
-                        *s += scaled * d;
-                    }
-                }
-            }
-        }
     }
 
     /// K, the number of classes this accumulator was made for.
@@ -387,198 +406,20 @@ impl Accumulator {
         // Average the two triangles: a client's gemm may leave them a few
         // ulps apart.
         let scatter = Mat::from_fn(d, d, |i, j| 0.5 * (scatter[i * d + j] + scatter[j * d + i]));
+        let classes = ClassStats {
+            feature_dim: d,
+            counts: class_counts,
+            means: class_means,
+            within_trace,
+            unit_sum,
+            unit_count,
+            unit_within_trace,
+        };
         Ok(Self {
-            classes: ClassStats {
-                feature_dim: d,
-                counts: class_counts,
-                means: class_means,
-                within_trace,
-                unit_sum,
-                unit_count,
-                unit_within_trace,
-            },
+            mean: classes.global_mean(),
+            classes,
             scatter,
         })
-    }
-}
-
-/// Everything of the statistics but the scatter: per-class counts, means,
-/// within-class traces and unit-vector statistics. Rows of the K × d
-/// matrices are contiguous slices.
-#[derive(Clone, Debug)]
-struct ClassStats {
-    feature_dim: usize,
-    counts: Vec<u64>,
-    means: Vec<f64>,
-    within_trace: Vec<f64>,
-    unit_sum: Vec<f64>,
-    unit_count: Vec<u64>,
-    unit_within_trace: Vec<f64>,
-}
-
-impl ClassStats {
-    fn new(num_classes: usize, feature_dim: usize) -> Self {
-        Self {
-            feature_dim,
-            counts: vec![0; num_classes],
-            means: vec![0.0; num_classes * feature_dim],
-            within_trace: vec![0.0; num_classes],
-            unit_sum: vec![0.0; num_classes * feature_dim],
-            unit_count: vec![0; num_classes],
-            unit_within_trace: vec![0.0; num_classes],
-        }
-    }
-
-    fn row<'a>(&self, matrix: &'a [f64], class: usize) -> &'a [f64] {
-        &matrix[class * self.feature_dim..(class + 1) * self.feature_dim]
-    }
-
-    fn samples(&self) -> u64 {
-        self.counts.iter().sum()
-    }
-
-    fn global_mean(&self) -> Vec<f64> {
-        let mut mean = vec![0.0; self.feature_dim];
-        let total = self.samples();
-        if total == 0 {
-            return mean;
-        }
-        for (k, &n) in self.counts.iter().enumerate() {
-            if n == 0 {
-                continue;
-            }
-            let weight = n as f64 / total as f64;
-            for (m, &c) in mean.iter_mut().zip(self.row(&self.means, k)) {
-                *m += weight * c;
-            }
-        }
-        mean
-    }
-
-    /// The class statistics of one validated batch (`rows`: its row-major
-    /// values, `dim` per row), in three passes over its rows: provisional
-    /// means; residuals (mean correction, within-class traces) and unit
-    /// vectors; spread of the unit vectors.
-    fn of_batch(rows: &[f64], dim: usize, labels: &[u32], num_classes: usize) -> Self {
-        let mut stats = Self::new(num_classes, dim);
-        let range = |k: u32| k as usize * dim..(k as usize + 1) * dim;
-
-        for (row, &label) in rows.chunks_exact(dim).zip(labels) {
-            stats.counts[label as usize] += 1;
-            for (s, &h) in stats.means[range(label)].iter_mut().zip(row) {
-                *s += h;
-            }
-        }
-        for (k, &n) in stats.counts.iter().enumerate() {
-            if n > 0 {
-                let inv = 1.0 / n as f64;
-                stats.means[k * dim..(k + 1) * dim]
-                    .iter_mut()
-                    .for_each(|s| *s *= inv);
-            }
-        }
-
-        let mut residual_sum = vec![0.0; num_classes * dim];
-        let mut norms = Vec::with_capacity(labels.len());
-        for (row, &label) in rows.chunks_exact(dim).zip(labels) {
-            let k = label as usize;
-            let mean = &stats.means[range(label)];
-            for ((r, &m), &h) in residual_sum[range(label)].iter_mut().zip(mean).zip(row) {
-                *r += h - m;
-            }
-            stats.within_trace[k] += squared_difference(row, 1.0, mean, 1.0);
-
-            let norm = euclidean_norm(row);
-            norms.push(norm);
-            if norm > 0.0 {
-                let inv = 1.0 / norm;
-                for (u, &h) in stats.unit_sum[range(label)].iter_mut().zip(row) {
-                    *u += h * inv;
-                }
-                stats.unit_count[k] += 1;
-            }
-        }
-        for (k, &n) in stats.counts.iter().enumerate() {
-            if n == 0 {
-                continue;
-            }
-            let inv = 1.0 / n as f64;
-            let residual = &residual_sum[k * dim..(k + 1) * dim];
-            let mut shift_squared = 0.0;
-            for (m, &r) in stats.means[k * dim..(k + 1) * dim].iter_mut().zip(residual) {
-                let shift = r * inv;
-                *m += shift;
-                shift_squared += shift * shift;
-            }
-            // Σ‖h − μ‖² = Σ‖h − μ₀‖² − n‖μ − μ₀‖² (exact identity).
-            stats.within_trace[k] = (stats.within_trace[k] - n as f64 * shift_squared).max(0.0);
-        }
-
-        for ((row, &label), &norm) in rows.chunks_exact(dim).zip(labels).zip(&norms) {
-            if norm > 0.0 {
-                let k = label as usize;
-                let inv_count = 1.0 / stats.unit_count[k] as f64;
-                let unit_sum = &stats.unit_sum[range(label)];
-                stats.unit_within_trace[k] +=
-                    squared_difference(row, 1.0 / norm, unit_sum, inv_count);
-            }
-        }
-        stats
-    }
-
-    /// Chan merge of every class of `other` into `self` (same shape).
-    fn merge(&mut self, other: &ClassStats) {
-        let dim = self.feature_dim;
-        for k in 0..self.counts.len() {
-            let nb = other.counts[k];
-            if nb == 0 {
-                continue;
-            }
-            let na = self.counts[k];
-            let n = na + nb;
-            let range = k * dim..(k + 1) * dim;
-            let mean = &mut self.means[range.clone()];
-            let their_mean = &other.means[range];
-            if na == 0 {
-                mean.copy_from_slice(their_mean);
-                self.within_trace[k] = other.within_trace[k];
-            } else {
-                let step = nb as f64 / n as f64;
-                let mut delta_squared = 0.0;
-                for (m, &t) in mean.iter_mut().zip(their_mean) {
-                    let d = t - *m;
-                    delta_squared += d * d;
-                    *m += d * step;
-                }
-                self.within_trace[k] +=
-                    other.within_trace[k] + delta_squared * (na as f64 * nb as f64 / n as f64);
-            }
-            self.counts[k] = n;
-            self.merge_unit_vectors(other, k);
-        }
-    }
-
-    /// Chan merge of class `k`'s unit-vector statistics.
-    fn merge_unit_vectors(&mut self, other: &ClassStats, k: usize) {
-        let (ca, cb) = (self.unit_count[k], other.unit_count[k]);
-        let range = k * self.feature_dim..(k + 1) * self.feature_dim;
-        if ca > 0 && cb > 0 {
-            let (ia, ib) = (1.0 / ca as f64, 1.0 / cb as f64);
-            let delta_squared: f64 = self.unit_sum[range.clone()]
-                .iter()
-                .zip(&other.unit_sum[range.clone()])
-                .map(|(&a, &b)| (b * ib - a * ia).powi(2))
-                .sum();
-            self.unit_within_trace[k] += delta_squared * (ca as f64 * cb as f64 / (ca + cb) as f64);
-        }
-        self.unit_within_trace[k] += other.unit_within_trace[k];
-        for (u, &t) in self.unit_sum[range.clone()]
-            .iter_mut()
-            .zip(&other.unit_sum[range])
-        {
-            *u += t;
-        }
-        self.unit_count[k] += cb;
     }
 }
 
@@ -604,41 +445,8 @@ fn derived_unit_within_trace(parts: &AccumulatorParts) -> Vec<f64> {
         .collect()
 }
 
-/// `Σ_i (a·x_i − b·y_i)²`. Eight partial sums let the compiler vectorise
-/// the reduction (one running sum cannot be reordered under IEEE rules);
-/// the order is fixed, so the result is deterministic.
-fn squared_difference(x: &[f64], a: f64, y: &[f64], b: f64) -> f64 {
-    const LANES: usize = 8;
-    let mut partial = [0.0; LANES];
-    let (x_chunks, y_chunks) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
-    let (x_rest, y_rest) = (x_chunks.remainder(), y_chunks.remainder());
-    for (xs, ys) in x_chunks.zip(y_chunks) {
-        for lane in 0..LANES {
-            let e = a * xs[lane] - b * ys[lane];
-            partial[lane] += e * e;
-        }
-    }
-    let rest: f64 = x_rest
-        .iter()
-        .zip(y_rest)
-        .map(|(&x, &y)| (a * x - b * y) * (a * x - b * y))
-        .sum();
-    partial.iter().sum::<f64>() + rest
-}
-
-/// `‖x‖₂`, rescaled only when the plain sum of squares over- or underflows.
-fn euclidean_norm(values: &[f64]) -> f64 {
-    let squared = squared_difference(values, 1.0, values, 0.0);
-    if squared.is_finite() && squared > f64::MIN_POSITIVE {
-        return squared.sqrt();
-    }
-    let scale = values.iter().fold(0.0_f64, |m, v| m.max(v.abs()));
-    if scale == 0.0 || !scale.is_finite() {
-        return scale;
-    }
-    scale * squared_difference(values, 1.0 / scale, values, 0.0).sqrt()
-}
-
+/// Shapes and labels. Finiteness is checked by the first pass over the
+/// values (`FoldScratch`), which reads them anyway.
 fn validate_batch(
     features: ArrayView2<'_, f64>,
     labels: &[u32],
@@ -667,11 +475,6 @@ fn validate_batch(
             label,
             num_classes,
         });
-    }
-    for (row, values) in features.rows().into_iter().enumerate() {
-        if let Some((column, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(StatsError::NonFinite { row, column, value });
-        }
     }
     Ok(())
 }
@@ -986,6 +789,39 @@ mod tests {
     }
 
     #[test]
+    fn one_scratch_serves_any_shape_and_survives_errors() {
+        let shapes = [(3, 2, 5), (40, 4, 9), (2, 1, 1), (3, 2, 7)];
+        let mut shared = FoldScratch::new();
+        for (round, &(k, d, rows)) in shapes.iter().chain(&shapes).enumerate() {
+            let x = Array2::from_shape_fn((rows, d), |(i, j)| (i * 7 + j * 3 + round) as f64 - 4.0);
+            let labels: Vec<u32> = (0..rows).map(|i| ((i * 5 + round) % k) as u32).collect();
+            let mut fresh = Accumulator::new(k, d);
+            fresh.fold_batch(x.view(), &labels, Par::Seq).unwrap();
+            let mut reused = Accumulator::new(k, d);
+            reused
+                .fold_batch_with(x.view(), &labels, &mut shared, Par::Seq)
+                .unwrap();
+            assert_eq!(reused.to_parts(), fresh.to_parts(), "shape {k} {d} {rows}");
+
+            // A non-finite value in the last row: named, nothing changed,
+            // and the scratch still works for the next batch.
+            let mut bad = x.clone();
+            bad[(rows - 1, d - 1)] = f64::NEG_INFINITY;
+            let before = reused.to_parts();
+            assert_eq!(
+                reused.fold_batch_with(bad.view(), &labels, &mut shared, Par::Seq),
+                Err(StatsError::NonFinite {
+                    row: rows - 1,
+                    column: d - 1,
+                    value: f64::NEG_INFINITY
+                })
+            );
+            assert_eq!(reused.to_parts(), before);
+        }
+        assert!(shared.memory_bytes() >= 8 * 4 * 10);
+    }
+
+    #[test]
     fn unit_vector_trace_is_kept_and_derived_when_missing() {
         // Class 0: directions (1,0) and (0,1): mean (½,½), spread 2·½ = 1.
         let features = batch(&[[2.0, 0.0], [0.0, 3.0], [0.0, 0.0]]);
@@ -998,12 +834,5 @@ mod tests {
         parts.unit_within_trace.clear();
         let derived = Accumulator::from_parts(parts).unwrap();
         assert!((derived.unit_within_trace()[0] - 1.0).abs() < 1e-15);
-    }
-
-    #[test]
-    fn norm_survives_overflow_and_underflow() {
-        assert!((euclidean_norm(&[3e200, 4e200]) / 5e200 - 1.0).abs() < 1e-15);
-        assert!((euclidean_norm(&[3e-200, 4e-200]) - 5e-200).abs() < 1e-214);
-        assert_eq!(euclidean_norm(&[0.0, 0.0]), 0.0);
     }
 }

@@ -417,24 +417,28 @@ class Monitor:
 
     def push_stats(
         self,
-        acc: LocalAccumulator,
+        acc: Any,
         epoch: Optional[int] = None,
         split: str = DEFAULT_SPLIT,
         layer: str = DEFAULT_LAYER,
     ) -> PushSummary:
-        """Send a ``LocalAccumulator`` (``PushStats``: its statistics,
-        ``unit_within_trace`` included); merged exactly into the open epoch
-        (``epoch`` None: ``current_epoch(split, layer)``). Retried safely
-        (same idempotence key) while the daemon is unreachable, and kept
-        until the daemon reports it durable: resent if the daemon restarts
-        before that (at most ``queue_size`` blocks are held; beyond, this
-        call asks the daemon for a checkpoint). Returns the daemon's summary
+        """Send a ``LocalAccumulator`` or a ``vcid.torch.TorchAccumulator``
+        (``PushStats``: its statistics, ``unit_within_trace`` included);
+        merged exactly into the open epoch (``epoch`` None:
+        ``current_epoch(split, layer)``). Retried safely (same idempotence
+        key) while the daemon is unreachable, and kept until the daemon
+        reports it durable: resent if the daemon restarts before that (at
+        most ``queue_size`` blocks are held; beyond, this call asks the
+        daemon for a checkpoint). Returns the daemon's summary
         of this one call."""
         self._check_usable()
         stream = (check_stream_name("split", split), check_stream_name("layer", layer))
         epoch = self._epoch_for(stream, epoch, "push_stats")
+        if hasattr(acc, "to_local"):  # vcid.torch.TorchAccumulator: one copy to the host
+            acc = acc.to_local()
         if not isinstance(acc, LocalAccumulator):
-            raise ArgumentError("acc", f"expected a vcid.LocalAccumulator, received "
+            raise ArgumentError("acc", f"expected a vcid.LocalAccumulator or "
+                                       f"vcid.torch.TorchAccumulator, received "
                                        f"{type(acc).__name__}")
         if (acc.num_classes, acc.feature_dim) != (self._num_classes, self._feature_dim):
             raise ArgumentError(

@@ -7,13 +7,19 @@
 //!
 //! # Memory budget
 //!
-//! Creating an open accumulator reserves [`RunInfo::accumulator_bytes`]
+//! Opening an epoch reserves [`RunInfo::accumulator_bytes`]
 //! (`Accumulator::estimated_bytes`, 8·(d² + 2Kd + 4K)) from the one
-//! [`Budget`]; closing the epoch or deleting the run releases it. A
-//! reservation beyond `--max-accumulator-bytes` fails with
-//! RESOURCE_EXHAUSTED before anything is created, and `CreateRun` refuses a
-//! run whose single accumulator could never fit. Transient per-batch
-//! statistics are not counted (they are bounded by the message size limit).
+//! [`Budget`] for its first accumulator shard; every further shard (made
+//! only while batches of the epoch arrive concurrently, up to
+//! `--max-shards-per-epoch`) reserves as much again, and is not made when
+//! the budget has no room (the batch then waits for an existing shard).
+//! Closing the epoch releases all but one accumulator's worth as soon as
+//! the shards are combined, and the rest when the result is stored;
+//! deleting the run releases everything. Opening an epoch beyond
+//! `--max-accumulator-bytes` fails with RESOURCE_EXHAUSTED before anything
+//! is created, and `CreateRun` refuses a run whose single accumulator could
+//! never fit. Per-batch memory (a decoded batch, a shard's fold scratch,
+//! both O(rows·d)) is not counted: it is bounded by the message size limit.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

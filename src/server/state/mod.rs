@@ -11,7 +11,7 @@
 //! |---|---|
 //! | [`run`] | one run: streams, epoch slots, an epoch's life; the run and slot locks and their order (`# Concurrency`) |
 //! | [`dedup`] | the per-writer duplicate filter and its admission rule |
-//! | [`budget`] | the memory budget of open accumulators |
+//! | [`budget`] | the memory budget of open accumulators and their shards |
 //! | [`marker`] | the durable open-epoch marker handshake and lost epochs |
 //!
 //! `State::runs` is an `RwLock` held only to look up, insert or remove a
@@ -33,7 +33,7 @@ use super::error::ServerError;
 pub(crate) use budget::Budget;
 pub(crate) use dedup::SeqSet;
 pub(crate) use marker::EpochMarker;
-pub(crate) use run::{Applied, RestoredEpoch, RunInfo, RunState};
+pub(crate) use run::{Applied, Contribution, RestoredEpoch, RunInfo, RunState};
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it
 /// (every critical section leaves the data consistent before it can panic:
@@ -50,6 +50,8 @@ pub(crate) struct State {
     pub(crate) budget: Arc<Budget>,
     /// `--max-sequence-gaps-per-writer`, given to every run.
     max_sequence_gaps_per_writer: u64,
+    /// Shards per open epoch: `--max-shards-per-epoch`, at most the cores.
+    max_shards_per_epoch: usize,
 }
 
 impl State {
@@ -59,6 +61,7 @@ impl State {
             runs: RwLock::new(BTreeMap::new()),
             budget: Arc::new(Budget::new(limits.max_accumulator_bytes)),
             max_sequence_gaps_per_writer: limits.max_sequence_gaps_per_writer,
+            max_shards_per_epoch: limits.shards_per_epoch(),
         }
     }
 
@@ -69,6 +72,7 @@ impl State {
             rows_ingested,
             Arc::clone(&self.budget),
             self.max_sequence_gaps_per_writer,
+            self.max_shards_per_epoch,
         ))
     }
 

@@ -11,33 +11,45 @@
 //!
 //! * Each run has one `Mutex<RunInner>` for its stream table and duplicate
 //!   filter, held for map look-ups only (O(log n)), never for statistics.
-//! * Each open (stream, epoch) has its own [`EpochSlot`] mutex; only the
-//!   O(d²) `Accumulator::merge` runs under it. Batches of different epochs,
-//!   streams or runs therefore merge in parallel; batches of the same epoch
-//!   (several data-parallel ranks) serialise only the merge.
-//! * Lock order: a slot lock may be taken before the run lock, never the
-//!   reverse (no code acquires a slot while holding `RunInner`).
+//! * Each open (stream, epoch) has an [`EpochSlot`]: a few accumulator
+//!   shards, each with its own mutex, and a phase `RwLock`. A batch is
+//!   folded in place into a free shard (`try_lock` in shard order; when all
+//!   are busy a new shard is added if the shard limit and the memory budget
+//!   allow it, otherwise the batch waits for one), holding the phase lock
+//!   shared for the whole fold. Concurrent streams of one epoch (several
+//!   data-parallel ranks) therefore fold in parallel into different shards;
+//!   batches of different epochs, streams or runs never share a lock.
+//!   Close, checkpoint and delete take the phase lock exclusively, which
+//!   waits for the folds in flight; then [`combined`] merges the shards
+//!   with the Chan formula. Every fold, and everything that takes a slot's
+//!   locks, runs on the blocking pool, never on a runtime thread.
+//! * Lock order: phase → shard list → shard. A slot lock may be taken
+//!   before the run lock, never the reverse (no code acquires a slot lock
+//!   while holding `RunInner`).
 //!
 //! A batch is applied in three steps: (1) under the run lock, skip
 //! duplicates, reject a sequence beyond the writer's gap limit and closed
 //! epochs, claim the `(writer_id, sequence)` key as in flight and find or
-//! create the slot (reserving its memory); (2) under the slot lock, check the
-//! slot is still open and merge; (3) under the run lock, record the key as
-//! applied (or release the claim on failure). A close moves the slot from
-//! `open` to `closing` under the run lock and then marks it `Closing` under
-//! the slot lock, so a merge either lands before the close takes the
-//! accumulator or is rejected with FAILED_PRECONDITION: never half-applied,
-//! never lost.
+//! create the slot (reserving its first shard's memory); (2) under the
+//! slot's phase lock (shared) and one shard's lock, check the slot is still
+//! open and fold; (3) under the run lock, record the key as applied (or
+//! release the claim on failure), so a batch counts as applied exactly when
+//! its rows are in a shard. A close moves the slot from `open` to `closing`
+//! under the run lock and then marks it `Closing` under the phase lock, so a
+//! fold either lands before the close combines the shards or is rejected
+//! with FAILED_PRECONDITION: never half-applied, never lost.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+
+use ndarray::ArrayView2;
 
 use crate::proto::{EpochResult, OpenEpoch};
 use crate::server::clock::utc_timestamp;
 use crate::server::decode::StreamKey;
 use crate::server::error::ServerError;
-use crate::stats::Accumulator;
+use crate::stats::{Accumulator, FoldScratch, Par};
 
 use super::budget::Budget;
 use super::dedup::{SeqSet, WriterState};
@@ -74,15 +86,69 @@ enum Phase {
     Frozen,
 }
 
+/// One accumulator of an open epoch with the scratch its folds reuse (so a
+/// batch allocates nothing of size d × d or d × rows once it has grown).
 #[derive(Debug)]
-struct SlotInner {
-    acc: Option<Accumulator>,
-    phase: Phase,
+struct Shard {
+    acc: Accumulator,
+    scratch: FoldScratch,
+}
+
+type ShardCell = Arc<Mutex<Shard>>;
+
+fn new_shard(acc: Accumulator) -> ShardCell {
+    Arc::new(Mutex::new(Shard {
+        acc,
+        scratch: FoldScratch::new(),
+    }))
+}
+
+/// What a batch brings to an epoch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Contribution<'a> {
+    /// Decoded rows (already checked with `Accumulator::check_batch`),
+    /// folded in place.
+    Rows {
+        features: ArrayView2<'a, f64>,
+        labels: &'a [u32],
+    },
+    /// Statistics from outside (`PushStats`), merged.
+    Stats(&'a Accumulator),
+}
+
+impl Contribution<'_> {
+    fn samples(&self) -> u64 {
+        match self {
+            Contribution::Rows { labels, .. } => labels.len() as u64,
+            Contribution::Stats(acc) => acc.samples(),
+        }
+    }
+
+    /// Folds into `shard` with the triangular product's parallelism
+    /// `par`; on error the shard is unchanged.
+    fn fold_into(&self, shard: &mut Shard, par: Par) -> Result<(), ServerError> {
+        match *self {
+            Contribution::Rows { features, labels } => {
+                let Shard { acc, scratch } = shard;
+                acc.fold_batch_with(features, labels, scratch, par)?;
+            }
+            Contribution::Stats(stats) => shard.acc.merge(stats)?,
+        }
+        Ok(())
+    }
+}
+
+/// An open epoch's delivery bookkeeping for periodic checkpoints. Folds
+/// update it while they hold the slot's phase lock shared (after their
+/// fold); a snapshot reads it with the phase lock exclusive, so the
+/// statistics and the writers' sequences of a snapshot always agree.
+#[derive(Debug, Default)]
+struct Book {
     /// The sequences of each writer merged into this epoch (`""`: batches
-    /// without a writer_id never enter it), checkpointed with `acc` so a
-    /// restored epoch and its duplicate filter agree exactly.
+    /// without a writer_id never enter it), checkpointed with the
+    /// statistics so a restored epoch and its duplicate filter agree.
     writers: BTreeMap<String, SeqSet>,
-    /// Bumped by every merge.
+    /// Bumped by every fold.
     version: u64,
     /// `version` as of the last durable checkpoint.
     durable_version: u64,
@@ -130,44 +196,58 @@ pub(crate) struct EpochSnapshot {
     slot: Arc<EpochSlot>,
 }
 
-/// One open (stream, epoch) accumulator with its own lock.
+/// One open (stream, epoch): its accumulator shards and its phase.
 #[derive(Debug)]
 struct EpochSlot {
-    inner: Mutex<SlotInner>,
-    /// Bytes reserved from the [`Budget`] for this slot.
-    reserved: u64,
+    /// Shared by every fold for its whole duration; exclusive for a change
+    /// of phase (which therefore waits for the folds in flight).
+    phase: RwLock<Phase>,
+    /// At least one shard while open; grows up to the run's shard limit.
+    shards: Mutex<Vec<ShardCell>>,
+    /// Bytes reserved from the [`Budget`]: one accumulator per shard.
+    reserved: AtomicU64,
+    /// Rows folded in (read without waiting for a fold).
+    samples: AtomicU64,
+    /// Spreads batches that wait for a busy shard over the shards.
+    waits: AtomicUsize,
+    /// Delivery bookkeeping (see [`Book`]).
+    book: Mutex<Book>,
 }
 
 impl EpochSlot {
     fn new(acc: Accumulator, reserved: u64) -> EpochSlot {
         EpochSlot {
-            inner: Mutex::new(SlotInner {
-                acc: Some(acc),
-                phase: Phase::Open,
-                writers: BTreeMap::new(),
-                version: 0,
-                durable_version: 0,
-                durable_samples: 0,
-                durable_unix_ms: 0,
-                generation: 0,
-                marked_writers: HashMap::new(),
-                missing: BTreeMap::new(),
-            }),
-            reserved,
+            phase: RwLock::new(Phase::Open),
+            samples: AtomicU64::new(acc.samples()),
+            shards: Mutex::new(vec![new_shard(acc)]),
+            reserved: AtomicU64::new(reserved),
+            waits: AtomicUsize::new(0),
+            book: Mutex::new(Book::default()),
         }
     }
 
-    /// The epoch's statistics and writers as of now, when they changed
-    /// since the last durable checkpoint: the one place a checkpoint copies
-    /// an accumulator (under the slot lock, one copy: ingest of this epoch
-    /// waits for about one merge, other epochs not at all). Starts a new
-    /// generation of dirty-writer markers.
+    /// The epoch's [`combined`] statistics and writers as of now, when they
+    /// changed since the last durable checkpoint: the one place a
+    /// checkpoint copies an epoch. Takes the phase lock exclusively (waits
+    /// for the folds in flight: ingest of this epoch pauses for the merge
+    /// of its shards, other epochs not at all). Starts a new generation of
+    /// dirty-writer markers.
     fn snapshot(self: &Arc<Self>, key: StreamKey, epoch: u64) -> Option<EpochSnapshot> {
-        let mut g = lock(&self.inner);
-        if !matches!(g.phase, Phase::Open | Phase::Frozen) || g.version == g.durable_version {
+        let phase = self.phase_mut();
+        if !matches!(*phase, Phase::Open | Phase::Frozen) {
             return None;
         }
-        let acc = g.acc.as_ref()?.clone();
+        let mut g = lock(&self.book);
+        if g.version == g.durable_version {
+            return None;
+        }
+        let acc = match combined(&lock(&self.shards)) {
+            Ok(acc) => acc,
+            Err(err) => {
+                tracing::error!(%err, epoch, "an open epoch's shards do not combine; not checkpointed");
+                return None;
+            }
+        };
         g.generation += 1;
         g.marked_writers.clear();
         Some(EpochSnapshot {
@@ -188,13 +268,113 @@ impl EpochSlot {
 
     /// `(samples, durable_samples, durable_unix_ms)`.
     fn progress(&self) -> (u64, u64, i64) {
-        let g = lock(&self.inner);
-        (
-            g.acc.as_ref().map_or(0, Accumulator::samples),
-            g.durable_samples,
-            g.durable_unix_ms,
-        )
+        let g = lock(&self.book);
+        (self.samples(), g.durable_samples, g.durable_unix_ms)
     }
+
+    fn phase(&self) -> RwLockReadGuard<'_, Phase> {
+        self.phase
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The phase, exclusively: waits for every fold in flight.
+    fn phase_mut(&self) -> RwLockWriteGuard<'_, Phase> {
+        self.phase
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn samples(&self) -> u64 {
+        self.samples.load(Ordering::Relaxed)
+    }
+
+    /// Folds `batch` into a shard (the caller holds the phase lock shared):
+    /// the first free one; else a new one when fewer than `max_shards`
+    /// exist and the budget has room for one more accumulator; else waits
+    /// for a busy one. While the epoch has one shard (one stream at a
+    /// time), the fold's product uses every core; with several shards each
+    /// fold uses one and the shards run in parallel.
+    fn fold(
+        &self,
+        batch: Contribution<'_>,
+        info: &RunInfo,
+        max_shards: usize,
+        budget: &Budget,
+    ) -> Result<(), ServerError> {
+        let shards: Vec<ShardCell> = lock(&self.shards).clone();
+        let par = if shards.len() == 1 {
+            Par::rayon(0)
+        } else {
+            Par::Seq
+        };
+        for cell in &shards {
+            let guard = match cell.try_lock() {
+                Ok(guard) => Some(guard),
+                Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            };
+            if let Some(mut shard) = guard {
+                return batch.fold_into(&mut shard, par);
+            }
+        }
+        if let Some(cell) = self.add_shard(info, max_shards, budget, &shards) {
+            return batch.fold_into(&mut lock(&cell), Par::Seq);
+        }
+        let i = self.waits.fetch_add(1, Ordering::Relaxed) % shards.len().max(1);
+        match shards.get(i) {
+            Some(cell) => batch.fold_into(&mut lock(cell), par),
+            None => Err(ServerError::Internal("an open epoch without shards".into())),
+        }
+    }
+
+    /// A new empty shard of `info`'s shape, if the list is still `seen`
+    /// (no one added one meanwhile), below `max_shards`, and the budget
+    /// reserves its bytes.
+    fn add_shard(
+        &self,
+        info: &RunInfo,
+        max_shards: usize,
+        budget: &Budget,
+        seen: &[ShardCell],
+    ) -> Option<ShardCell> {
+        let mut shards = lock(&self.shards);
+        if shards.len() != seen.len() || shards.len() >= max_shards {
+            return None;
+        }
+        let per_shard = info.accumulator_bytes();
+        budget.try_reserve(per_shard).ok()?;
+        self.reserved.fetch_add(per_shard, Ordering::AcqRel);
+        let cell = new_shard(Accumulator::new(
+            info.num_classes as usize,
+            info.feature_dim as usize,
+        ));
+        shards.push(Arc::clone(&cell));
+        Some(cell)
+    }
+
+    /// Number of shards now.
+    #[cfg(test)]
+    fn shard_count(&self) -> usize {
+        lock(&self.shards).len()
+    }
+}
+
+/// The epoch's combined statistics: its shards merged in shard order with
+/// the Chan–Golub–LeVeque formula (`Accumulator::merge`). The one
+/// definition used by close and by checkpoints, so a checkpoint restores
+/// exactly what a close would have computed from. The caller holds the
+/// slot's phase lock exclusively (no fold in flight).
+fn combined(shards: &[ShardCell]) -> Result<Accumulator, ServerError> {
+    let mut cells = shards.iter();
+    let first = cells
+        .next()
+        .ok_or_else(|| ServerError::Internal("an open epoch without shards".into()))?;
+    let mut total = lock(first).acc.clone();
+    for cell in cells {
+        total.merge(&lock(cell).acc)?;
+    }
+    Ok(total)
 }
 
 #[derive(Debug, Default)]
@@ -299,6 +479,8 @@ pub(crate) struct RunState {
     budget: Arc<Budget>,
     /// `--max-sequence-gaps-per-writer`.
     max_gaps: u64,
+    /// Most accumulator shards of one open epoch (at least 1).
+    max_shards: usize,
 }
 
 impl RunState {
@@ -307,6 +489,7 @@ impl RunState {
         rows_ingested: u64,
         budget: Arc<Budget>,
         max_gaps: u64,
+        max_shards: usize,
     ) -> RunState {
         RunState {
             info,
@@ -315,6 +498,7 @@ impl RunState {
             inner: Mutex::new(RunInner::default()),
             budget,
             max_gaps,
+            max_shards: max_shards.max(1),
         }
     }
 
@@ -398,17 +582,17 @@ impl RunState {
             .is_some_and(|w| w.is_duplicate(*seq))
     }
 
-    /// Merges a batch's statistics into the open accumulator of
-    /// `(key, epoch)`, creating it if needed once the epoch's marker is
-    /// durable ([`Applied::NeedsMarker`] until then). Whole or nothing: a
-    /// batch whose sequence would give its writer more gaps than the limit,
-    /// or whose epoch was lost, is rejected before anything is claimed,
-    /// created or merged.
+    /// Folds a batch into a shard of the open epoch `(key, epoch)`
+    /// (blocking: the O(rows·d²) fold), creating the epoch if needed once
+    /// its marker is durable ([`Applied::NeedsMarker`] until then). Whole or
+    /// nothing: a batch whose sequence would give its writer more gaps than
+    /// the limit, or whose epoch was lost, is rejected before anything is
+    /// claimed, created or folded.
     pub(crate) fn apply(
         &self,
         key: &StreamKey,
         epoch: u64,
-        batch: &Accumulator,
+        batch: Contribution<'_>,
         dedup: Option<&(String, u64)>,
     ) -> Result<Applied, ServerError> {
         // Step 1: admission under the run lock.
@@ -493,39 +677,46 @@ impl RunState {
             slot
         };
 
-        // Step 2: the merge, under the slot lock only.
-        let merged = {
-            let mut guard = lock(&slot.inner);
-            let g = &mut *guard;
-            match (g.phase, g.acc.as_mut()) {
-                (Phase::Open, Some(acc)) => {
+        // Step 2: the fold, under the slot's locks only. A writer's first
+        // batch since the epoch's last snapshot waits for its dirty marker.
+        let folded = {
+            let phase = slot.phase();
+            match *phase {
+                Phase::Open => {
                     let writer = dedup.map_or("", |(w, _)| w.as_str());
-                    let marker = g.marked_writers.entry(writer.to_owned()).or_default();
-                    if marker.is_written() {
-                        acc.merge(batch).map_err(ServerError::from).map(|()| {
-                            g.version += 1;
-                            if let Some((w, seq)) = dedup {
-                                g.writers.entry(w.clone()).or_default().insert(*seq);
-                                // It resends what the previous process lost.
-                                g.missing.remove(w);
-                            }
-                            None
-                        })
-                    } else {
-                        Ok(Some(Applied::NeedsWriterMarker {
+                    let wait = {
+                        let mut book = lock(&slot.book);
+                        let generation = book.generation;
+                        let marker = book.marked_writers.entry(writer.to_owned()).or_default();
+                        (!marker.is_written()).then(|| Applied::NeedsWriterMarker {
                             marker: marker.clone(),
                             writer: writer.to_owned(),
-                            generation: g.generation,
-                        }))
+                            generation,
+                        })
+                    };
+                    match wait {
+                        Some(wait) => Ok(Some(wait)),
+                        None => slot
+                            .fold(batch, &self.info, self.max_shards, &self.budget)
+                            .map(|()| {
+                                let mut book = lock(&slot.book);
+                                book.version += 1;
+                                if let Some((w, seq)) = dedup {
+                                    book.writers.entry(w.clone()).or_default().insert(*seq);
+                                    // It resends what the previous process lost.
+                                    book.missing.remove(w);
+                                }
+                                None
+                            }),
                     }
                 }
-                (Phase::Closing, _) => Err(ServerError::EpochClosed {
+                Phase::Closing => Err(ServerError::EpochClosed {
                     stream: self.stream_name(key),
                     epoch,
                     state: "being closed",
                 }),
-                (Phase::Deleted, _) => Err(ServerError::RunNotFound(self.info.run_id.clone())),
-                _ => Err(ServerError::ShuttingDown(
+                Phase::Deleted => Err(ServerError::RunNotFound(self.info.run_id.clone())),
+                Phase::Frozen => Err(ServerError::ShuttingDown(
                     "open accumulators were checkpointed".into(),
                 )),
             }
@@ -535,18 +726,21 @@ impl RunState {
         if let Some((writer, seq)) = dedup {
             let mut inner = lock(&self.inner);
             if let Some(w) = inner.writers.get_mut(writer) {
-                w.settle(*seq, matches!(merged, Ok(None)));
+                w.settle(*seq, matches!(folded, Ok(None)));
             }
         }
-        if let Some(wait) = merged? {
+        if let Some(wait) = folded? {
             return Ok(wait);
         }
         let samples = batch.samples();
+        slot.samples.fetch_add(samples, Ordering::Relaxed);
         self.rows_ingested.fetch_add(samples, Ordering::Relaxed);
         Ok(Applied::Merged(samples))
     }
 
-    /// Takes `(key, epoch)` out of the open set for closing.
+    /// Takes `(key, epoch)` out of the open set for closing, with its
+    /// [`combined`] statistics (blocking: waits for the folds in flight and
+    /// merges the shards, whose memory beyond one accumulator is released).
     pub(crate) fn begin_close(&self, key: &StreamKey, epoch: u64) -> Result<Closing, ServerError> {
         let (slot, previous_vci) = {
             let mut inner = lock(&self.inner);
@@ -582,7 +776,7 @@ impl RunState {
                 });
             }
             let missing = stream.open.get(&epoch).map(|slot| {
-                lock(&slot.inner)
+                lock(&slot.book)
                     .missing
                     .iter()
                     .map(|(w, after)| missing_writer(w, *after))
@@ -615,18 +809,43 @@ impl RunState {
                 .map(|(_, r)| r.vci);
             (slot, previous_vci)
         };
-        let (acc, writers) = {
-            let mut guard = lock(&slot.inner);
-            guard.phase = Phase::Closing;
-            let writers = guard
-                .writers
-                .iter()
-                .map(|(w, set)| (w.clone(), set.clone()))
-                .collect();
-            (guard.acc.take(), writers)
+        let acc = {
+            let mut phase = slot.phase_mut();
+            if *phase == Phase::Open {
+                *phase = Phase::Closing;
+                let mut shards = lock(&slot.shards);
+                let acc = combined(&shards);
+                if acc.is_ok() {
+                    // The combined accumulator stands for the shards.
+                    shards.clear();
+                    let per_shard = self.info.accumulator_bytes();
+                    let extra = slot
+                        .reserved
+                        .swap(per_shard, Ordering::AcqRel)
+                        .saturating_sub(per_shard);
+                    self.budget.release(extra);
+                } else {
+                    *phase = Phase::Open;
+                }
+                let writers: Vec<(String, SeqSet)> = lock(&slot.book)
+                    .writers
+                    .iter()
+                    .map(|(w, set)| (w.clone(), set.clone()))
+                    .collect();
+                Some(acc.map(|acc| (acc, writers)))
+            } else {
+                None
+            }
         };
         match acc {
-            Some(acc) => Ok(Closing {
+            Some(Err(err)) => {
+                let mut inner = lock(&self.inner);
+                let stream = inner.streams.entry(key.clone()).or_default();
+                stream.closing.remove(&epoch);
+                stream.open.insert(epoch, slot);
+                Err(err)
+            }
+            Some(Ok((acc, writers))) => Ok(Closing {
                 key: key.clone(),
                 epoch,
                 slot,
@@ -661,16 +880,15 @@ impl RunState {
             acc,
             ..
         } = closing;
-        let mut guard = lock(&slot.inner);
+        let mut phase = slot.phase_mut();
         let mut inner = lock(&self.inner);
         if self.is_deleted() {
-            guard.phase = Phase::Deleted;
-            guard.acc = None;
-            self.budget.release(slot.reserved);
+            *phase = Phase::Deleted;
+            self.budget.release(slot.reserved.swap(0, Ordering::AcqRel));
             return;
         }
-        guard.acc = Some(acc);
-        guard.phase = Phase::Open;
+        *lock(&slot.shards) = vec![new_shard(acc)];
+        *phase = Phase::Open;
         let stream = inner.streams.entry(key).or_default();
         stream.closing.remove(&epoch);
         stream.open.insert(epoch, Arc::clone(&slot));
@@ -687,7 +905,7 @@ impl RunState {
                 inner.durable.entry(w.clone()).or_default().union(set);
             }
         }
-        let reserved = closing.slot.reserved;
+        let reserved = closing.slot.reserved.swap(0, Ordering::AcqRel);
         drop(closing);
         self.budget.release(reserved);
     }
@@ -708,10 +926,9 @@ impl RunState {
             slots
         };
         for slot in slots {
-            let mut guard = lock(&slot.inner);
-            guard.phase = Phase::Deleted;
-            guard.acc = None;
-            self.budget.release(slot.reserved);
+            *slot.phase_mut() = Phase::Deleted;
+            lock(&slot.shards).clear();
+            self.budget.release(slot.reserved.swap(0, Ordering::AcqRel));
         }
     }
 
@@ -725,9 +942,9 @@ impl RunState {
             inner.open_slots()
         };
         for (_, _, slot) in slots {
-            let mut guard = lock(&slot.inner);
-            if guard.phase == Phase::Open {
-                guard.phase = Phase::Frozen;
+            let mut phase = slot.phase_mut();
+            if *phase == Phase::Open {
+                *phase = Phase::Frozen;
             }
         }
     }
@@ -745,7 +962,7 @@ impl RunState {
     /// Records that `snapshots` (of this run) are durable as of `unix_ms`.
     pub(crate) fn mark_durable(&self, snapshots: &[EpochSnapshot], unix_ms: i64) {
         for snap in snapshots {
-            let mut g = lock(&snap.slot.inner);
+            let mut g = lock(&snap.slot.book);
             g.durable_version = g.durable_version.max(snap.version);
             g.durable_samples = snap.acc.samples();
             g.durable_unix_ms = unix_ms;
@@ -777,7 +994,7 @@ impl RunState {
         let samples = restored.acc.samples();
         let slot = EpochSlot::new(restored.acc, reserved);
         {
-            let mut g = lock(&slot.inner);
+            let mut g = lock(&slot.book);
             g.version = u64::from(restored.rewrite);
             g.durable_samples = if restored.rewrite { 0 } else { samples };
             g.durable_unix_ms = restored.durable_unix_ms;
@@ -785,7 +1002,7 @@ impl RunState {
             g.missing = restored.missing;
             g.writers = restored.writers;
         }
-        let writers: Vec<(String, SeqSet)> = lock(&slot.inner)
+        let writers: Vec<(String, SeqSet)> = lock(&slot.book)
             .writers
             .iter()
             .map(|(w, set)| (w.clone(), set.clone()))
@@ -797,7 +1014,7 @@ impl RunState {
         }
         let stream = inner.streams.entry(key).or_default();
         if let Some(old) = stream.open.insert(epoch, Arc::new(slot)) {
-            self.budget.release(old.reserved);
+            self.budget.release(old.reserved.load(Ordering::Acquire));
         }
     }
 
@@ -907,7 +1124,7 @@ mod tests {
             created_unix_ms: 0,
         };
         (
-            RunState::new(info, 0, Arc::clone(&budget), max_gaps),
+            RunState::new(info, 0, Arc::clone(&budget), max_gaps, 1),
             budget,
         )
     }
@@ -934,7 +1151,7 @@ mod tests {
         dedup: Option<&(String, u64)>,
     ) -> Result<Applied, ServerError> {
         loop {
-            match run.apply(key, epoch, batch, dedup)? {
+            match run.apply(key, epoch, Contribution::Stats(batch), dedup)? {
                 Applied::NeedsMarker(marker) | Applied::NeedsWriterMarker { marker, .. } => {
                     futures::executor::block_on(
                         marker.write_once(|| async { Ok::<(), ServerError>(()) }),
@@ -1026,8 +1243,12 @@ mod tests {
         let batch = one_row(2.0, 0);
         // Two ranks open epoch 0 at once: both are told to wait for the
         // same marker, and nothing is created or counted before it exists.
-        let first = run.apply(&key, 0, &batch, None).unwrap();
-        let second = run.apply(&key, 0, &batch, None).unwrap();
+        let first = run
+            .apply(&key, 0, Contribution::Stats(&batch), None)
+            .unwrap();
+        let second = run
+            .apply(&key, 0, Contribution::Stats(&batch), None)
+            .unwrap();
         let Applied::NeedsMarker(marker) = first else {
             panic!("expected NeedsMarker, got {first:?}");
         };
@@ -1048,7 +1269,9 @@ mod tests {
         // marker before its first merge since the epoch's last snapshot.
         let Applied::NeedsWriterMarker {
             marker, generation, ..
-        } = run.apply(&key, 0, &batch, None).unwrap()
+        } = run
+            .apply(&key, 0, Contribution::Stats(&batch), None)
+            .unwrap()
         else {
             panic!("expected NeedsWriterMarker");
         };
@@ -1057,7 +1280,8 @@ mod tests {
             .unwrap();
         for _ in 0..2 {
             assert_eq!(
-                run.apply(&key, 0, &batch, None).unwrap(),
+                run.apply(&key, 0, Contribution::Stats(&batch), None)
+                    .unwrap(),
                 Applied::Merged(1)
             );
         }
@@ -1067,7 +1291,8 @@ mod tests {
         run.restore_lost(key.clone(), 3, 1_700_000_000_000);
         let used = budget.used();
         for err in [
-            run.apply(&key, 3, &batch, None).unwrap_err(),
+            run.apply(&key, 3, Contribution::Stats(&batch), None)
+                .unwrap_err(),
             run.begin_close(&key, 3).unwrap_err(),
         ] {
             assert_eq!(err.code(), tonic::Code::DataLoss);
@@ -1087,8 +1312,190 @@ mod tests {
         run.freeze();
         assert_eq!(run.snapshot_changed().len(), 1);
         assert!(matches!(
-            run.apply(&key, 4, &batch, None),
+            run.apply(&key, 4, Contribution::Stats(&batch), None),
             Err(ServerError::ShuttingDown(_))
         ));
+    }
+
+    // ---------------------------------------------------------- shards
+
+    /// A run of K = 3, d = 4 allowing `max_shards` shards, with a budget of
+    /// `budget_accumulators` accumulators.
+    fn shard_run(max_shards: usize, budget_accumulators: f64) -> (RunState, Arc<Budget>) {
+        let info = RunInfo {
+            run_id: "s".into(),
+            num_classes: 3,
+            feature_dim: 4,
+            metadata: BTreeMap::new(),
+            created_unix_ms: 0,
+        };
+        let bytes = (info.accumulator_bytes() as f64 * budget_accumulators) as u64;
+        let budget = Arc::new(Budget::new(bytes));
+        (
+            RunState::new(info, 0, Arc::clone(&budget), 64, max_shards),
+            budget,
+        )
+    }
+
+    fn open_slot(run: &RunState, key: &StreamKey, epoch: u64) -> Arc<EpochSlot> {
+        Arc::clone(&lock(&run.inner).streams[key].open[&epoch])
+    }
+
+    fn rows<'a>(features: &'a ndarray::Array2<f64>, labels: &'a [u32]) -> Contribution<'a> {
+        Contribution::Rows {
+            features: features.view(),
+            labels,
+        }
+    }
+
+    /// Applies `batch` from another thread while this one holds every
+    /// shard but `target` (`target` = the shard count: all of them, so a
+    /// new shard is made if allowed), so the batch lands in `target`.
+    fn apply_into(run: &RunState, key: &StreamKey, batch: Contribution<'_>, target: usize) {
+        let slot = open_slot(run, key, 0);
+        let cells = lock(&slot.shards).clone();
+        let held: Vec<_> = cells
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != target)
+            .map(|(_, cell)| lock(cell))
+            .collect();
+        std::thread::scope(|scope| {
+            let applied = scope
+                .spawn(|| run.apply(key, 0, batch, None))
+                .join()
+                .unwrap();
+            assert!(matches!(applied, Ok(Applied::Merged(_))), "{applied:?}");
+        });
+        drop(held);
+    }
+
+    fn assert_parts_close(a: &Accumulator, b: &Accumulator, rel: f64) {
+        let (a, b) = (a.to_parts(), b.to_parts());
+        assert_eq!(a.class_counts, b.class_counts);
+        assert_eq!(a.unit_count, b.unit_count);
+        for (name, x, y) in [
+            ("class_means", &a.class_means, &b.class_means),
+            ("scatter", &a.scatter, &b.scatter),
+            ("within_trace", &a.within_trace, &b.within_trace),
+            ("unit_sum", &a.unit_sum, &b.unit_sum),
+            (
+                "unit_within_trace",
+                &a.unit_within_trace,
+                &b.unit_within_trace,
+            ),
+        ] {
+            let scale = y.iter().fold(1e-300_f64, |m, v| m.max(v.abs()));
+            for (u, v) in x.iter().zip(y.iter()) {
+                assert!((u - v).abs() <= rel * scale, "{name}: {u} vs {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn shards_are_made_under_contention_only_within_the_budget() {
+        let (run, budget) = shard_run(4, 2.5);
+        let per = run.info.accumulator_bytes();
+        let key = train();
+        let x = ndarray::Array2::from_shape_fn((6, 4), |(i, j)| (i * 4 + j) as f64 * 0.5 + 1.0);
+        let y = [0, 1, 2, 0, 1, 2];
+        // A lone stream uses one shard however many batches it sends.
+        for _ in 0..3 {
+            apply_marked_rows(&run, &key, &x, &y);
+        }
+        let slot = open_slot(&run, &key, 0);
+        assert_eq!((slot.shard_count(), budget.used()), (1, per));
+        // A batch finding the shard busy gets a second one, reserved.
+        apply_into(&run, &key, rows(&x, &y), 1);
+        assert_eq!((slot.shard_count(), budget.used()), (2, 2 * per));
+        // Both busy and no room for a third: the batch waits for one.
+        let cells = lock(&slot.shards).clone();
+        let held: Vec<_> = cells.iter().map(|cell| lock(cell)).collect();
+        std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| run.apply(&key, 0, rows(&x, &y), None));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert!(!waiting.is_finished());
+            assert_eq!((slot.shard_count(), budget.used()), (2, 2 * per));
+            drop(held);
+            assert_eq!(waiting.join().unwrap().unwrap(), Applied::Merged(6));
+        });
+        assert_eq!(samples_of(&run), 30);
+        // Closing merges the shards into one accumulator's worth, and
+        // finishing frees it.
+        let closing = run.begin_close(&key, 0).unwrap();
+        assert_eq!((closing.acc.samples(), budget.used()), (30, per));
+        run.finish_close(closing, Arc::new(EpochResult::default()));
+        assert_eq!(budget.used(), 0);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// However batches are spread over 1..=4 shards, the combined
+        /// statistics equal one accumulator folding every batch (to 1e-12);
+        /// the shutdown checkpoint holds exactly what a close computes
+        /// from, and restoring it gives the same bits back.
+        #[test]
+        fn shards_combine_to_the_single_accumulator_and_restore_exactly(
+            shards in 1usize..=4,
+            offset in -1e3f64..1e3,
+            batches in proptest::collection::vec(
+                (1usize..9, proptest::collection::vec(-10.0f64..10.0, 32), 0usize..4),
+                1..12,
+            ),
+        ) {
+            let key = train();
+            let mut reference = Accumulator::new(3, 4);
+            let runs = [shard_run(shards, 8.0).0, shard_run(shards, 8.0).0];
+            for (i, (n, values, target)) in batches.iter().enumerate() {
+                let x = ndarray::Array2::from_shape_fn((*n, 4), |(r, c)| values[r * 4 + c] + offset);
+                let y: Vec<u32> = (0..*n).map(|r| ((r + i) % 3) as u32).collect();
+                reference.fold_batch(x.view(), &y, Par::Seq).unwrap();
+                for run in &runs {
+                    if i == 0 {
+                        apply_marked_rows(run, &key, &x, &y);
+                    } else {
+                        // An existing shard, or (target = count) a new one
+                        // while fewer than `shards` exist.
+                        let count = open_slot(run, &key, 0).shard_count();
+                        let target = (*target).min(count).min(shards - 1);
+                        apply_into(run, &key, rows(&x, &y), target);
+                    }
+                }
+            }
+            let count = open_slot(&runs[0], &key, 0).shard_count();
+            proptest::prop_assert!(count <= shards);
+            let closed = runs[0].begin_close(&key, 0).unwrap().acc;
+            runs[1].freeze();
+            let frozen = runs[1].snapshot_changed().remove(0).acc;
+            assert_parts_close(&closed, &reference, 1e-12);
+            proptest::prop_assert_eq!(closed.to_parts(), frozen.to_parts());
+            let (restored, _) = shard_run(shards, 8.0);
+            let acc = Accumulator::from_parts(frozen.to_parts()).unwrap();
+            restored.restore_open(key.clone(), 0, RestoredEpoch {
+                acc,
+                writers: BTreeMap::new(),
+                generation: 0,
+                missing: BTreeMap::new(),
+                durable_unix_ms: 0,
+                rewrite: false,
+            });
+            let reopened = restored.begin_close(&key, 0).unwrap().acc;
+            proptest::prop_assert_eq!(reopened.to_parts(), frozen.to_parts());
+        }
+    }
+
+    fn apply_marked_rows(run: &RunState, key: &StreamKey, x: &ndarray::Array2<f64>, y: &[u32]) {
+        loop {
+            match run.apply(key, 0, rows(x, y), None).unwrap() {
+                Applied::NeedsMarker(m) | Applied::NeedsWriterMarker { marker: m, .. } => {
+                    futures::executor::block_on(
+                        m.write_once(|| async { Ok::<(), ServerError>(()) }),
+                    )
+                    .unwrap()
+                }
+                _ => return,
+            }
+        }
     }
 }

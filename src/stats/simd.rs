@@ -1,0 +1,336 @@
+//! The slice kernels of the per-row passes and merges, at the machine's
+//! vector width.
+//!
+//! Owns every loop over a row of d values that the statistics run per row or
+//! per class. Each kernel is compiled three times, for AVX-512F, for AVX2
+//! and for baseline x86-64, and every call runs the widest variant the CPU
+//! supports (detected once at run time), so the binary stays built for the
+//! baseline target and runs anywhere.
+//!
+//! The kernels are plain loops that vectorise at any width with the same
+//! result: element-wise updates, and sums with eight fixed partial sums
+//! (IEEE rules forbid reordering one running sum). Rust never contracts
+//! `a * b + c` into an FMA, so every variant computes bit-for-bit the same
+//! numbers.
+//!
+//! Must not: hold state beyond the detected level, allocate, or know what
+//! the slices mean.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Partial sums per reduction: one 512-bit vector of f64, two of 256 bits.
+const LANES: usize = 8;
+
+/// Which variant of the kernels runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Level {
+    Baseline = 1,
+    Avx2 = 2,
+    Avx512 = 3,
+}
+
+/// The detected level (0 until the first call).
+static LEVEL: AtomicU8 = AtomicU8::new(0);
+
+/// The widest level the CPU supports, detected on first use.
+#[inline]
+fn level() -> Level {
+    match LEVEL.load(Ordering::Relaxed) {
+        1 => Level::Baseline,
+        2 => Level::Avx2,
+        3 => Level::Avx512,
+        _ => {
+            let detected = detect();
+            LEVEL.store(detected as u8, Ordering::Relaxed);
+            detected
+        }
+    }
+}
+
+fn detect() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Level::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Level::Avx2;
+        }
+    }
+    Level::Baseline
+}
+
+/// Defines each kernel as a function that runs the body compiled for the
+/// level [`level`] picks.
+macro_rules! kernels {
+    ($(
+        $(#[doc = $doc:literal])*
+        pub(crate) fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
+    )*) => {$(
+        $(#[doc = $doc])*
+        #[inline]
+        pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    generic($($arg),*)
+                }
+                match level() {
+                    // SAFETY: `level` saw AVX-512F on this CPU.
+                    Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: `level` saw AVX2 on this CPU.
+                    Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    Level::Baseline => {}
+                }
+            }
+            generic($($arg),*)
+        }
+    )*};
+}
+
+kernels! {
+    /// `dst += src`.
+    pub(crate) fn add_assign(dst: &mut [f64], src: &[f64]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d += s;
+        }
+    }
+
+    /// `dst += a · src`.
+    pub(crate) fn add_scaled(dst: &mut [f64], src: &[f64], a: f64) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d += a * s;
+        }
+    }
+
+    /// `dst += src + a · v` (one column of a scatter merge).
+    pub(crate) fn add_with_scaled(dst: &mut [f64], src: &[f64], v: &[f64], a: f64) {
+        for ((d, &s), &x) in dst.iter_mut().zip(src).zip(v) {
+            *d += s + a * x;
+        }
+    }
+
+    /// `dst = x − y`.
+    pub(crate) fn difference(dst: &mut [f64], x: &[f64], y: &[f64]) {
+        for ((d, &a), &b) in dst.iter_mut().zip(x).zip(y) {
+            *d = a - b;
+        }
+    }
+
+    /// `dst += src`; returns the sum of `src · 0`, NaN exactly when `src`
+    /// holds a NaN or an infinity (the class sums double as the finiteness
+    /// check).
+    pub(crate) fn add_assign_checked(dst: &mut [f64], src: &[f64]) -> f64 {
+        let mut poison = [0.0; LANES];
+        let n = src.len() - src.len() % LANES;
+        for (ds, ss) in dst[..n]
+            .chunks_exact_mut(LANES)
+            .zip(src[..n].chunks_exact(LANES))
+        {
+            for lane in 0..LANES {
+                ds[lane] += ss[lane];
+                poison[lane] += ss[lane] * 0.0;
+            }
+        }
+        let mut rest = 0.0;
+        for (d, &s) in dst[n..].iter_mut().zip(&src[n..]) {
+            *d += s;
+            rest += s * 0.0;
+        }
+        poison.iter().sum::<f64>() + rest
+    }
+
+    /// `Σ_i (a·x_i − b·y_i)²`.
+    pub(crate) fn squared_difference(x: &[f64], a: f64, y: &[f64], b: f64) -> f64 {
+        let mut partial = [0.0; LANES];
+        let n = x.len() - x.len() % LANES;
+        for (xs, ys) in x[..n].chunks_exact(LANES).zip(y[..n].chunks_exact(LANES)) {
+            for lane in 0..LANES {
+                let e = a * xs[lane] - b * ys[lane];
+                partial[lane] += e * e;
+            }
+        }
+        let rest: f64 = x[n..]
+            .iter()
+            .zip(&y[n..])
+            .map(|(&x, &y)| (a * x - b * y) * (a * x - b * y))
+            .sum();
+        partial.iter().sum::<f64>() + rest
+    }
+
+    /// `residual += h − m`; returns `Σ(h − m)²`.
+    pub(crate) fn residual_pass(residual: &mut [f64], h: &[f64], m: &[f64]) -> f64 {
+        let mut partial = [0.0; LANES];
+        let n = h.len() - h.len() % LANES;
+        for ((rs, hs), ms) in residual[..n]
+            .chunks_exact_mut(LANES)
+            .zip(h[..n].chunks_exact(LANES))
+            .zip(m[..n].chunks_exact(LANES))
+        {
+            for lane in 0..LANES {
+                let e = hs[lane] - ms[lane];
+                rs[lane] += e;
+                partial[lane] += e * e;
+            }
+        }
+        let mut rest = 0.0;
+        for ((r, &x), &y) in residual[n..].iter_mut().zip(&h[n..]).zip(&m[n..]) {
+            let e = x - y;
+            *r += e;
+            rest += e * e;
+        }
+        partial.iter().sum::<f64>() + rest
+    }
+
+    /// `mean += residual · scale`; returns `Σ(residual · scale)²`.
+    pub(crate) fn shift_mean(mean: &mut [f64], residual: &[f64], scale: f64) -> f64 {
+        let mut partial = [0.0; LANES];
+        let n = mean.len() - mean.len() % LANES;
+        for (ms, rs) in mean[..n]
+            .chunks_exact_mut(LANES)
+            .zip(residual[..n].chunks_exact(LANES))
+        {
+            for lane in 0..LANES {
+                let shift = rs[lane] * scale;
+                ms[lane] += shift;
+                partial[lane] += shift * shift;
+            }
+        }
+        let mut rest = 0.0;
+        for (m, &r) in mean[n..].iter_mut().zip(&residual[n..]) {
+            let shift = r * scale;
+            *m += shift;
+            rest += shift * shift;
+        }
+        partial.iter().sum::<f64>() + rest
+    }
+
+    /// The Chan update of a mean: `mean += (theirs − mean)·step`; returns
+    /// `‖theirs − mean‖²` (before the update).
+    pub(crate) fn move_mean(mean: &mut [f64], theirs: &[f64], step: f64) -> f64 {
+        let mut partial = [0.0; LANES];
+        let n = mean.len() - mean.len() % LANES;
+        for (ms, ts) in mean[..n]
+            .chunks_exact_mut(LANES)
+            .zip(theirs[..n].chunks_exact(LANES))
+        {
+            for lane in 0..LANES {
+                let d = ts[lane] - ms[lane];
+                partial[lane] += d * d;
+                ms[lane] += d * step;
+            }
+        }
+        let mut rest = 0.0;
+        for (m, &t) in mean[n..].iter_mut().zip(&theirs[n..]) {
+            let d = t - *m;
+            rest += d * d;
+            *m += d * step;
+        }
+        partial.iter().sum::<f64>() + rest
+    }
+}
+
+/// `‖x‖₂`, rescaled only when the plain sum of squares over- or underflows.
+pub(crate) fn norm(values: &[f64]) -> f64 {
+    let squared = squared_difference(values, 1.0, values, 0.0);
+    if squared.is_finite() && squared > f64::MIN_POSITIVE {
+        return squared.sqrt();
+    }
+    let scale = values.iter().fold(0.0_f64, |m, v| m.max(v.abs()));
+    if scale == 0.0 || !scale.is_finite() {
+        return scale;
+    }
+    scale * squared_difference(values, 1.0 / scale, values, 0.0).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel once, at whatever level is set.
+    fn all_kernels(x: &[f64], y: &[f64]) -> Vec<f64> {
+        let mut out = y.to_vec();
+        add_assign(&mut out, x);
+        add_scaled(&mut out, x, 0.3);
+        add_with_scaled(&mut out, y, x, -1.7);
+        let mut diff = vec![0.0; x.len()];
+        difference(&mut diff, x, y);
+        let poison = add_assign_checked(&mut out, &diff);
+        let mut residual = vec![0.5; x.len()];
+        let spread = residual_pass(&mut residual, x, y);
+        let shifted = shift_mean(&mut out, &residual, 0.01);
+        let moved = move_mean(&mut out, x, 0.25);
+        let scalars = [
+            poison,
+            spread,
+            shifted,
+            moved,
+            squared_difference(x, 0.5, y, 2.0),
+            norm(x),
+        ];
+        out.into_iter()
+            .chain(diff)
+            .chain(residual)
+            .chain(scalars)
+            .collect()
+    }
+
+    #[test]
+    fn every_level_gives_the_same_bits() {
+        let x: Vec<f64> = (0..1003).map(|i| (i as f64 * 0.37).sin() * 1e3).collect();
+        let y: Vec<f64> = (0..1003).map(|i| (i as f64 * 0.11).cos()).collect();
+        let detected = level();
+        let mut results = Vec::new();
+        for forced in [Level::Baseline, Level::Avx2, Level::Avx512] {
+            if forced as u8 <= detected as u8 {
+                // Other tests running meanwhile just use another level,
+                // which by this very property gives them the same numbers.
+                LEVEL.store(forced as u8, Ordering::Relaxed);
+                results.push((forced, all_kernels(&x, &y)));
+            }
+        }
+        LEVEL.store(detected as u8, Ordering::Relaxed);
+        for (forced, result) in &results[1..] {
+            let same = result
+                .iter()
+                .zip(&results[0].1)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{forced:?} differs from the baseline");
+        }
+        // The fused pass computes the same spread as its parts.
+        let mut residual = vec![0.0; x.len()];
+        assert_eq!(
+            residual_pass(&mut residual, &x, &y),
+            squared_difference(&x, 1.0, &y, 1.0)
+        );
+    }
+
+    #[test]
+    fn checked_sum_flags_exactly_non_finite_values() {
+        let mut sum = vec![0.0; 11];
+        let finite: Vec<f64> = (0..11).map(|i| i as f64 * 1e300).collect();
+        assert_eq!(add_assign_checked(&mut sum, &finite), 0.0);
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            for at in [0, 7, 10] {
+                let mut row = finite.clone();
+                row[at] = bad;
+                assert!(add_assign_checked(&mut sum, &row).is_nan(), "{bad} at {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn norm_survives_overflow_and_underflow() {
+        assert!((norm(&[3e200, 4e200]) / 5e200 - 1.0).abs() < 1e-15);
+        assert!((norm(&[3e-200, 4e-200]) - 5e-200).abs() < 1e-214);
+        assert_eq!(norm(&[0.0, 0.0]), 0.0);
+    }
+}
