@@ -23,9 +23,9 @@ use clap::{Args, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use crate::server::config::{
-    DEFAULT_DATA_DIR, DEFAULT_GRPC_ADDR, DEFAULT_HTTP_ADDR, DEFAULT_MAX_ACCUMULATOR_BYTES,
-    DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER,
-    DEFAULT_MAX_SHARDS_PER_EPOCH, DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_DATA_DIR, DEFAULT_GRPC_ADDR, DEFAULT_HTTP_ADDR,
+    DEFAULT_MAX_ACCUMULATOR_BYTES, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER, DEFAULT_MAX_SHARDS_PER_EPOCH, DEFAULT_SHUTDOWN_GRACE,
 };
 use crate::server::{self, Limits, ServeConfig};
 
@@ -118,6 +118,19 @@ pub(crate) struct ServeArgs {
         default_value_t = DEFAULT_SHUTDOWN_GRACE.as_secs()
     )]
     shutdown_grace_seconds: u64,
+    /// Seconds between checkpoints of the open epochs that changed (with
+    /// their writers' duplicate filters, one durable transaction each);
+    /// what a kill -9 can cost clients that must resend. 0 turns periodic
+    /// checkpoints off (client requests and the shutdown checkpoint still
+    /// write).
+    #[arg(
+        long,
+        env = "VCID_CHECKPOINT_INTERVAL",
+        value_name = "SECONDS",
+        default_value_t = DEFAULT_CHECKPOINT_INTERVAL.as_secs_f64(),
+        value_parser = parse_interval
+    )]
+    checkpoint_interval: f64,
     /// Log format.
     #[arg(long, env = "VCID_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -130,6 +143,16 @@ pub(crate) struct ServeArgs {
         default_value = "info"
     )]
     log_level: String,
+}
+
+/// `--checkpoint-interval`: a finite number of seconds in [0, 86400].
+fn parse_interval(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if (0.0..=86_400.0).contains(&x) => Ok(x),
+        _ => Err(format!(
+            "expected seconds between 0 and 86400 (0: off), received {text:?}"
+        )),
+    }
 }
 
 /// What [`ServeArgs::validate`] makes of the settings.
@@ -164,6 +187,7 @@ impl ServeArgs {
                 },
                 auth_token,
                 shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+                checkpoint_interval: Duration::from_secs_f64(self.checkpoint_interval),
             },
             log_format: self.log_format,
             log_filter,

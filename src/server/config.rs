@@ -39,6 +39,10 @@ pub const DEFAULT_MAX_SHARDS_PER_EPOCH: u32 = 4;
 /// checkpoints anyway.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Default time between two checkpoint rounds of changed open epochs
+/// (BENCHMARKS.md, "Checkpoints", has the measurements behind it).
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Resource limits enforced on every request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -95,6 +99,10 @@ pub struct ServeConfig {
     pub auth_token: Option<String>,
     /// Longest wait for in-flight RPCs during a graceful shutdown.
     pub shutdown_grace: Duration,
+    /// Time between checkpoint rounds of changed open epochs; zero turns
+    /// periodic checkpoints off (clients' `Checkpoint` calls and the
+    /// shutdown checkpoint still write).
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for ServeConfig {
@@ -107,6 +115,7 @@ impl Default for ServeConfig {
             limits: Limits::default(),
             auth_token: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
         }
     }
 }

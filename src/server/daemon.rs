@@ -1,6 +1,7 @@
 //! The daemon's request logic, independent of gRPC: create/delete runs,
 //! ingest batches and stats blocks, close epochs, read history, subscribe to
-//! results, restore at start-up and checkpoint at shutdown.
+//! results, restore at start-up, checkpoint open epochs (periodically, on
+//! request and at shutdown) and tell writers how far they are durable.
 //!
 //! Ties [`State`] (memory), [`Store`] (disk), [`Telemetry`] and the math
 //! core together. CPU work (decoding, a batch's statistics, an epoch's
@@ -9,8 +10,8 @@
 //! are only taken inside [`State`]'s short critical sections. It must not
 //! know about tonic requests, HTTP or signals.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ndarray::Array2;
@@ -19,8 +20,8 @@ use tokio::sync::broadcast;
 
 use crate::metrics::{self, registry, EpochMetrics};
 use crate::proto::{
-    CloseEpochRequest, CreateRunRequest, EpochResult, FeatureBatch, GetHistoryRequest, History,
-    Run, StatsBlock,
+    CheckpointReply, CheckpointRequest, CloseEpochRequest, CreateRunRequest, EpochResult,
+    FeatureBatch, GetHistoryRequest, History, Run, StatsBlock,
 };
 use crate::stats::{Accumulator, Par};
 
@@ -29,8 +30,10 @@ use super::config::Limits;
 use super::decode::{self, StreamKey};
 use super::error::ServerError;
 use super::export::Telemetry;
-use super::state::{Applied, Contribution, EpochMarker, RunInfo, RunState, SeqSet, State};
-use super::store::{EpochKey, RunCheckpoint, Store, WriterCheckpoint};
+use super::state::{
+    Applied, Contribution, EpochMarker, RestoredEpoch, RunInfo, RunState, SeqSet, State,
+};
+use super::store::{EpochCheckpoint, EpochKey, Store, WriterCheckpoint};
 
 /// How many results a `Watch` subscriber may fall behind before it is cut
 /// off (it can re-read `GetHistory`).
@@ -46,6 +49,15 @@ pub struct PreparedBatch {
     dedup: Option<(String, u64)>,
     /// `None`: already known to be a duplicate.
     input: Option<Input>,
+}
+
+impl PreparedBatch {
+    /// `(run_id, writer_id)` of a batch with an idempotence key.
+    pub fn writer(&self) -> Option<(&str, &str)> {
+        self.dedup
+            .as_ref()
+            .map(|(w, _)| (self.run.info.run_id.as_str(), w.as_str()))
+    }
 }
 
 /// What a batch brings, owned until it is folded.
@@ -123,6 +135,10 @@ pub struct Daemon {
     events: broadcast::Sender<WatchEvent>,
     /// Serialises CreateRun/DeleteRun so the check-then-write is atomic.
     admin: tokio::sync::Mutex<()>,
+    /// Serialises checkpoint rounds (taken on the blocking pool only).
+    round: Mutex<()>,
+    /// Changes on every start (see `PushSummary.incarnation`).
+    incarnation: u64,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -188,8 +204,8 @@ impl Daemon {
         let store = Store::open(data_dir)?;
         let state = Arc::new(State::new(&limits));
         let telemetry = Telemetry::new(Arc::clone(&state))?;
-        let restored = store.load()?;
-        for run in restored.runs {
+        let mut restored = store.load()?;
+        for run in std::mem::take(&mut restored.runs) {
             let info = RunInfo {
                 run_id: run.run_id.clone(),
                 num_classes: run.num_classes,
@@ -203,7 +219,7 @@ impl Daemon {
             }
             state.insert(restored);
         }
-        for result in restored.results {
+        for result in std::mem::take(&mut restored.results) {
             let Some(run) = state.find(&result.run_id) else {
                 continue;
             };
@@ -213,82 +229,52 @@ impl Daemon {
             };
             run.restore_result(key, Arc::new(result));
         }
-        let mut restored_epochs = Vec::new();
-        for (run_id, checkpoint) in &restored.checkpoints {
-            let Some(run) = state.find(run_id) else {
-                continue;
-            };
-            for block in &checkpoint.epochs {
-                let key = StreamKey {
-                    split: block.split.clone(),
-                    layer: block.layer.clone(),
-                };
-                let parts = block
-                    .clone()
-                    .into_parts(run.info.num_classes, run.info.feature_dim);
-                match Accumulator::from_parts(parts) {
-                    Ok(acc) => {
-                        restored_epochs.push(EpochKey {
-                            run_id: run_id.clone(),
-                            split: key.split.clone(),
-                            layer: key.layer.clone(),
-                            epoch: block.epoch,
-                        });
-                        run.restore_open(key, block.epoch, acc);
-                    }
-                    Err(err) => tracing::error!(
-                        run = %run_id, epoch = block.epoch, %err,
-                        "checkpointed accumulator is invalid; dropped"
-                    ),
-                }
-            }
-            for writer in &checkpoint.writers {
-                run.restore_writer(writer.writer_id.clone(), SeqSet::from_flat(&writer.ranges));
-            }
-        }
-        // Epochs marked open but not restored died with the previous
-        // process: refuse them from now on (see `state`, "Open-epoch
-        // markers").
+        let open = restore_open_epochs(&state, restored);
         let started = now_unix_ms();
-        let lost = store.finish_restore(&restored_epochs, started)?;
-        for (key, found) in &lost.all {
-            if let Some(run) = state.find(&key.run_id) {
-                let stream = StreamKey {
-                    split: key.split.clone(),
-                    layer: key.layer.clone(),
-                };
-                run.restore_lost(stream, key.epoch, *found);
-            }
-        }
-        if !lost.new.is_empty() {
-            let names: Vec<String> = lost
-                .new
-                .iter()
-                .map(|k| format!("{}/{}/{} epoch {}", k.run_id, k.split, k.layer, k.epoch))
-                .collect();
-            tracing::warn!(
-                epochs = %names.join(", "),
-                stopped_before = %utc_timestamp(started),
-                "open epochs lost their statistics: the daemon stopped uncleanly (no shutdown \
-                 checkpoint); pushes and closes of them are refused with DATA_LOSS"
-            );
-        }
-        tracing::info!(
-            path = %store.path().display(),
-            runs = state.list().len(),
-            open_epochs = restored_epochs.len(),
-            lost_epochs = lost.all.len(),
-            "state restored"
-        );
         let (events, _) = broadcast::channel(WATCH_CAPACITY);
-        Ok(Daemon {
+        let daemon = Daemon {
             state,
             store,
             limits,
             telemetry,
             events,
             admin: tokio::sync::Mutex::new(()),
-        })
+            round: Mutex::new(()),
+            incarnation: rand::random(),
+        };
+        if open.rewrite {
+            // Epochs of a legacy whole-run checkpoint: store them in the
+            // current format now (the round clears the legacy table).
+            daemon.checkpoint_round()?;
+        }
+        if !open.missing.is_empty() {
+            tracing::warn!(
+                writers = %open.missing.join("; "),
+                stopped_before = %utc_timestamp(started),
+                "the daemon stopped uncleanly: batches applied after the last checkpoint of \
+                 these open epochs died with it; each epoch continues and closes once those \
+                 writers have resent (live vcid clients do when they reconnect)"
+            );
+        }
+        tracing::info!(
+            path = %daemon.store.path().display(),
+            runs = daemon.state.list().len(),
+            open_epochs = open.epochs,
+            lost_epochs = open.lost,
+            "state restored"
+        );
+        Ok(daemon)
+    }
+
+    /// Identifies this daemon process (see `PushSummary.incarnation`).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The durable acknowledgement of `writer_id` in `run_id` (see
+    /// `PushSummary.durable_through`).
+    pub fn durable_through(&self, run_id: &str, writer_id: &str) -> Option<u64> {
+        self.state.find(run_id)?.durable_through(writer_id)
     }
 
     /// The metrics registry (for `/metrics`).
@@ -505,15 +491,29 @@ impl Daemon {
     /// marker is committed. Batches of an open epoch return at once.
     async fn settle(&self, mut job: ApplyJob, first: Applied) -> Result<Ingested, ServerError> {
         let mut outcome = first;
-        // A written marker lets the next attempt create the accumulator, so
-        // one retry suffices; the bound only guards against a logic error.
-        for _ in 0..4 {
+        // A written epoch marker lets the next attempt create the
+        // accumulator and a written writer marker lets it merge, so two
+        // retries suffice unless a checkpoint snapshot starts a new marker
+        // generation in between; the bound only guards against a logic error.
+        for _ in 0..8 {
             let marker = match outcome {
                 Applied::Merged(rows) => return Ok(Ingested::Applied(rows)),
                 Applied::Duplicate => return Ok(Ingested::Duplicate),
-                Applied::NeedsMarker(marker) => marker,
+                Applied::NeedsMarker(marker) => {
+                    self.write_marker(&job, &marker).await?;
+                    marker
+                }
+                Applied::NeedsWriterMarker {
+                    marker,
+                    writer,
+                    generation,
+                } => {
+                    self.write_writer_marker(&job, &marker, writer, generation)
+                        .await?;
+                    marker
+                }
             };
-            self.write_marker(&job, &marker).await?;
+            drop(marker);
             let (next, back) = blocking(move || (job.apply(), job)).await?;
             job = back;
             outcome = next?;
@@ -533,6 +533,31 @@ impl Daemon {
             .write_once(|| async move {
                 let run_id = key.run_id.clone();
                 let written = blocking(move || store.open_epoch(&key, now_unix_ms())).await??;
+                if written {
+                    Ok(())
+                } else {
+                    Err(ServerError::RunNotFound(run_id))
+                }
+            })
+            .await
+    }
+
+    /// Durably writes a writer's dirty marker of this generation unless it
+    /// is already written.
+    async fn write_writer_marker(
+        &self,
+        job: &ApplyJob,
+        marker: &EpochMarker,
+        writer: String,
+        generation: u64,
+    ) -> Result<(), ServerError> {
+        let store = self.store.clone();
+        let key = job.epoch_key();
+        marker
+            .write_once(|| async move {
+                let run_id = key.run_id.clone();
+                let written =
+                    blocking(move || store.mark_writer(&key, &writer, generation)).await??;
                 if written {
                     Ok(())
                 } else {
@@ -606,7 +631,8 @@ impl Daemon {
         let record = Self::run_record(&run);
         let store = self.store.clone();
         let to_store = result.clone();
-        let stored = blocking(move || store.put_result(&record, &to_store)).await;
+        let writers = writer_checkpoints(&closing.writers);
+        let stored = blocking(move || store.put_result(&record, &to_store, &writers)).await;
         match stored {
             Ok(Ok(true)) => {}
             Ok(Ok(false)) => {
@@ -670,45 +696,230 @@ impl Daemon {
         Ok(rx)
     }
 
-    /// Freezes and durably writes every open accumulator and duplicate
-    /// filter, and rewrites the open markers to match (graceful shutdown).
-    /// Blocking.
-    pub fn checkpoint(&self) -> Result<usize, ServerError> {
-        let mut all = Vec::new();
-        let mut epochs = 0;
-        let mut closing = Vec::new();
+    /// One checkpoint round: snapshots every open epoch that changed since
+    /// its last checkpoint (one slot lock at a time), writes them with
+    /// their writers' sequences in one durable transaction outside every
+    /// lock, then records them as durable. Rounds are serialised. Blocking:
+    /// call it on the blocking pool. Returns the epochs written.
+    pub fn checkpoint_round(&self) -> Result<usize, ServerError> {
+        let _round = self
+            .round
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = now_unix_ms();
+        let mut records = Vec::new();
+        let mut epochs = Vec::new();
+        let mut taken = Vec::new();
         for run in self.state.list() {
-            let frozen = run.freeze_for_checkpoint()?;
-            let (open, writers) = (frozen.open, frozen.writers);
-            epochs += open.len();
-            closing.extend(frozen.closing.into_iter().map(|(key, epoch)| EpochKey {
-                run_id: run.info.run_id.clone(),
-                split: key.split,
-                layer: key.layer,
-                epoch,
-            }));
-            let checkpoint = RunCheckpoint {
-                epochs: open
-                    .into_iter()
-                    .map(|(key, epoch, acc)| StatsBlock {
-                        run_id: run.info.run_id.clone(),
-                        split: key.split,
-                        layer: key.layer,
-                        epoch,
-                        ..StatsBlock::from(acc.to_parts())
-                    })
-                    .collect(),
-                writers: writers
-                    .into_iter()
-                    .map(|(writer_id, set)| WriterCheckpoint {
-                        writer_id,
-                        ranges: set.to_flat(),
-                    })
-                    .collect(),
-            };
-            all.push((Self::run_record(&run), checkpoint));
+            let snapshots = run.snapshot_changed();
+            if snapshots.is_empty() {
+                continue;
+            }
+            records.push(Self::run_record(&run));
+            for snap in &snapshots {
+                let key = EpochKey {
+                    run_id: run.info.run_id.clone(),
+                    split: snap.key.split.clone(),
+                    layer: snap.key.layer.clone(),
+                    epoch: snap.epoch,
+                };
+                let checkpoint = EpochCheckpoint {
+                    stats: Some(StatsBlock {
+                        run_id: key.run_id.clone(),
+                        split: key.split.clone(),
+                        layer: key.layer.clone(),
+                        epoch: key.epoch,
+                        ..StatsBlock::from(snap.acc.to_parts())
+                    }),
+                    writers: writer_checkpoints(&snap.writers),
+                    generation: snap.generation,
+                    unix_ms: now,
+                };
+                epochs.push((key, checkpoint, snap.missing.clone()));
+            }
+            taken.push((run, snapshots));
         }
-        self.store.write_checkpoints(&all, &closing)?;
-        Ok(epochs)
+        if epochs.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let written = self.store.write_round(&records, &epochs)?;
+        for (run, snapshots) in &taken {
+            run.mark_durable(snapshots, now);
+        }
+        tracing::debug!(
+            epochs = written,
+            seconds = started.elapsed().as_secs_f64(),
+            "checkpoint written"
+        );
+        Ok(written)
     }
+
+    /// `Checkpoint`: a round first when `force`, then the writer's durable
+    /// acknowledgement.
+    pub async fn checkpoint(
+        self: &Arc<Self>,
+        req: CheckpointRequest,
+    ) -> Result<CheckpointReply, ServerError> {
+        let run = self.state.get(&req.run_id)?;
+        decode::dedup_key(&req.writer_id, 0)?;
+        let epochs_written = if req.force {
+            let daemon = Arc::clone(self);
+            blocking(move || daemon.checkpoint_round()).await?? as u64
+        } else {
+            0
+        };
+        Ok(CheckpointReply {
+            durable_through: run.durable_through(&req.writer_id),
+            incarnation: self.incarnation,
+            epochs_written,
+        })
+    }
+
+    /// The shutdown checkpoint: freezes every open accumulator (later
+    /// merges fail with UNAVAILABLE) and writes the changed ones. Blocking.
+    pub fn checkpoint_for_shutdown(&self) -> Result<usize, ServerError> {
+        for run in self.state.list() {
+            run.freeze();
+        }
+        self.checkpoint_round()
+    }
+}
+
+fn writer_checkpoints(writers: &[(String, SeqSet)]) -> Vec<WriterCheckpoint> {
+    writers
+        .iter()
+        .map(|(writer_id, set)| WriterCheckpoint {
+            writer_id: writer_id.clone(),
+            ranges: set.to_flat(),
+        })
+        .collect()
+}
+
+/// What [`restore_open_epochs`] found.
+struct OpenRestored {
+    epochs: usize,
+    lost: usize,
+    /// Some epoch came from a legacy whole-run checkpoint.
+    rewrite: bool,
+    /// `run/split/layer epoch E: writer …` of every missing writer.
+    missing: Vec<String>,
+}
+
+/// Restores the duplicate filter of closed epochs, every open epoch (from
+/// its checkpoint, a legacy whole-run checkpoint, or empty) with the
+/// writers whose later batches died with the previous process, and the
+/// epochs earlier versions found lost.
+fn restore_open_epochs(state: &State, restored: super::store::Restored) -> OpenRestored {
+    for (run_id, writer) in &restored.closed_writers {
+        if let Some(run) = state.find(run_id) {
+            run.restore_writer(&writer.writer_id, &SeqSet::from_flat(&writer.ranges));
+        }
+    }
+    let mut legacy: HashMap<EpochKey, StatsBlock> = HashMap::new();
+    for (run_id, checkpoint) in restored.checkpoints {
+        let Some(run) = state.find(&run_id) else {
+            continue;
+        };
+        for writer in &checkpoint.writers {
+            run.restore_writer(&writer.writer_id, &SeqSet::from_flat(&writer.ranges));
+        }
+        for block in checkpoint.epochs {
+            let key = EpochKey {
+                run_id: run_id.clone(),
+                split: block.split.clone(),
+                layer: block.layer.clone(),
+                epoch: block.epoch,
+            };
+            legacy.insert(key, block);
+        }
+    }
+    let mut dirty: HashMap<EpochKey, Vec<(String, u64)>> = HashMap::new();
+    for (key, writer, generation) in restored.dirty {
+        dirty.entry(key).or_default().push((writer, generation));
+    }
+    let lost: HashSet<&EpochKey> = restored.lost.iter().map(|(k, _)| k).collect();
+    let mut out = OpenRestored {
+        epochs: 0,
+        lost: restored.lost.len(),
+        rewrite: false,
+        missing: Vec::new(),
+    };
+    for (key, checkpoint) in restored.open {
+        let Some(run) = state.find(&key.run_id) else {
+            continue;
+        };
+        if lost.contains(&key) {
+            continue;
+        }
+        let (k, d) = (run.info.num_classes, run.info.feature_dim);
+        let (block, writers, generation, unix_ms, rewrite) = match checkpoint {
+            Some(c) => (c.stats, c.writers, c.generation, c.unix_ms, false),
+            None => {
+                let block = legacy.remove(&key);
+                let rewrite = block.is_some();
+                (block, Vec::new(), 0, 0, rewrite)
+            }
+        };
+        let acc = match block.map(|b| Accumulator::from_parts(b.into_parts(k, d))) {
+            Some(Ok(acc)) => acc,
+            None => Accumulator::new(k as usize, d as usize),
+            Some(Err(err)) => {
+                tracing::error!(
+                    run = %key.run_id, epoch = key.epoch, %err,
+                    "checkpointed accumulator is invalid; the epoch restarts empty"
+                );
+                Accumulator::new(k as usize, d as usize)
+            }
+        };
+        let writers: BTreeMap<String, SeqSet> = writers
+            .into_iter()
+            .map(|w| (w.writer_id, SeqSet::from_flat(&w.ranges)))
+            .collect();
+        let marks = dirty.remove(&key).unwrap_or_default();
+        let missing: BTreeMap<String, Option<u64>> = marks
+            .iter()
+            .map(|(w, _)| (w.clone(), writers.get(w).and_then(SeqSet::max)))
+            .collect();
+        for (w, after) in &missing {
+            out.missing.push(format!(
+                "{}/{}/{} epoch {}: writer {w:?} after sequence {after:?}",
+                key.run_id, key.split, key.layer, key.epoch
+            ));
+        }
+        let generation = marks
+            .iter()
+            .map(|(_, g)| *g)
+            .max()
+            .unwrap_or(0)
+            .max(generation)
+            + 1;
+        out.rewrite |= rewrite;
+        out.epochs += 1;
+        run.restore_open(
+            StreamKey {
+                split: key.split.clone(),
+                layer: key.layer.clone(),
+            },
+            key.epoch,
+            RestoredEpoch {
+                acc,
+                writers,
+                generation,
+                missing,
+                durable_unix_ms: unix_ms,
+                rewrite,
+            },
+        );
+    }
+    for (key, found) in &restored.lost {
+        if let Some(run) = state.find(&key.run_id) {
+            let stream = StreamKey {
+                split: key.split.clone(),
+                layer: key.layer.clone(),
+            };
+            run.restore_lost(stream, key.epoch, *found);
+        }
+    }
+    out
 }

@@ -103,6 +103,22 @@ pub enum ServerError {
         stopped_before: String,
     },
 
+    /// Close of an epoch restored after an unclean stop while some writers
+    /// whose batches after its last checkpoint died with the process have
+    /// not resent them (DATA_LOSS; see `state::marker`).
+    #[error(
+        "epoch: expected every writer whose batches of epoch {epoch} of stream {stream} died \
+         with an earlier daemon process to have resent them, received nothing yet from: \
+         {writers}. The epoch stays open: resend those batches (a live vcid client does when \
+         it reconnects) and close again, or push the epoch's data again under a new epoch \
+         number"
+    )]
+    WritersMissing {
+        stream: String,
+        epoch: u64,
+        writers: String,
+    },
+
     /// A batch whose `(writer_id, sequence)` would open more gaps in that
     /// writer's applied sequence numbers than `--max-sequence-gaps-per-writer`
     /// (FAILED_PRECONDITION: the writer's own history, not a transient
@@ -224,7 +240,7 @@ impl ServerError {
             ServerError::BudgetExceeded { .. }
             | ServerError::TooManyRows { .. }
             | ServerError::MessageTooLarge { .. } => Code::ResourceExhausted,
-            ServerError::EpochLost { .. } => Code::DataLoss,
+            ServerError::EpochLost { .. } | ServerError::WritersMissing { .. } => Code::DataLoss,
             ServerError::Unauthenticated(_) => Code::Unauthenticated,
             ServerError::PushAborted { source, .. } => source.code(),
             ServerError::ShuttingDown(_) => Code::Unavailable,
@@ -252,7 +268,7 @@ impl ServerError {
             ServerError::RunFinished { .. } | ServerError::OpenEpochsAtFinish { .. } => {
                 Reason::RunFinished
             }
-            ServerError::EpochLost { .. } => Reason::EpochLost,
+            ServerError::EpochLost { .. } | ServerError::WritersMissing { .. } => Reason::EpochLost,
             ServerError::BudgetExceeded { .. } => Reason::MemoryBudget,
             ServerError::TooManyRows { .. } | ServerError::MessageTooLarge { .. } => {
                 Reason::TooLarge
@@ -360,6 +376,7 @@ impl ServerError {
             | ServerError::OpenEpochsAtFinish { .. }
             | ServerError::NoOpenEpoch { .. }
             | ServerError::EpochLost { .. }
+            | ServerError::WritersMissing { .. }
             | ServerError::SequenceGaps { .. }
             | ServerError::Unauthenticated(_)
             | ServerError::ShuttingDown(_)

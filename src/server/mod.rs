@@ -253,6 +253,14 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
             .await
     });
 
+    if !config.checkpoint_interval.is_zero() {
+        tokio::spawn(checkpoint_periodically(
+            Arc::clone(&daemon),
+            config.checkpoint_interval,
+            shutdown_rx.clone(),
+        ));
+    }
+
     tracing::info!(
         grpc = %grpc_addr, http = %http_addr, auth = auth.enabled(),
         data = %config.data_dir.display(), "vcid serving"
@@ -274,6 +282,27 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
         shutdown: shutdown_tx,
         task,
     })
+}
+
+/// Runs a checkpoint round every `interval` (on the blocking pool) until
+/// shutdown begins; the shutdown checkpoint follows separately.
+async fn checkpoint_periodically(
+    daemon: Arc<Daemon>,
+    interval: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutting_down(&mut shutdown) => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let round = Arc::clone(&daemon);
+        match tokio::task::spawn_blocking(move || round.checkpoint_round()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::error!(%err, "checkpoint round failed; retried next interval"),
+            Err(err) => tracing::error!(%err, "checkpoint task failed"),
+        }
+    }
 }
 
 type GrpcTask = JoinHandle<Result<(), tonic::transport::Error>>;
@@ -343,7 +372,7 @@ impl Supervisor {
             http_task.abort();
         }
         let daemon = Arc::clone(&self.daemon);
-        let epochs = tokio::task::spawn_blocking(move || daemon.checkpoint())
+        let epochs = tokio::task::spawn_blocking(move || daemon.checkpoint_for_shutdown())
             .await
             .map_err(|e| ServerError::Internal(format!("checkpoint task failed: {e}")))??;
         tracing::info!(

@@ -24,9 +24,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::proto::vci_monitor_server::VciMonitor;
 use crate::proto::{
-    CloseEpochRequest, CreateRunRequest, DeleteRunRequest, DeleteRunResponse, EpochResult,
-    FeatureBatch, FinishRunRequest, GetHistoryRequest, GetRunRequest, History, ListRunsRequest,
-    ListRunsResponse, PushSummary, Run, StatsBlock, WatchRequest,
+    CheckpointReply, CheckpointRequest, CloseEpochRequest, CreateRunRequest, DeleteRunRequest,
+    DeleteRunResponse, EpochResult, FeatureBatch, FinishRunRequest, GetHistoryRequest,
+    GetRunRequest, History, ListRunsRequest, ListRunsResponse, PushSummary, Run, StatsBlock,
+    WatchRequest,
 };
 
 use super::daemon::{Daemon, Ingested, PreparedBatch, WatchEvent};
@@ -166,7 +167,12 @@ impl VciMonitor for VciService {
         let mut stream = request.into_inner();
         let mut shutdown = self.shutdown.clone();
         let max = self.daemon.limits().max_message_bytes;
-        let mut summary = PushSummary::default();
+        let mut summary = PushSummary {
+            incarnation: self.daemon.incarnation(),
+            ..PushSummary::default()
+        };
+        // (run_id, writer_id) of the last batch with an idempotence key.
+        let mut writer: Option<(String, String)> = None;
         // Batches of this stream applied or skipped so far, in order.
         let mut index: u64 = 0;
         // Batches received and being prepared (decode + statistics) on the
@@ -193,7 +199,14 @@ impl VciMonitor for VciService {
                 }, if !pending.is_empty() => {
                     pending.pop_front();
                     let outcome = match joined {
-                        Ok(Ok(prepared)) => self.daemon.apply_prepared(prepared).await,
+                        Ok(Ok(prepared)) => {
+                            if let Some((run, w)) = prepared.writer() {
+                                if writer.as_ref().is_none_or(|(r, x)| r != run || x != w) {
+                                    writer = Some((run.to_owned(), w.to_owned()));
+                                }
+                            }
+                            self.daemon.apply_prepared(prepared).await
+                        }
                         Ok(Err(err)) => Err(err),
                         Err(err) => Err(ServerError::Internal(format!("batch task failed: {err}"))),
                     };
@@ -230,6 +243,9 @@ impl VciMonitor for VciService {
                 }
             }
         }
+        if let Some((run, w)) = &writer {
+            summary.durable_through = self.daemon.durable_through(run, w);
+        }
         match stop {
             None => Ok(Response::new(summary)),
             Some(Stop::Shutdown) => Err(ServerError::ShuttingDown(format!(
@@ -248,22 +264,36 @@ impl VciMonitor for VciService {
         &self,
         request: Request<StatsBlock>,
     ) -> Result<Response<PushSummary>, Status> {
-        match self.daemon.push_stats(request.into_inner()).await {
-            Ok(Ingested::Applied(rows)) => Ok(Response::new(PushSummary {
-                batches_applied: 1,
-                rows_applied: rows,
-                duplicates: 0,
-            })),
-            Ok(Ingested::Duplicate) => Ok(Response::new(PushSummary {
-                batches_applied: 0,
-                rows_applied: 0,
-                duplicates: 1,
-            })),
+        let block = request.into_inner();
+        let (run_id, writer_id) = (block.run_id.clone(), block.writer_id.clone());
+        let summary = |batches_applied, rows_applied, duplicates| PushSummary {
+            batches_applied,
+            rows_applied,
+            duplicates,
+            durable_through: if writer_id.is_empty() {
+                None
+            } else {
+                self.daemon.durable_through(&run_id, &writer_id)
+            },
+            incarnation: self.daemon.incarnation(),
+        };
+        match self.daemon.push_stats(block).await {
+            Ok(Ingested::Applied(rows)) => Ok(Response::new(summary(1, rows, 0))),
+            Ok(Ingested::Duplicate) => Ok(Response::new(summary(0, 0, 1))),
             Err(err) => {
                 self.daemon.telemetry().reject(&err);
                 Err(err.into())
             }
         }
+    }
+
+    async fn checkpoint(
+        &self,
+        request: Request<CheckpointRequest>,
+    ) -> Result<Response<CheckpointReply>, Status> {
+        Ok(Response::new(
+            self.daemon.checkpoint(request.into_inner()).await?,
+        ))
     }
 
     async fn close_epoch(

@@ -8,36 +8,35 @@
 //! |---|---|---|
 //! | `runs` | run_id | `vcid.v1.Run` (the registry entry; `rows_ingested` as of the last checkpoint or close) |
 //! | `epoch_results` | (run_id, split, layer, epoch) | `vcid.v1.EpochResult` |
-//! | `checkpoints` | run_id | [`RunCheckpoint`]: open accumulators as `StatsBlock`s plus the duplicate filter |
+//! | `epoch_checkpoints` | (run_id, split, layer, epoch) | [`EpochCheckpoint`]: an open epoch's statistics, its writers' sequences, generation |
 //! | `open_epochs` | (run_id, split, layer, epoch) | unix ms when the epoch was opened (its marker) |
-//! | `lost_epochs` | (run_id, split, layer, epoch) | unix ms of the start-up that found it lost |
+//! | `dirty_writers` | (run_id, split, layer, epoch, writer_id) | generation: the writer applied batches to the epoch that its checkpoint may not hold |
+//! | `closed_writers` | (run_id, writer_id) | [`WriterCheckpoint`]: the writer's sequences in closed epochs |
+//! | `lost_epochs` | (run_id, split, layer, epoch) | unix ms of the start-up that found it lost (written by earlier versions) |
+//! | `checkpoints` | run_id | [`RunCheckpoint`]: the whole-run shutdown checkpoint of earlier versions (read once, then rewritten) |
 //! | `meta` | name | bytes (`schema_version` = 1) |
 //!
 //! Every write is one transaction committed with redb's default
-//! `Durability::Immediate` (fsync before `commit` returns), so a run or
-//! epoch result acknowledged to a client survives `kill -9`. Open
-//! accumulators are only written by the graceful-shutdown checkpoint, and
-//! start-up consumes (deletes) the checkpoints it restored: a later crash
-//! then loses the open epochs, never resurrects stale ones.
+//! `Durability::Immediate` (fsync before `commit` returns), so a run, an
+//! epoch result or a checkpoint acknowledged to a client survives `kill
+//! -9`, and a crash during a write leaves the previous committed state.
 //!
-//! # Open-epoch markers (README "Errors": `DATA_LOSS`; decided here)
+//! # Open epochs across a crash (decided here and in `state::marker`)
 //!
-//! So that a crash cannot make a later close silently report a partial
-//! epoch, every open epoch has a durable marker in `open_epochs`: written
-//! once, when its accumulator is created and before any batch of it is
-//! acknowledged ([`Store::open_epoch`]), removed in the transaction that
-//! stores its result ([`Store::put_result`]) or deletes its run. The
-//! shutdown checkpoint rewrites the markers to exactly the epochs it saved
-//! plus those being closed ([`Store::write_checkpoints`]). At start-up
-//! ([`Store::finish_restore`]) a marker whose epoch was restored from a
-//! checkpoint stays; every other marker names an epoch whose statistics
-//! died with the process, and moves to `lost_epochs`, where it stays until
-//! the run is deleted (the daemon refuses that epoch with DATA_LOSS
-//! forever). A marker is written before the batch's admission is final, so
-//! an epoch whose first batch was refused (e.g. the memory budget) may be
-//! reported lost after a crash although it held no data: conservative, and
-//! a graceful shutdown clears such markers. Adding these two tables keeps
-//! `schema_version` 1: an older database simply has no markers yet.
+//! Every open epoch has a durable marker in `open_epochs`, written once
+//! before any batch of it is acknowledged ([`Store::open_epoch`]) and
+//! removed in the transaction that stores its result
+//! ([`Store::put_result`]) or deletes its run. A checkpoint round
+//! ([`Store::write_round`]) writes the changed open epochs, each with the
+//! sequences of every writer it holds, in one transaction. Before a
+//! writer's first batch of an epoch after each checkpoint snapshot is
+//! applied, a dirty-writer marker names it ([`Store::mark_writer`]); the
+//! round that makes that snapshot durable removes the markers it covers.
+//! At start-up every marked epoch is restored: from its checkpoint (or
+//! empty), and the dirty writers left are exactly those whose batches
+//! after the checkpoint died with the process. The daemon refuses to close
+//! the epoch (DATA_LOSS) until each of them has resent. Adding tables
+//! keeps `schema_version` 1: an older database has none of them yet.
 //!
 //! All methods block (disk I/O); async callers use `spawn_blocking`.
 
@@ -49,7 +48,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::proto::{EpochResult, Run, StatsBlock};
 
-use super::clock::now_unix_ms;
+use super::state::SeqSet;
 
 const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
 const RESULTS: TableDefinition<(&str, &str, &str, u64), &[u8]> =
@@ -59,6 +58,11 @@ const OPEN_EPOCHS: TableDefinition<(&str, &str, &str, u64), i64> =
     TableDefinition::new("open_epochs");
 const LOST_EPOCHS: TableDefinition<(&str, &str, &str, u64), i64> =
     TableDefinition::new("lost_epochs");
+const EPOCH_CHECKPOINTS: TableDefinition<(&str, &str, &str, u64), &[u8]> =
+    TableDefinition::new("epoch_checkpoints");
+const DIRTY_WRITERS: TableDefinition<(&str, &str, &str, u64, &str), u64> =
+    TableDefinition::new("dirty_writers");
+const CLOSED_WRITERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("closed_writers");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Version of the layout above, stored under `meta/schema_version`.
@@ -100,8 +104,23 @@ pub struct WriterCheckpoint {
     pub ranges: Vec<u64>,
 }
 
-/// The in-memory state of one run that is not in the other tables: its open
-/// accumulators and its duplicate filter.
+/// One open epoch as a checkpoint round wrote it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EpochCheckpoint {
+    #[prost(message, optional, tag = "1")]
+    pub stats: Option<StatsBlock>,
+    /// The sequences of each writer merged into `stats`.
+    #[prost(message, repeated, tag = "2")]
+    pub writers: Vec<WriterCheckpoint>,
+    /// Dirty-writer markers of a lower generation are covered by it.
+    #[prost(uint64, tag = "3")]
+    pub generation: u64,
+    #[prost(int64, tag = "4")]
+    pub unix_ms: i64,
+}
+
+/// The whole-run shutdown checkpoint of earlier versions: open
+/// accumulators and the duplicate filter.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RunCheckpoint {
     #[prost(message, repeated, tag = "1")]
@@ -124,7 +143,7 @@ impl EpochKey {
         (&self.run_id, &self.split, &self.layer, self.epoch)
     }
 
-    fn from_tuple((run_id, split, layer, epoch): (&str, &str, &str, u64)) -> EpochKey {
+    pub fn from_tuple((run_id, split, layer, epoch): (&str, &str, &str, u64)) -> EpochKey {
         EpochKey {
             run_id: run_id.to_owned(),
             split: split.to_owned(),
@@ -140,18 +159,17 @@ pub struct Restored {
     pub runs: Vec<Run>,
     /// In key order: run, split, layer, epoch.
     pub results: Vec<EpochResult>,
+    /// Legacy whole-run checkpoints.
     pub checkpoints: Vec<(String, RunCheckpoint)>,
-}
-
-/// What [`Store::finish_restore`] found about epochs without data.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct LostEpochs {
-    /// Marked open by the previous process but not in its checkpoint: lost
-    /// now, stamped with this start-up's time.
-    pub new: Vec<EpochKey>,
-    /// Every lost epoch of a stored run (including `new`), with the unix
-    /// ms of the start-up that found it, in key order.
-    pub all: Vec<(EpochKey, i64)>,
+    /// Epochs marked open, with their checkpoint if any.
+    pub open: Vec<(EpochKey, Option<EpochCheckpoint>)>,
+    /// Dirty-writer markers: `(epoch, writer_id, generation)`.
+    pub dirty: Vec<(EpochKey, String, u64)>,
+    /// Per run, the writers' sequences in closed epochs.
+    pub closed_writers: Vec<(String, WriterCheckpoint)>,
+    /// Epochs found lost by earlier versions, with the unix ms of the
+    /// start-up that found them.
+    pub lost: Vec<(EpochKey, i64)>,
 }
 
 /// Handle to the database; cheap to clone.
@@ -216,6 +234,10 @@ impl Store {
             txn.open_table(CHECKPOINTS).map_err(|e| self.db_err(e))?;
             txn.open_table(OPEN_EPOCHS).map_err(|e| self.db_err(e))?;
             txn.open_table(LOST_EPOCHS).map_err(|e| self.db_err(e))?;
+            txn.open_table(EPOCH_CHECKPOINTS)
+                .map_err(|e| self.db_err(e))?;
+            txn.open_table(DIRTY_WRITERS).map_err(|e| self.db_err(e))?;
+            txn.open_table(CLOSED_WRITERS).map_err(|e| self.db_err(e))?;
             let mut meta = txn.open_table(META).map_err(|e| self.db_err(e))?;
             let found = meta
                 .get("schema_version")
@@ -263,6 +285,44 @@ impl Store {
                 .map_err(|e| self.decode_err("checkpoints", e))?;
             out.checkpoints.push((key.value().to_owned(), checkpoint));
         }
+        let epoch_checkpoints = txn
+            .open_table(EPOCH_CHECKPOINTS)
+            .map_err(|e| self.db_err(e))?;
+        let markers = txn.open_table(OPEN_EPOCHS).map_err(|e| self.db_err(e))?;
+        for entry in markers.iter().map_err(|e| self.db_err(e))? {
+            let (key, _) = entry.map_err(|e| self.db_err(e))?;
+            let key = EpochKey::from_tuple(key.value());
+            let checkpoint = epoch_checkpoints
+                .get(key.as_tuple())
+                .map_err(|e| self.db_err(e))?
+                .map(|v| EpochCheckpoint::decode(v.value()))
+                .transpose()
+                .map_err(|e| self.decode_err("epoch_checkpoints", e))?;
+            out.open.push((key, checkpoint));
+        }
+        let dirty = txn.open_table(DIRTY_WRITERS).map_err(|e| self.db_err(e))?;
+        for entry in dirty.iter().map_err(|e| self.db_err(e))? {
+            let (key, generation) = entry.map_err(|e| self.db_err(e))?;
+            let (run_id, split, layer, epoch, writer) = key.value();
+            out.dirty.push((
+                EpochKey::from_tuple((run_id, split, layer, epoch)),
+                writer.to_owned(),
+                generation.value(),
+            ));
+        }
+        let closed = txn.open_table(CLOSED_WRITERS).map_err(|e| self.db_err(e))?;
+        for entry in closed.iter().map_err(|e| self.db_err(e))? {
+            let (key, value) = entry.map_err(|e| self.db_err(e))?;
+            let writer = WriterCheckpoint::decode(value.value())
+                .map_err(|e| self.decode_err("closed_writers", e))?;
+            out.closed_writers.push((key.value().0.to_owned(), writer));
+        }
+        let lost = txn.open_table(LOST_EPOCHS).map_err(|e| self.db_err(e))?;
+        for entry in lost.iter().map_err(|e| self.db_err(e))? {
+            let (key, at) = entry.map_err(|e| self.db_err(e))?;
+            out.lost
+                .push((EpochKey::from_tuple(key.value()), at.value()));
+        }
         Ok(out)
     }
 
@@ -297,6 +357,20 @@ impl Store {
                     .retain(|key, _| key.0 != run_id)
                     .map_err(|e| self.db_err(e))?;
             }
+            let mut epochs = txn
+                .open_table(EPOCH_CHECKPOINTS)
+                .map_err(|e| self.db_err(e))?;
+            epochs
+                .retain(|key, _| key.0 != run_id)
+                .map_err(|e| self.db_err(e))?;
+            let mut dirty = txn.open_table(DIRTY_WRITERS).map_err(|e| self.db_err(e))?;
+            dirty
+                .retain(|key, _| key.0 != run_id)
+                .map_err(|e| self.db_err(e))?;
+            let mut closed = txn.open_table(CLOSED_WRITERS).map_err(|e| self.db_err(e))?;
+            closed
+                .retain(|key, _| key.0 != run_id)
+                .map_err(|e| self.db_err(e))?;
         }
         txn.commit().map_err(|e| self.db_err(e))
     }
@@ -328,7 +402,12 @@ impl Store {
     /// refreshes its run record (for `rows_ingested`). Returns `false`, writing nothing, when the run is no
     /// longer stored (deleted concurrently): the check and the write are one
     /// transaction, so a deleted run never regains results.
-    pub fn put_result(&self, run: &Run, result: &EpochResult) -> Result<bool, StoreError> {
+    pub fn put_result(
+        &self,
+        run: &Run,
+        result: &EpochResult,
+        writers: &[WriterCheckpoint],
+    ) -> Result<bool, StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
         {
             let mut runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
@@ -354,184 +433,151 @@ impl Store {
             // The epoch is no longer open: its data is the result now.
             let mut markers = txn.open_table(OPEN_EPOCHS).map_err(|e| self.db_err(e))?;
             markers.remove(key).map_err(|e| self.db_err(e))?;
+            let mut epochs = txn
+                .open_table(EPOCH_CHECKPOINTS)
+                .map_err(|e| self.db_err(e))?;
+            epochs.remove(key).map_err(|e| self.db_err(e))?;
+            let mut dirty = txn.open_table(DIRTY_WRITERS).map_err(|e| self.db_err(e))?;
+            dirty
+                .retain(|k, _| (k.0, k.1, k.2, k.3) != key)
+                .map_err(|e| self.db_err(e))?;
+            // Its writers' sequences are durable in the result from now on.
+            let mut closed = txn.open_table(CLOSED_WRITERS).map_err(|e| self.db_err(e))?;
+            for writer in writers {
+                let at = (run.run_id.as_str(), writer.writer_id.as_str());
+                let mut ranges = match closed.get(at).map_err(|e| self.db_err(e))? {
+                    Some(v) => {
+                        WriterCheckpoint::decode(v.value())
+                            .map_err(|e| self.decode_err("closed_writers", e))?
+                            .ranges
+                    }
+                    None => Vec::new(),
+                };
+                ranges.extend_from_slice(&writer.ranges);
+                let merged = WriterCheckpoint {
+                    writer_id: writer.writer_id.clone(),
+                    ranges: SeqSet::from_flat(&ranges).to_flat(),
+                };
+                closed
+                    .insert(at, merged.encode_to_vec().as_slice())
+                    .map_err(|e| self.db_err(e))?;
+            }
         }
         txn.commit().map_err(|e| self.db_err(e))?;
         Ok(true)
     }
 
-    /// Replaces all checkpoints with `checkpoints`, refreshes the given
-    /// run records and rewrites the open markers to exactly the
-    /// checkpointed epochs plus `closing` (epochs whose close may still
-    /// store a result; if it does not, their data is lost and start-up must
-    /// say so), in one durable transaction. Markers of runs not given are
-    /// kept (such a run gets no checkpoint either).
-    pub fn write_checkpoints(
+    /// Durably records that `writer` (`""`: batches without a writer_id)
+    /// is about to apply batches to `key`'s epoch that its checkpoint of
+    /// generation `generation` will not hold (see the module doc). Returns
+    /// `false`, writing nothing, when the run is no longer stored.
+    pub fn mark_writer(
         &self,
-        checkpoints: &[(Run, RunCheckpoint)],
-        closing: &[EpochKey],
-    ) -> Result<(), StoreError> {
+        key: &EpochKey,
+        writer: &str,
+        generation: u64,
+    ) -> Result<bool, StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
         {
-            let mut table = txn.open_table(CHECKPOINTS).map_err(|e| self.db_err(e))?;
-            table.retain(|_, _| false).map_err(|e| self.db_err(e))?;
-            let mut markers = txn.open_table(OPEN_EPOCHS).map_err(|e| self.db_err(e))?;
-            let given: std::collections::HashSet<&str> = checkpoints
-                .iter()
-                .map(|(run, _)| run.run_id.as_str())
-                .collect();
-            markers
-                .retain(|key, _| !given.contains(key.0))
-                .map_err(|e| self.db_err(e))?;
-            let now = now_unix_ms();
-            for key in closing {
-                markers
-                    .insert(key.as_tuple(), now)
-                    .map_err(|e| self.db_err(e))?;
+            let runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
+            if runs
+                .get(key.run_id.as_str())
+                .map_err(|e| self.db_err(e))?
+                .is_none()
+            {
+                return Ok(false);
             }
-            let mut runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
-            for (run, checkpoint) in checkpoints {
-                let exists = runs
+            let mut dirty = txn.open_table(DIRTY_WRITERS).map_err(|e| self.db_err(e))?;
+            let at = (
+                key.run_id.as_str(),
+                key.split.as_str(),
+                key.layer.as_str(),
+                key.epoch,
+                writer,
+            );
+            let stored = dirty
+                .get(at)
+                .map_err(|e| self.db_err(e))?
+                .map(|v| v.value());
+            dirty
+                .insert(at, stored.unwrap_or(0).max(generation))
+                .map_err(|e| self.db_err(e))?;
+        }
+        txn.commit().map_err(|e| self.db_err(e))?;
+        Ok(true)
+    }
+
+    /// One checkpoint round in one durable transaction: refreshes the
+    /// given run records, writes each epoch's checkpoint (skipping epochs
+    /// whose run is gone or whose result is stored meanwhile), removes the
+    /// dirty-writer markers each checkpoint covers (generation below its
+    /// own, writer not in its `keep` list) and the legacy whole-run
+    /// checkpoints. Returns the number of epochs written.
+    pub fn write_round(
+        &self,
+        runs: &[Run],
+        epochs: &[(EpochKey, EpochCheckpoint, Vec<String>)],
+    ) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        let mut written = 0;
+        {
+            let mut legacy = txn.open_table(CHECKPOINTS).map_err(|e| self.db_err(e))?;
+            legacy.retain(|_, _| false).map_err(|e| self.db_err(e))?;
+            let mut run_table = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
+            for run in runs {
+                let exists = run_table
                     .get(run.run_id.as_str())
                     .map_err(|e| self.db_err(e))?
                     .is_some();
-                if !exists {
-                    continue;
-                }
-                runs.insert(run.run_id.as_str(), run.encode_to_vec().as_slice())
-                    .map_err(|e| self.db_err(e))?;
-                for block in &checkpoint.epochs {
-                    markers
-                        .insert(
-                            (
-                                run.run_id.as_str(),
-                                block.split.as_str(),
-                                block.layer.as_str(),
-                                block.epoch,
-                            ),
-                            now,
-                        )
-                        .map_err(|e| self.db_err(e))?;
-                }
-                if !checkpoint.epochs.is_empty() || !checkpoint.writers.is_empty() {
-                    table
-                        .insert(run.run_id.as_str(), checkpoint.encode_to_vec().as_slice())
+                if exists {
+                    run_table
+                        .insert(run.run_id.as_str(), run.encode_to_vec().as_slice())
                         .map_err(|e| self.db_err(e))?;
                 }
             }
-        }
-        txn.commit().map_err(|e| self.db_err(e))
-    }
-
-    /// Completes start-up in one durable transaction: deletes all
-    /// checkpoints (they were restored), keeps the markers of the epochs in
-    /// `restored` (open again; a missing one is added), moves every other
-    /// marker of a stored run to `lost_epochs` stamped `now_unix_ms`, drops
-    /// markers of runs no longer stored, and returns the lost epochs.
-    pub fn finish_restore(
-        &self,
-        restored: &[EpochKey],
-        now_unix_ms: i64,
-    ) -> Result<LostEpochs, StoreError> {
-        let restored: std::collections::HashSet<&EpochKey> = restored.iter().collect();
-        let mut out = LostEpochs::default();
-        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
-        {
-            let mut table = txn.open_table(CHECKPOINTS).map_err(|e| self.db_err(e))?;
-            table.retain(|_, _| false).map_err(|e| self.db_err(e))?;
-            let runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
-            let mut markers = txn.open_table(OPEN_EPOCHS).map_err(|e| self.db_err(e))?;
-            let mut stale = Vec::new();
-            for entry in markers.iter().map_err(|e| self.db_err(e))? {
-                let (key, _) = entry.map_err(|e| self.db_err(e))?;
-                let key = EpochKey::from_tuple(key.value());
-                if !restored.contains(&key) {
-                    stale.push(key);
-                }
-            }
-            let mut lost = txn.open_table(LOST_EPOCHS).map_err(|e| self.db_err(e))?;
-            for key in stale {
-                markers.remove(key.as_tuple()).map_err(|e| self.db_err(e))?;
-                let run_exists = runs
+            let results = txn.open_table(RESULTS).map_err(|e| self.db_err(e))?;
+            let mut table = txn
+                .open_table(EPOCH_CHECKPOINTS)
+                .map_err(|e| self.db_err(e))?;
+            let mut covered = std::collections::HashMap::new();
+            for (key, checkpoint, keep) in epochs {
+                let run_exists = run_table
                     .get(key.run_id.as_str())
                     .map_err(|e| self.db_err(e))?
                     .is_some();
-                if run_exists {
-                    lost.insert(key.as_tuple(), now_unix_ms)
-                        .map_err(|e| self.db_err(e))?;
-                    out.new.push(key);
+                let closed = results
+                    .get(key.as_tuple())
+                    .map_err(|e| self.db_err(e))?
+                    .is_some();
+                if !run_exists || closed {
+                    continue;
                 }
-            }
-            for key in &restored {
-                markers
-                    .insert(key.as_tuple(), now_unix_ms)
+                table
+                    .insert(key.as_tuple(), checkpoint.encode_to_vec().as_slice())
                     .map_err(|e| self.db_err(e))?;
+                covered.insert(key.clone(), (checkpoint.generation, keep));
+                written += 1;
             }
-            for entry in lost.iter().map_err(|e| self.db_err(e))? {
-                let (key, at) = entry.map_err(|e| self.db_err(e))?;
-                out.all
-                    .push((EpochKey::from_tuple(key.value()), at.value()));
+            if !covered.is_empty() {
+                let mut dirty = txn.open_table(DIRTY_WRITERS).map_err(|e| self.db_err(e))?;
+                dirty
+                    .retain(|(run_id, split, layer, epoch, writer), generation| {
+                        let key = EpochKey::from_tuple((run_id, split, layer, epoch));
+                        !covered.get(&key).is_some_and(|(covers, keep)| {
+                            generation < *covers && !keep.iter().any(|w| w == writer)
+                        })
+                    })
+                    .map_err(|e| self.db_err(e))?;
             }
         }
         txn.commit().map_err(|e| self.db_err(e))?;
-        Ok(out)
+        Ok(written)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn round_trips_and_deletes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let run = Run {
-            run_id: "a".into(),
-            num_classes: 3,
-            feature_dim: 2,
-            ..Default::default()
-        };
-        store.put_run(&run).unwrap();
-        let result = EpochResult {
-            run_id: "a".into(),
-            split: "train".into(),
-            layer: "penultimate".into(),
-            epoch: 4,
-            vci: Some(0.5),
-            ..Default::default()
-        };
-        assert!(store.put_result(&run, &result).unwrap());
-        let ghost = Run {
-            run_id: "ghost".into(),
-            ..Default::default()
-        };
-        assert!(!store.put_result(&ghost, &result).unwrap());
-        let checkpoint = RunCheckpoint {
-            epochs: vec![StatsBlock {
-                epoch: 5,
-                ..Default::default()
-            }],
-            writers: vec![WriterCheckpoint {
-                writer_id: "w".into(),
-                ranges: vec![0, 9],
-            }],
-        };
-        store
-            .write_checkpoints(&[(run.clone(), checkpoint.clone())], &[])
-            .unwrap();
-        drop(store);
-        let store = Store::open(dir.path()).unwrap();
-        let restored = store.load().unwrap();
-        assert_eq!(restored.runs, vec![run]);
-        assert_eq!(restored.results, vec![result]);
-        assert_eq!(restored.checkpoints, vec![("a".to_owned(), checkpoint)]);
-        store.finish_restore(&[], 1).unwrap();
-        assert!(store.load().unwrap().checkpoints.is_empty());
-        store.delete_run("a").unwrap();
-        let restored = store.load().unwrap();
-        assert!(restored.runs.is_empty() && restored.results.is_empty());
-        assert!(restored.checkpoints.is_empty());
-    }
 
     fn key(run: &str, epoch: u64) -> EpochKey {
         EpochKey {
@@ -551,79 +597,132 @@ mod tests {
         }
     }
 
+    fn result(run: &str, epoch: u64) -> EpochResult {
+        EpochResult {
+            run_id: run.into(),
+            split: "train".into(),
+            layer: "penultimate".into(),
+            epoch,
+            vci: Some(0.5),
+            ..Default::default()
+        }
+    }
+
+    fn checkpoint(epoch: u64, generation: u64, ranges: Vec<u64>) -> EpochCheckpoint {
+        EpochCheckpoint {
+            stats: Some(StatsBlock {
+                epoch,
+                class_counts: vec![3, 4],
+                ..Default::default()
+            }),
+            writers: vec![WriterCheckpoint {
+                writer_id: "w".into(),
+                ranges,
+            }],
+            generation,
+            unix_ms: 77,
+        }
+    }
+
+    fn dirty(store: &Store) -> Vec<(u64, String, u64)> {
+        let mut out: Vec<_> = store
+            .load()
+            .unwrap()
+            .dirty
+            .into_iter()
+            .map(|(k, w, g)| (k.epoch, w, g))
+            .collect();
+        out.sort();
+        out
+    }
+
     #[test]
-    fn open_markers_become_lost_unless_closed_or_checkpointed() {
+    fn round_trips_and_deletes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.put_run(&run("a")).unwrap();
-        store.put_run(&run("b")).unwrap();
-        // Epochs 1, 2, 3 of run a and 1 of run b are opened; a marker for a
-        // run that is not stored is refused.
-        for k in [key("a", 1), key("a", 2), key("a", 3), key("b", 1)] {
-            assert!(store.open_epoch(&k, 10).unwrap());
-        }
-        assert!(!store.open_epoch(&key("ghost", 1), 10).unwrap());
-        // Epoch 1 of a closes: its marker goes with the stored result.
-        let result = EpochResult {
-            run_id: "a".into(),
-            split: "train".into(),
-            layer: "penultimate".into(),
-            epoch: 1,
-            ..Default::default()
-        };
-        assert!(store.put_result(&run("a"), &result).unwrap());
-        drop(store);
-
-        // "Crash": epochs 2 and 3 of a were only open; a checkpoint saved 3.
-        let store = Store::open(dir.path()).unwrap();
-        let lost = store.finish_restore(&[key("a", 3)], 1234).unwrap();
-        assert_eq!(lost.new, vec![key("a", 2), key("b", 1)]);
-        assert_eq!(lost.all, vec![(key("a", 2), 1234), (key("b", 1), 1234)]);
-        drop(store);
-
-        // Lost stays lost across restarts (with its first start-up time);
-        // the restored epoch 3 is open again and is lost only after the
-        // next unclean stop.
-        let store = Store::open(dir.path()).unwrap();
-        let lost = store.finish_restore(&[], 5678).unwrap();
-        assert_eq!(lost.new, vec![key("a", 3)]);
+        assert!(store.open_epoch(&key("a", 4), 10).unwrap());
+        assert!(store.open_epoch(&key("a", 5), 10).unwrap());
         assert_eq!(
-            lost.all,
-            vec![
-                (key("a", 2), 1234),
-                (key("a", 3), 5678),
-                (key("b", 1), 1234)
-            ]
+            store
+                .write_round(
+                    &[run("a")],
+                    &[(key("a", 5), checkpoint(5, 1, vec![1, 9]), vec![])]
+                )
+                .unwrap(),
+            1
         );
-
-        // A graceful checkpoint keeps exactly the saved and closing epochs
-        // of the runs it covers: the stray marker of a 7 is dropped.
-        assert!(store.open_epoch(&key("a", 6), 10).unwrap());
-        assert!(store.open_epoch(&key("a", 7), 10).unwrap());
-        assert!(store.open_epoch(&key("b", 8), 10).unwrap());
-        let checkpoint = RunCheckpoint {
-            epochs: vec![StatsBlock {
-                run_id: "a".into(),
-                split: "train".into(),
-                layer: "penultimate".into(),
-                epoch: 6,
-                ..Default::default()
-            }],
-            writers: Vec::new(),
+        let w = |ranges: Vec<u64>| WriterCheckpoint {
+            writer_id: "w".into(),
+            ranges,
         };
+        assert!(store
+            .put_result(&run("a"), &result("a", 4), &[w(vec![10, 12])])
+            .unwrap());
+        assert!(store
+            .put_result(&run("a"), &result("a", 3), &[w(vec![13, 20])])
+            .unwrap());
+        assert!(!store
+            .put_result(&run("ghost"), &result("ghost", 4), &[])
+            .unwrap());
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        let restored = store.load().unwrap();
+        assert_eq!(restored.runs, vec![run("a")]);
+        assert_eq!(restored.results, vec![result("a", 3), result("a", 4)]);
+        // Epoch 4 closed: only 5 is open, with its checkpoint; the closed
+        // epochs' sequences are merged into one interval.
+        assert_eq!(
+            restored.open,
+            vec![(key("a", 5), Some(checkpoint(5, 1, vec![1, 9])))]
+        );
+        assert_eq!(
+            restored.closed_writers,
+            vec![("a".to_owned(), w(vec![10, 20]))]
+        );
+        // A round never writes the checkpoint of a closed epoch.
+        assert_eq!(
+            store
+                .write_round(&[], &[(key("a", 4), checkpoint(4, 2, vec![]), vec![])])
+                .unwrap(),
+            0
+        );
+        store.delete_run("a").unwrap();
+        let restored = store.load().unwrap();
+        assert!(restored.runs.is_empty() && restored.results.is_empty());
+        assert!(restored.open.is_empty() && restored.closed_writers.is_empty());
+    }
+
+    #[test]
+    fn a_round_removes_exactly_the_dirty_markers_it_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_run(&run("a")).unwrap();
+        assert!(!store.mark_writer(&key("ghost", 1), "w", 0).unwrap());
+        for w in ["w", "v", ""] {
+            assert!(store.mark_writer(&key("a", 1), w, 0).unwrap());
+        }
+        assert!(store.mark_writer(&key("a", 2), "w", 0).unwrap());
+        // Snapshot 1 of epoch 1 is taken; "w" then applies more and marks
+        // generation 1 before the round commits: that marker stays.
+        assert!(store.mark_writer(&key("a", 1), "w", 1).unwrap());
+        // A lower generation never lowers a stored marker.
+        assert!(store.mark_writer(&key("a", 1), "w", 0).unwrap());
         store
-            .write_checkpoints(
-                &[(run("a"), checkpoint), (run("b"), RunCheckpoint::default())],
-                &[key("b", 8)],
+            .write_round(&[], &[(key("a", 1), checkpoint(1, 1, vec![]), vec![])])
+            .unwrap();
+        assert_eq!(dirty(&store), vec![(1, "w".into(), 1), (2, "w".into(), 0)]);
+        // A writer still missing since an unclean stop keeps its marker.
+        store
+            .write_round(
+                &[],
+                &[(key("a", 1), checkpoint(1, 2, vec![]), vec!["w".into()])],
             )
             .unwrap();
-        let lost = store.finish_restore(&[key("a", 6)], 9999).unwrap();
-        assert_eq!(lost.new, vec![key("b", 8)], "the close never landed");
-
-        // Deleting a run removes its markers and lost epochs.
-        store.delete_run("a").unwrap();
-        store.delete_run("b").unwrap();
-        let lost = store.finish_restore(&[], 1).unwrap();
-        assert_eq!(lost, LostEpochs::default());
+        assert_eq!(dirty(&store), vec![(1, "w".into(), 1), (2, "w".into(), 0)]);
+        // Closing epoch 2 removes its markers with its open marker.
+        assert!(store.put_result(&run("a"), &result("a", 2), &[]).unwrap());
+        assert_eq!(dirty(&store), vec![(1, "w".into(), 1)]);
     }
 }

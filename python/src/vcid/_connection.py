@@ -157,11 +157,17 @@ class Connection:
             socket.create_connection(split_host_port(self.target), timeout=timeout).close()
         except OSError as err:
             raise unreachable(self.target, err.strerror or str(err)) from None
-        try:
-            grpc.channel_ready_future(self.channel).result(
-                timeout=max(0.0, deadline - time.monotonic()))
-        except grpc.FutureTimeoutError:
-            raise unreachable(self.target, f"no gRPC answer within {timeout:g}s") from None
+        # Ask again every second: a channel whose first attempt failed (the
+        # daemon was restarting) may go idle and not retry by itself.
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise unreachable(self.target, f"no gRPC answer within {timeout:g}s")
+            try:
+                grpc.channel_ready_future(self.channel).result(timeout=min(1.0, remaining))
+                return
+            except grpc.FutureTimeoutError:
+                continue
 
     def unary(self, method: Any, request: Any, what: str, timeout: Optional[float] = None,
               retry: bool = False) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple
@@ -167,6 +168,7 @@ class Monitor:
         self._writer_id = writer_id if writer_id is not None else uuid.uuid4().hex
         self._finish_on_exit = bool(finish_on_exit)
         self._close_timeout = float(close_timeout)
+        self._reconnect_timeout = float(reconnect_timeout)
         self._queue_timeout = queue_timeout
         self._max_batch_bytes = int(max_batch_bytes)
         self._max_batch_rows = int(max_batch_rows)
@@ -195,13 +197,19 @@ class Monitor:
         self._open: Dict[Stream, Set[int]] = {}
         self._warn_about_resumed_samples(run_msg)
 
-        self._stats_lock = threading.Lock()
+        self._stats_lock = threading.RLock()
         self._stats_sequence = 0
+        # PushStats blocks applied but not yet durable, with the daemon
+        # incarnation that applied them (see ``_settle_stats``).
+        self._stats_held: List[Tuple[pb.StatsBlock, int]] = []
+        self._stats_bound = int(queue_size)
         self._sender = Sender(self._conn.channel, self._conn.metadata,
                               writer_id=self._writer_id, run_id=self._run_id,
                               address=self._conn.url, queue_size=queue_size,
                               queue_bytes=queue_bytes, reconnect_timeout=reconnect_timeout,
-                              ack_interval=ack_interval)
+                              ack_interval=ack_interval,
+                              others_held=lambda: bool(self._stats_held),
+                              on_incarnation=self._resend_stale_stats)
         self._closed = False
 
     def _open_run(self, if_exists: str, num_classes: int, feature_dim: int,
@@ -281,7 +289,8 @@ class Monitor:
 
     @property
     def pending(self) -> int:
-        """Batches pushed and not yet confirmed by the daemon."""
+        """Batches pushed and not yet durable in the daemon (confirmed as
+        applied or not): what this Monitor would resend after a crash."""
         return self._sender.pending
 
     @property
@@ -417,7 +426,10 @@ class Monitor:
         (``PushStats``: its statistics, ``unit_within_trace`` included);
         merged exactly into the open epoch (``epoch`` None:
         ``current_epoch(split, layer)``). Retried safely (same idempotence
-        key) while the daemon is unreachable. Returns the daemon's summary
+        key) while the daemon is unreachable, and kept until the daemon
+        reports it durable: resent if the daemon restarts before that (at
+        most ``queue_size`` blocks are held; beyond, this call asks the
+        daemon for a checkpoint). Returns the daemon's summary
         of this one call."""
         self._check_usable()
         stream = (check_stream_name("split", split), check_stream_name("layer", layer))
@@ -439,14 +451,63 @@ class Monitor:
         with self._stats_lock:
             self._stats_sequence += 1
             seq = self._stats_sequence
-        # A sequence space of its own: stats blocks are sent from the caller's
-        # thread, concurrently with the batch stream.
-        block = acc.to_proto(self._run_id, *stream, epoch,
-                             writer_id=self._writer_id + ".stats", sequence=seq)
-        msg = self._conn.unary(self._conn.stub.PushStats, block, what="PushStats", retry=True)
+            # A sequence space of its own: stats blocks are sent from the
+            # caller's thread, concurrently with the batch stream.
+            block = acc.to_proto(self._run_id, *stream, epoch,
+                                 writer_id=self._stats_writer, sequence=seq)
+            msg = self._send_stats(block)
+            self._settle_stats(msg)
+            if len(self._stats_held) >= self._stats_bound:
+                self._settle_stats(self._stats_checkpoint(force=True))
         with self._epochs_lock:
             self._open.setdefault(stream, set()).add(epoch)
         return PushSummary.from_proto(msg)
+
+    @property
+    def _stats_writer(self) -> str:
+        return self._writer_id + ".stats"
+
+    def _send_stats(self, block: pb.StatsBlock) -> pb.PushSummary:
+        msg = self._conn.unary(self._conn.stub.PushStats, block, what="PushStats", retry=True)
+        self._stats_held.append((block, msg.incarnation))
+        return msg
+
+    def _stats_checkpoint(self, force: bool) -> pb.CheckpointReply:
+        return self._conn.unary(
+            self._conn.stub.Checkpoint,
+            pb.CheckpointRequest(run_id=self._run_id, writer_id=self._stats_writer, force=force),
+            what="Checkpoint", retry=True)
+
+    def _resend_stale_stats(self, incarnation: int) -> None:
+        """The sender saw the daemon's ``incarnation``: resend the held
+        stats blocks an earlier daemon process applied (runs on the sender
+        thread, so a restart is noticed while this Monitor is idle)."""
+        with self._stats_lock:
+            if any(inc not in (0, incarnation) for _, inc in self._stats_held):
+                try:
+                    self._settle_stats(pb.PushSummary(incarnation=incarnation))
+                except VcidError as err:
+                    log.warning("vcid: resending PushStats blocks failed: %s", err)
+
+    def _settle_stats(self, reply: Any) -> None:
+        """Forget the held stats blocks ``reply`` reports durable; resend
+        those an earlier daemon process applied (it restarted), until every
+        held block was applied by the current one. Under ``_stats_lock``."""
+        while True:
+            incarnation = reply.incarnation
+            through = reply.durable_through if reply.HasField("durable_through") else None
+            resend = [b for b, inc in self._stats_held if inc not in (0, incarnation)]
+            self._stats_held = [
+                (b, inc) for b, inc in self._stats_held
+                if inc == incarnation and inc != 0
+                and (through is None or b.sequence > through)
+            ]
+            if not resend:
+                return
+            log.warning("vcid: the daemon restarted; run %r resends %d PushStats blocks it had "
+                        "applied but not yet made durable", self._run_id, len(resend))
+            for block in resend:
+                reply = self._send_stats(block)
 
     def close_epoch(
         self,
@@ -462,7 +523,12 @@ class Monitor:
         stream = (check_stream_name("split", split), check_stream_name("layer", layer))
         epoch = self._epoch_for(stream, epoch, "close_epoch")
         self.flush()
-        result = self._close(stream, epoch)
+        result = self._close_resending(stream, epoch)
+        # The stored result holds every batch and block of the epoch.
+        self._sender.release_epoch(stream[0], stream[1], epoch)
+        with self._stats_lock:
+            self._stats_held = [(b, inc) for b, inc in self._stats_held
+                                if (b.split, b.layer, b.epoch) != (stream[0], stream[1], epoch)]
         with self._epochs_lock:
             self._closed_epochs.setdefault(stream, set()).add(epoch)
             self._open.get(stream, set()).discard(epoch)
@@ -491,6 +557,35 @@ class Monitor:
                         return r
                 raise
         return EpochResult.from_proto(msg)
+
+    def _close_resending(self, stream: Stream, epoch: int) -> EpochResult:
+        """``_close``; while the daemon answers DATA_LOSS because writers
+        have not resent what died with an earlier daemon process, resend
+        what this Monitor holds and retry, for up to ``reconnect_timeout``
+        seconds (other writers resend when they notice the restart)."""
+        deadline = time.monotonic() + self._reconnect_timeout
+        delay = 0.05
+        while True:
+            try:
+                return self._close(stream, epoch)
+            except VcidError as err:
+                # Only that refusal waits for resends; an epoch lost for good
+                # (an older daemon's DATA_LOSS) is raised at once.
+                waits = err.code == "DATA_LOSS" and "to have resent them" in err.message
+                if not waits or time.monotonic() > deadline:
+                    raise
+            self._resync()
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _resync(self) -> None:
+        """Resend held batches and stats blocks if the daemon restarted
+        since it applied them, and wait until they are confirmed."""
+        self._sender.flush(self._conn.timeout, resync=True)
+        self._raise_pending()
+        with self._stats_lock:
+            if self._stats_held:
+                self._settle_stats(self._stats_checkpoint(force=False))
 
     def _epoch_for(self, stream: Stream, epoch: Optional[int], what: str) -> int:
         """``epoch``, or the stream's current epoch for None; an epoch known

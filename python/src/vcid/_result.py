@@ -123,10 +123,16 @@ class PushSummary:
 
 @dataclass(frozen=True)
 class OpenEpoch:
+    """An epoch still accumulating: its samples, and how many of them the
+    daemon's last checkpoint of it holds (``durable_samples``, written at
+    ``durable_unix_ms``; 0 before its first checkpoint)."""
+
     split: str
     layer: str
     epoch: int
     samples: int
+    durable_samples: int = 0
+    durable_unix_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,8 +156,8 @@ class RunInfo:
             run_id=msg.run_id, num_classes=msg.num_classes, feature_dim=msg.feature_dim,
             metadata=dict(msg.metadata), created_unix_ms=msg.created_unix_ms,
             rows_ingested=msg.rows_ingested,
-            open_epochs=[OpenEpoch(o.split, o.layer, o.epoch, o.samples)
-                         for o in msg.open_epochs],
+            open_epochs=[OpenEpoch(o.split, o.layer, o.epoch, o.samples, o.durable_samples,
+                                   o.durable_unix_ms) for o in msg.open_epochs],
             closed_epochs=msg.closed_epochs,
             finished=msg.finished, finished_unix_ms=msg.finished_unix_ms,
         )

@@ -1,11 +1,12 @@
 """``Sender``: at-least-once, applied-once delivery of feature batches over
-client-streaming ``Push`` calls, from one background thread.
+client-streaming ``Push`` calls, from one background thread, holding every
+batch until the daemon says it is durable.
 
 Owns the bounded outbox, the sequence numbers of one writer, the sender
-thread, the ``Push`` streams it opens, reconnects with safe resends, the
-running totals the daemon confirmed and the first deferred error. Must not
-check or encode batches (``_arrays``), create runs or make unary calls
-(``Monitor``).
+thread, the ``Push`` streams it opens, its ``Checkpoint`` calls, reconnects
+with safe resends, the running totals the daemon confirmed and the first
+deferred error. Must not check or encode batches (``_arrays``), create runs
+or make the Monitor's unary calls (``Monitor``).
 
 Delivery model
 --------------
@@ -13,17 +14,28 @@ Delivery model
 the next ``sequence`` numbers and puts them in a bounded outbox. The sender
 thread drains the outbox into a single open ``Push`` stream. A stream is
 ended (and its ``PushSummary`` awaited) when someone flushes, when the
-outbox has been idle for ``ack_interval`` seconds, or when it carries half
-of the outbox bound; only then are its batches forgotten. The bound
-(``queue_size`` batches, ``queue_bytes`` bytes) counts every batch until it
-is confirmed, so a slow or unreachable daemon makes ``submit`` wait (then
-``QueueFullError``) instead of growing memory. If the stream breaks with
-``UNAVAILABLE`` (daemon restarting, connection lost) the sender reconnects
-and resends every unconfirmed batch with its original ``(writer_id,
-sequence)``; the daemon skips those it already applied, so nothing is
-counted twice. Any other error (the daemon rejected a batch) is kept as a
-``VcidError`` for ``take_error``; the batches still held at that moment are
-discarded, and the error's ``context`` says how many.
+outbox has been idle for ``ack_interval`` seconds, when it carries half of
+the outbox bound, or when a caller waits for room. Its applied batches are
+then *held* until the daemon reports them durable: ``PushSummary`` (and
+``Checkpoint``) carry ``durable_through``, and a held batch with a sequence
+at or below it, applied by the same daemon process (``incarnation``), is
+forgotten. A held batch is also forgotten when the Monitor closes its epoch
+(the stored result holds it). The bound (``queue_size`` batches,
+``queue_bytes`` bytes) counts every batch until it is durable, so a slow or
+unreachable daemon makes ``submit`` wait (then ``QueueFullError``) instead
+of growing memory; while a caller waits and batches are held, the sender
+asks the daemon for a checkpoint (``Checkpoint(force=True)``) rather than
+waiting for its periodic one. If a stream breaks with ``UNAVAILABLE``
+(daemon restarting or killed, connection lost), or a reply shows a new
+``incarnation`` (the daemon restarted meanwhile), the sender resends every
+batch it holds with its original ``(writer_id, sequence)``; the daemon's
+duplicate filter, restored from its checkpoint, skips those it already
+holds durably, so nothing is lost or counted twice. A daemon that reports
+no incarnation (before durable acknowledgements existed) is taken to make
+a batch durable when it applies it. Any other error (the daemon rejected a
+batch) is kept as a ``VcidError`` for ``take_error``; the batches still
+held at that moment are discarded, and the error's ``context`` says how
+many.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
 
@@ -46,12 +58,15 @@ log = logging.getLogger("vcid")
 
 
 class _Flush:
-    """A marker in the outbox: set once every batch queued before it is confirmed."""
+    """A marker in the outbox: set once every batch queued before it is
+    confirmed. A ``probe`` first asks the daemon whether it restarted (and
+    resends the held batches if so)."""
 
-    __slots__ = ("event",)
+    __slots__ = ("event", "probe")
 
-    def __init__(self) -> None:
+    def __init__(self, probe: bool = False) -> None:
         self.event = threading.Event()
+        self.probe = probe
 
 
 class _Outbox:
@@ -72,6 +87,7 @@ class _Outbox:
         self.max_bytes = max_bytes
         self._held = 0
         self._held_bytes = 0
+        self.waiting = 0  # callers blocked in put_all
 
     def put_all(self, batches: Sequence[pb.FeatureBatch], timeout: Optional[float]) -> bool:
         """Queue all ``batches`` together (or none): False on timeout. A
@@ -87,7 +103,11 @@ class _Outbox:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._cond.wait(remaining)
+                self.waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self.waiting -= 1
             self._items.extend(batches)
             self._held += need_n
             self._held_bytes += need_b
@@ -177,11 +197,21 @@ class Sender:
         reconnect_timeout: how long to keep reconnecting after the daemon
             became unreachable before giving up with ``UNAVAILABLE``.
         ack_interval: an idle stream is ended after this many seconds.
+        others_held: returns whether the owner holds other non-durable
+            writes (PushStats blocks), so the sender keeps polling the
+            daemon for restarts while it holds nothing itself.
+        on_incarnation: called with the daemon's incarnation after every
+            reply, from the sender thread (the owner resends its own
+            writes when it changed).
     """
 
     def __init__(self, channel: grpc.Channel, metadata: Optional[Sequence[Any]], *,
                  writer_id: str, run_id: str, address: str, queue_size: int,
-                 queue_bytes: int, reconnect_timeout: float, ack_interval: float) -> None:
+                 queue_bytes: int, reconnect_timeout: float, ack_interval: float,
+                 others_held: Optional[Callable[[], bool]] = None,
+                 on_incarnation: Optional[Callable[[int], None]] = None) -> None:
+        self._others_held = others_held
+        self._on_incarnation = on_incarnation
         self._channel = channel
         self._address = address
         self._push = pb_grpc.VciMonitorStub(channel).Push
@@ -200,6 +230,10 @@ class Sender:
         self._confirmed = PushSummary()
         self._reconnects = 0
         self._unacked: List[pb.FeatureBatch] = []
+        # Applied but not yet durable: (batch, incarnation that applied it).
+        self._held: List[Tuple[pb.FeatureBatch, int]] = []
+        self._checkpoint = pb_grpc.VciMonitorStub(channel).Checkpoint
+        self._last_query = 0.0
         self._stop = threading.Event()  # finish what is queued, then exit
         self._abort = threading.Event()  # exit now
         self._thread = threading.Thread(target=self._run, name=f"vcid-sender-{run_id}",
@@ -210,7 +244,7 @@ class Sender:
 
     @property
     def pending(self) -> int:
-        """Batches submitted and not yet confirmed by the daemon."""
+        """Batches submitted and not yet durable in the daemon."""
         return self._outbox.held
 
     @property
@@ -243,18 +277,30 @@ class Sender:
                 )
             self._sequence = first + len(batches) - 1
 
-    def flush(self, timeout: float) -> None:
+    def flush(self, timeout: float, resync: bool = False) -> None:
         """Wait until every batch submitted so far is confirmed (or
         discarded after an error, see ``take_error``); ends the current
-        stream. ``VcidError`` ``DEADLINE_EXCEEDED`` after ``timeout`` s."""
-        marker = _Flush()
+        stream. With ``resync``, first ask the daemon whether it restarted
+        since it applied the held batches, and resend them if so.
+        ``VcidError`` ``DEADLINE_EXCEEDED`` after ``timeout`` s."""
+        marker = _Flush(probe=resync)
         self._outbox.put_marker(marker)
         if not marker.event.wait(timeout):
             raise VcidError(
                 "DEADLINE_EXCEEDED",
                 f"flush: expected the daemon to confirm the pushed batches within {timeout}s, "
-                f"received no confirmation ({self.pending} batches still queued)",
+                f"received no confirmation ({self.pending} batches still held)",
             )
+
+    def release_epoch(self, split: str, layer: str, epoch: int) -> None:
+        """Forget the held batches of an epoch whose result is now stored
+        (it holds them; nothing of it can be resent any more)."""
+        with self._state_lock:
+            done = [b for b, _ in self._held
+                    if (b.split, b.layer, b.epoch) == (split, layer, epoch)]
+            self._held = [(b, i) for b, i in self._held
+                          if (b.split, b.layer, b.epoch) != (split, layer, epoch)]
+        self._outbox.release(done)
 
     def take_error(self) -> Optional[VcidError]:
         """The first error since the last call (None if none), cleared."""
@@ -278,11 +324,86 @@ class Sender:
                 # Keep the first error; mention the later one in its context.
                 self._error.context += f"; later: {err}"
 
+    def _hold(self, batches: Sequence[pb.FeatureBatch], reply: Any) -> None:
+        """``batches`` were applied by the daemon that sent ``reply``."""
+        with self._state_lock:
+            self._held.extend((b, reply.incarnation) for b in batches)
+        self._settle(reply)
+
+    def _settle(self, reply: Any) -> None:
+        """Apply a reply's durable acknowledgement: release the held batches
+        it covers; queue for resending those applied by an earlier daemon
+        process."""
+        incarnation = reply.incarnation
+        through = reply.durable_through if reply.HasField("durable_through") else None
+        durable, resend = [], []
+        with self._state_lock:
+            keep = []
+            for b, inc in self._held:
+                if inc == 0 or (inc == incarnation and through is not None
+                                and b.sequence <= through):
+                    durable.append(b)  # inc 0: a daemon that acknowledges on apply
+                elif inc != incarnation:
+                    resend.append(b)
+                else:
+                    keep.append((b, inc))
+            self._held = keep
+        self._outbox.release(durable)
+        if self._on_incarnation is not None and incarnation:
+            try:
+                self._on_incarnation(incarnation)
+            except Exception as e:  # noqa: BLE001 - the owner's bug must not stop delivery
+                log.warning("vcid: resending after a daemon restart failed: %r", e)
+        if resend:
+            log.warning("vcid: the daemon at %s restarted; run %s resends %d batches it had "
+                        "applied but not yet made durable", self._address, self._run_id,
+                        len(resend))
+            self._requeue(resend)
+
+    def _take_held(self) -> List[pb.FeatureBatch]:
+        with self._state_lock:
+            held, self._held = [b for b, _ in self._held], []
+        return held
+
+    def _requeue(self, batches: List[pb.FeatureBatch]) -> None:
+        """Send ``batches`` (still counted in the outbox) before anything new."""
+        self._unacked = sorted(batches + self._unacked, key=lambda b: b.sequence)
+
+    def _query(self, force: bool) -> bool:
+        """One ``Checkpoint`` call; False when the daemon did not answer."""
+        self._last_query = time.monotonic()
+        req = pb.CheckpointRequest(run_id=self._run_id, writer_id=self._writer_id, force=force)
+        try:
+            reply = self._checkpoint(req, metadata=self._call_md,
+                                     timeout=max(self._reconnect_timeout, 1.0))
+        except grpc.RpcError as e:
+            log.debug("vcid: Checkpoint call failed: %s", e)
+            return False
+        self._settle(reply)
+        return True
+
+    def _maybe_query(self) -> None:
+        """While batches are held: ask for a checkpoint when a caller waits
+        for room, else poll the durable
+        acknowledgement every ``ack_interval`` seconds."""
+        with self._state_lock:
+            held = len(self._held)
+        if not held and not (self._others_held is not None and self._others_held()):
+            return
+        since = time.monotonic() - self._last_query
+        if self._outbox.waiting:
+            if since >= 0.2:
+                self._query(force=True)
+        elif since >= self._ack_interval:
+            self._query(force=False)
+
     def _run(self) -> None:
         backoff = 0.05
         down_since: Optional[float] = None
         attempts = 0  # failed attempts in the current outage
         while not self._abort.is_set():
+            if not self._unacked:
+                self._maybe_query()
             if not self._unacked:
                 item = self._outbox.get(timeout=0.1)
                 if item is None:
@@ -290,6 +411,12 @@ class Sender:
                         return
                     continue
                 if isinstance(item, _Flush):
+                    if item.probe:
+                        item.probe = False
+                        self._query(force=False)
+                        if self._unacked:  # the daemon restarted: resend first
+                            self._outbox.push_front([item])
+                            continue
                     # Nothing unconfirmed precedes it.
                     item.event.set()
                     continue
@@ -325,7 +452,7 @@ class Sender:
                 attempts = 0
                 backoff = 0.05
                 handled = confirmed.batches_applied + confirmed.duplicates
-                self._outbox.release(sent[:handled])
+                self._hold(sent[:handled], summary)
                 if handled < len(sent):
                     # The daemon ended the stream before reading all of it
                     # (it takes batches in order): resend the rest.
@@ -351,9 +478,11 @@ class Sender:
                                 self._outbox.held, self._reconnect_timeout)
                 attempts += 1
                 if now - down_since < self._reconnect_timeout:
-                    # Nothing on the broken stream is confirmed: resend it
-                    # all with the same keys; the daemon skips duplicates.
-                    self._unacked = sent
+                    # Nothing on the broken stream is confirmed, and the
+                    # daemon may have restarted: resend it and every held
+                    # batch with the same keys; the daemon skips duplicates.
+                    self._unacked = []
+                    self._requeue(self._take_held() + sent)
                     self._outbox.push_front(markers)
                     with self._state_lock:
                         self._reconnects += 1
@@ -364,7 +493,7 @@ class Sender:
                     except grpc.FutureTimeoutError:
                         pass
                     continue
-            dropped = sent + self._outbox.drain_batches()
+            dropped = self._take_held() + sent + self._outbox.drain_batches()
             self._outbox.release(dropped)
             rows = sum(b.rows for b in dropped)
             what = (f"gave up reconnecting after {self._reconnect_timeout:g}s "
@@ -398,8 +527,9 @@ class Sender:
             if item is None:
                 if self._stop.is_set():
                     return
-                if stream.sent and time.monotonic() - last >= self._ack_interval:
-                    return  # idle: end the stream so its batches get confirmed
+                if stream.sent and (self._outbox.waiting
+                                    or time.monotonic() - last >= self._ack_interval):
+                    return  # idle or a caller waits: end the stream to confirm it
                 continue
             with stream.lock:
                 if stream.closed:

@@ -84,6 +84,50 @@ impl SeqSet {
         self.ranges.insert(start, end);
     }
 
+    /// Records every number of `other`.
+    pub(crate) fn union(&mut self, other: &SeqSet) {
+        if other.ranges.is_empty() {
+            return;
+        }
+        let mut flat = self.to_flat();
+        flat.extend(other.to_flat());
+        *self = SeqSet::from_flat(&flat);
+    }
+
+    /// The largest recorded number.
+    pub(crate) fn max(&self) -> Option<u64> {
+        self.ranges.values().next_back().copied()
+    }
+
+    /// The smallest number recorded here but not in `other`.
+    pub(crate) fn first_missing_from(&self, other: &SeqSet) -> Option<u64> {
+        for (&start, &end) in &self.ranges {
+            let mut x = start;
+            loop {
+                match other.ranges.range(..=x).next_back() {
+                    Some((_, &covered)) if covered >= x => {
+                        if covered >= end {
+                            break;
+                        }
+                        x = covered + 1;
+                    }
+                    _ => return Some(x),
+                }
+            }
+        }
+        None
+    }
+
+    /// Durable acknowledgement of a writer whose applied numbers are `self`
+    /// and durable numbers `durable`: the largest `n` such that every
+    /// applied number `<= n` is durable (`None`: nothing applied is).
+    pub(crate) fn durable_through(&self, durable: &SeqSet) -> Option<u64> {
+        match self.first_missing_from(durable) {
+            Some(first) => first.checked_sub(1),
+            None => self.max(),
+        }
+    }
+
     /// Number of intervals held.
     pub(crate) fn intervals(&self) -> usize {
         self.ranges.len()
@@ -134,12 +178,9 @@ pub(crate) struct WriterState {
 }
 
 impl WriterState {
-    /// A writer as a checkpoint left it (no claims).
-    pub(crate) fn restored(applied: SeqSet) -> WriterState {
-        WriterState {
-            applied,
-            in_flight: BTreeSet::new(),
-        }
+    /// Adds sequences restored from durable state (no claims are open).
+    pub(crate) fn restore(&mut self, applied: &SeqSet) {
+        self.applied.union(applied);
     }
 
     /// The applied sequences (for the checkpoint).
@@ -223,6 +264,24 @@ mod tests {
         assert_eq!(sparse.intervals(), n as usize);
         assert!(sparse.contains(0) && !sparse.contains(1) && sparse.contains(2 * (n - 1)));
         assert_eq!(SeqSet::from_flat(&sparse.to_flat()), sparse);
+    }
+
+    #[test]
+    fn durable_through_is_the_end_of_the_durable_prefix() {
+        let applied = SeqSet::from_flat(&[1, 10, 20, 25]);
+        let mut durable = SeqSet::from_flat(&[1, 4]);
+        assert_eq!(applied.first_missing_from(&durable), Some(5));
+        assert_eq!(applied.durable_through(&durable), Some(4));
+        durable.union(&SeqSet::from_flat(&[5, 10, 12, 13]));
+        assert_eq!(durable.to_flat(), vec![1, 10, 12, 13]);
+        assert_eq!(applied.durable_through(&durable), Some(19));
+        durable.union(&SeqSet::from_flat(&[20, 25]));
+        assert_eq!(applied.durable_through(&durable), Some(25));
+        assert_eq!(
+            SeqSet::from_flat(&[0, 3]).durable_through(&SeqSet::default()),
+            None
+        );
+        assert_eq!(SeqSet::default().durable_through(&durable), None);
     }
 
     #[test]

@@ -1,30 +1,37 @@
-//! The durable "open epoch" marker of an epoch that has no accumulator yet,
-//! and why epochs whose marker outlived their statistics are refused.
+//! The durable markers that must precede ingest: the "open epoch" marker of
+//! an epoch that has no accumulator yet, and the "dirty writer" marker of a
+//! writer's first batch of an epoch since the epoch's last checkpoint
+//! snapshot; and why they make a crash detectable.
 //!
 //! Owns the write-once coordination; it must not do the write itself (the
 //! caller passes it, `store` performs it) nor lock anything else.
 //!
-//! # Open-epoch markers and lost epochs
+//! # Open epochs and dirty writers across a crash
 //!
 //! An accumulator may only exist while its epoch has a durable marker (see
-//! `store`), so that after a crash the daemon knows which epochs lost data.
+//! `store`), so that after a crash the daemon knows which epochs were open.
 //! When a batch is the first of its (stream, epoch),
 //! [`RunState::apply`](super::RunState::apply) changes nothing and returns
 //! [`Applied::NeedsMarker`](super::Applied::NeedsMarker) with the epoch's
 //! [`EpochMarker`] (one per epoch, shared by every batch that asks before
 //! the accumulator exists); the caller writes the marker once (concurrent
 //! ranks wait for the same write) and applies again, which then creates
-//! the accumulator and merges. Batches of an existing accumulator never
-//! touch the marker, so the per-batch path has no disk write. Once the
-//! shutdown checkpoint has frozen a run, no accumulator is created in it.
+//! the accumulator. Likewise, a writer's first batch of an epoch after each
+//! checkpoint snapshot returns
+//! [`Applied::NeedsWriterMarker`](super::Applied::NeedsWriterMarker): the
+//! marker names the writer (`""` for batches without a `writer_id`) and the
+//! snapshot generation; the checkpoint round that makes a later snapshot
+//! durable removes it. Other batches never touch the disk.
 //!
-//! Epochs found lost at start-up are kept per stream for the life of the
-//! run: pushes and closes of them fail with DATA_LOSS (reason
-//! `epoch_lost`), changing nothing, naming the start-up at or before which
-//! the daemon stopped uncleanly. Refusing beats the alternative of opening
-//! a fresh accumulator, whose close would report a partial epoch as if it
-//! were whole; the client continues under a new epoch number. The
-//! decision is recorded here, in `store` and in the README.
+//! At start-up every marked epoch is restored (from its checkpoint, or
+//! empty) and continues; the dirty-writer markers left are exactly the
+//! writers whose batches after the checkpoint died with the process. Until
+//! each of them has applied a batch again (a client resends everything it
+//! was not told was durable), closing the epoch fails with DATA_LOSS naming
+//! them and their last durable sequence: a close never reports a silently
+//! partial epoch. Batches without a writer_id cannot be resent, so such an
+//! epoch never closes. Epochs that earlier versions declared lost (table
+//! `lost_epochs`) stay refused with DATA_LOSS (reason `epoch_lost`).
 
 use std::sync::Arc;
 

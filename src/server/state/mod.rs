@@ -33,7 +33,7 @@ use super::error::ServerError;
 pub(crate) use budget::Budget;
 pub(crate) use dedup::SeqSet;
 pub(crate) use marker::EpochMarker;
-pub(crate) use run::{Applied, Contribution, RunInfo, RunState};
+pub(crate) use run::{Applied, Contribution, RestoredEpoch, RunInfo, RunState};
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it
 /// (every critical section leaves the data consistent before it can panic:

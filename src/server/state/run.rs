@@ -82,7 +82,7 @@ enum Phase {
     Closing,
     /// The run was deleted.
     Deleted,
-    /// Written to the shutdown checkpoint; no more merges.
+    /// Frozen for the shutdown checkpoint; no more merges.
     Frozen,
 }
 
@@ -138,6 +138,64 @@ impl Contribution<'_> {
     }
 }
 
+/// An open epoch's delivery bookkeeping for periodic checkpoints. Folds
+/// update it while they hold the slot's phase lock shared (after their
+/// fold); a snapshot reads it with the phase lock exclusive, so the
+/// statistics and the writers' sequences of a snapshot always agree.
+#[derive(Debug, Default)]
+struct Book {
+    /// The sequences of each writer merged into this epoch (`""`: batches
+    /// without a writer_id never enter it), checkpointed with the
+    /// statistics so a restored epoch and its duplicate filter agree.
+    writers: BTreeMap<String, SeqSet>,
+    /// Bumped by every fold.
+    version: u64,
+    /// `version` as of the last durable checkpoint.
+    durable_version: u64,
+    durable_samples: u64,
+    /// Unix ms of the last durable checkpoint (0: none).
+    durable_unix_ms: i64,
+    /// Counts snapshots; the dirty-writer markers written since the last
+    /// snapshot carry it (see [`super::marker`]).
+    generation: u64,
+    /// Writers whose dirty marker for this generation is durable (or being
+    /// written).
+    marked_writers: HashMap<String, EpochMarker>,
+    /// Writers whose batches applied after the last checkpoint died with
+    /// the previous process and that have not resent since, with the last
+    /// sequence of theirs the checkpoint holds.
+    missing: BTreeMap<String, Option<u64>>,
+}
+
+/// An open epoch as read back from disk at start-up.
+#[derive(Debug)]
+pub(crate) struct RestoredEpoch {
+    pub(crate) acc: Accumulator,
+    pub(crate) writers: BTreeMap<String, SeqSet>,
+    /// Above every generation stored for this epoch.
+    pub(crate) generation: u64,
+    pub(crate) missing: BTreeMap<String, Option<u64>>,
+    pub(crate) durable_unix_ms: i64,
+    /// Not yet in the current checkpoint format: the next round writes it.
+    pub(crate) rewrite: bool,
+}
+
+/// A copy of one changed open epoch taken for a checkpoint round, with
+/// the writers' sequences it holds.
+#[derive(Debug)]
+pub(crate) struct EpochSnapshot {
+    pub(crate) key: StreamKey,
+    pub(crate) epoch: u64,
+    pub(crate) acc: Accumulator,
+    pub(crate) writers: Vec<(String, SeqSet)>,
+    /// Dirty-writer markers below it are covered by this snapshot.
+    pub(crate) generation: u64,
+    /// Writers still missing since an unclean stop: their markers stay.
+    pub(crate) missing: Vec<String>,
+    version: u64,
+    slot: Arc<EpochSlot>,
+}
+
 /// One open (stream, epoch): its accumulator shards and its phase.
 #[derive(Debug)]
 struct EpochSlot {
@@ -152,6 +210,8 @@ struct EpochSlot {
     samples: AtomicU64,
     /// Spreads batches that wait for a busy shard over the shards.
     waits: AtomicUsize,
+    /// Delivery bookkeeping (see [`Book`]).
+    book: Mutex<Book>,
 }
 
 impl EpochSlot {
@@ -162,7 +222,54 @@ impl EpochSlot {
             shards: Mutex::new(vec![new_shard(acc)]),
             reserved: AtomicU64::new(reserved),
             waits: AtomicUsize::new(0),
+            book: Mutex::new(Book::default()),
         }
+    }
+
+    /// The epoch's [`combined`] statistics and writers as of now, when they
+    /// changed since the last durable checkpoint: the one place a
+    /// checkpoint copies an epoch. Takes the phase lock exclusively (waits
+    /// for the folds in flight: ingest of this epoch pauses for the merge
+    /// of its shards, other epochs not at all). Starts a new generation of
+    /// dirty-writer markers.
+    fn snapshot(self: &Arc<Self>, key: StreamKey, epoch: u64) -> Option<EpochSnapshot> {
+        let phase = self.phase_mut();
+        if !matches!(*phase, Phase::Open | Phase::Frozen) {
+            return None;
+        }
+        let mut g = lock(&self.book);
+        if g.version == g.durable_version {
+            return None;
+        }
+        let acc = match combined(&lock(&self.shards)) {
+            Ok(acc) => acc,
+            Err(err) => {
+                tracing::error!(%err, epoch, "an open epoch's shards do not combine; not checkpointed");
+                return None;
+            }
+        };
+        g.generation += 1;
+        g.marked_writers.clear();
+        Some(EpochSnapshot {
+            key,
+            epoch,
+            acc,
+            writers: g
+                .writers
+                .iter()
+                .map(|(w, set)| (w.clone(), set.clone()))
+                .collect(),
+            generation: g.generation,
+            missing: g.missing.keys().cloned().collect(),
+            version: g.version,
+            slot: Arc::clone(self),
+        })
+    }
+
+    /// `(samples, durable_samples, durable_unix_ms)`.
+    fn progress(&self) -> (u64, u64, i64) {
+        let g = lock(&self.book);
+        (self.samples(), g.durable_samples, g.durable_unix_ms)
     }
 
     fn phase(&self) -> RwLockReadGuard<'_, Phase> {
@@ -287,6 +394,9 @@ struct StreamState {
 struct RunInner {
     streams: BTreeMap<StreamKey, StreamState>,
     writers: HashMap<String, WriterState>,
+    /// Per writer, the applied sequences that are durable (in a checkpoint
+    /// or a stored result).
+    durable: HashMap<String, SeqSet>,
     /// Set by the shutdown checkpoint: no new accumulators.
     frozen: bool,
     /// Unix ms when `FinishRun` marked the run finished: no more pushes or
@@ -319,6 +429,14 @@ pub(crate) enum Applied {
     /// Nothing happened: the batch opens its epoch, whose marker must be
     /// durable first (write it, then apply again).
     NeedsMarker(EpochMarker),
+    /// Nothing happened: the batch is its writer's first in this epoch
+    /// since the epoch's last checkpoint snapshot, so the writer's dirty
+    /// marker (`writer`, `generation`) must be durable first.
+    NeedsWriterMarker {
+        marker: EpochMarker,
+        writer: String,
+        generation: u64,
+    },
 }
 
 /// An epoch taken out of `open` by [`RunState::begin_close`].
@@ -329,20 +447,24 @@ pub(crate) struct Closing {
     slot: Arc<EpochSlot>,
     /// The accumulator to compute metrics from (given back on abort).
     pub(crate) acc: Accumulator,
+    /// The writers' sequences in it (durable with the result).
+    pub(crate) writers: Vec<(String, SeqSet)>,
     /// VCI of the closest lower closed epoch of the stream: `None` when
     /// there is none, `Some(None)` when its VCI was undefined.
     pub(crate) previous_vci: Option<Option<f64>>,
 }
 
-/// A run as frozen for the shutdown checkpoint.
-#[derive(Debug, Default)]
-pub(crate) struct FrozenRun {
-    /// Open accumulators `(stream, epoch, statistics)`.
-    pub(crate) open: Vec<(StreamKey, u64, Accumulator)>,
-    /// Epochs being closed (their result may or may not get stored).
-    pub(crate) closing: Vec<(StreamKey, u64)>,
-    /// The writers' duplicate filters.
-    pub(crate) writers: Vec<(String, SeqSet)>,
+/// How a missing writer is named in the DATA_LOSS message.
+fn missing_writer(writer: &str, after: Option<u64>) -> String {
+    let who = if writer.is_empty() {
+        "batches without a writer_id (they cannot be resent idempotently)".to_owned()
+    } else {
+        format!("writer_id {writer:?}")
+    };
+    match after {
+        Some(seq) => format!("{who} after sequence {seq}"),
+        None => format!("{who} (none of its batches is durable)"),
+    }
 }
 
 /// One run: its description, counters, streams and duplicate filter, and
@@ -555,11 +677,39 @@ impl RunState {
             slot
         };
 
-        // Step 2: the fold, under the slot's locks only.
+        // Step 2: the fold, under the slot's locks only. A writer's first
+        // batch since the epoch's last snapshot waits for its dirty marker.
         let folded = {
             let phase = slot.phase();
             match *phase {
-                Phase::Open => slot.fold(batch, &self.info, self.max_shards, &self.budget),
+                Phase::Open => {
+                    let writer = dedup.map_or("", |(w, _)| w.as_str());
+                    let wait = {
+                        let mut book = lock(&slot.book);
+                        let generation = book.generation;
+                        let marker = book.marked_writers.entry(writer.to_owned()).or_default();
+                        (!marker.is_written()).then(|| Applied::NeedsWriterMarker {
+                            marker: marker.clone(),
+                            writer: writer.to_owned(),
+                            generation,
+                        })
+                    };
+                    match wait {
+                        Some(wait) => Ok(Some(wait)),
+                        None => slot
+                            .fold(batch, &self.info, self.max_shards, &self.budget)
+                            .map(|()| {
+                                let mut book = lock(&slot.book);
+                                book.version += 1;
+                                if let Some((w, seq)) = dedup {
+                                    book.writers.entry(w.clone()).or_default().insert(*seq);
+                                    // It resends what the previous process lost.
+                                    book.missing.remove(w);
+                                }
+                                None
+                            }),
+                    }
+                }
                 Phase::Closing => Err(ServerError::EpochClosed {
                     stream: self.stream_name(key),
                     epoch,
@@ -576,10 +726,12 @@ impl RunState {
         if let Some((writer, seq)) = dedup {
             let mut inner = lock(&self.inner);
             if let Some(w) = inner.writers.get_mut(writer) {
-                w.settle(*seq, folded.is_ok());
+                w.settle(*seq, matches!(folded, Ok(None)));
             }
         }
-        folded?;
+        if let Some(wait) = folded? {
+            return Ok(wait);
+        }
         let samples = batch.samples();
         slot.samples.fetch_add(samples, Ordering::Relaxed);
         self.rows_ingested.fetch_add(samples, Ordering::Relaxed);
@@ -623,6 +775,20 @@ impl RunState {
                     state: "being closed",
                 });
             }
+            let missing = stream.open.get(&epoch).map(|slot| {
+                lock(&slot.book)
+                    .missing
+                    .iter()
+                    .map(|(w, after)| missing_writer(w, *after))
+                    .collect::<Vec<_>>()
+            });
+            if let Some(missing) = missing.filter(|m| !m.is_empty()) {
+                return Err(ServerError::WritersMissing {
+                    stream: name,
+                    epoch,
+                    writers: missing.join(", "),
+                });
+            }
             let Some(slot) = stream.open.remove(&epoch) else {
                 let open: Vec<String> = stream.open.keys().map(u64::to_string).collect();
                 return Err(ServerError::NoOpenEpoch {
@@ -661,7 +827,12 @@ impl RunState {
                 } else {
                     *phase = Phase::Open;
                 }
-                Some(acc)
+                let writers: Vec<(String, SeqSet)> = lock(&slot.book)
+                    .writers
+                    .iter()
+                    .map(|(w, set)| (w.clone(), set.clone()))
+                    .collect();
+                Some(acc.map(|acc| (acc, writers)))
             } else {
                 None
             }
@@ -674,11 +845,12 @@ impl RunState {
                 stream.open.insert(epoch, slot);
                 Err(err)
             }
-            Some(Ok(acc)) => Ok(Closing {
+            Some(Ok((acc, writers))) => Ok(Closing {
                 key: key.clone(),
                 epoch,
                 slot,
                 acc,
+                writers,
                 previous_vci,
             }),
             None => {
@@ -729,6 +901,9 @@ impl RunState {
             let stream = inner.streams.entry(closing.key.clone()).or_default();
             stream.closing.remove(&closing.epoch);
             stream.history.insert(closing.epoch, result);
+            for (w, set) in &closing.writers {
+                inner.durable.entry(w.clone()).or_default().union(set);
+            }
         }
         let reserved = closing.slot.reserved.swap(0, Ordering::AcqRel);
         drop(closing);
@@ -747,6 +922,7 @@ impl RunState {
                 .collect();
             inner.streams.clear();
             inner.writers.clear();
+            inner.durable.clear();
             slots
         };
         for slot in slots {
@@ -756,53 +932,88 @@ impl RunState {
         }
     }
 
-    /// Freezes every open epoch and returns its [`combined`] statistics
-    /// with the epochs being closed and the duplicate filter, for the
-    /// shutdown checkpoint (blocking: waits for the folds in flight). Later
-    /// folds and new epochs fail with UNAVAILABLE, so nothing is
-    /// acknowledged that the checkpoint misses.
-    pub(crate) fn freeze_for_checkpoint(&self) -> Result<FrozenRun, ServerError> {
-        let (slots, closing, writers) = {
+    /// Freezes every open accumulator for the shutdown checkpoint: later
+    /// merges and new accumulators fail with UNAVAILABLE, so nothing is
+    /// acknowledged that the final [`RunState::snapshot_changed`] misses.
+    pub(crate) fn freeze(&self) {
+        let slots = {
             let mut inner = lock(&self.inner);
             inner.frozen = true;
-            let closing = inner
-                .streams
-                .iter()
-                .flat_map(|(key, s)| s.closing.iter().map(move |&epoch| (key.clone(), epoch)))
-                .collect();
-            let slots = inner.open_slots();
-            let writers = inner
-                .writers
-                .iter()
-                .map(|(w, state)| (w.clone(), state.applied().clone()))
-                .collect();
-            (slots, closing, writers)
+            inner.open_slots()
         };
-        let mut epochs = Vec::new();
-        for (key, epoch, slot) in slots {
+        for (_, _, slot) in slots {
             let mut phase = slot.phase_mut();
             if *phase == Phase::Open {
                 *phase = Phase::Frozen;
-                epochs.push((key, epoch, combined(&lock(&slot.shards))?));
             }
         }
-        Ok(FrozenRun {
-            open: epochs,
-            closing,
-            writers,
-        })
     }
 
-    /// Restores an open accumulator from a checkpoint.
-    pub(crate) fn restore_open(&self, key: StreamKey, epoch: u64, acc: Accumulator) {
+    /// Copies of the open epochs that changed since their last durable
+    /// checkpoint (see `EpochSlot::snapshot`), one slot lock at a time.
+    pub(crate) fn snapshot_changed(&self) -> Vec<EpochSnapshot> {
+        let slots = lock(&self.inner).open_slots();
+        slots
+            .into_iter()
+            .filter_map(|(key, epoch, slot)| slot.snapshot(key, epoch))
+            .collect()
+    }
+
+    /// Records that `snapshots` (of this run) are durable as of `unix_ms`.
+    pub(crate) fn mark_durable(&self, snapshots: &[EpochSnapshot], unix_ms: i64) {
+        for snap in snapshots {
+            let mut g = lock(&snap.slot.book);
+            g.durable_version = g.durable_version.max(snap.version);
+            g.durable_samples = snap.acc.samples();
+            g.durable_unix_ms = unix_ms;
+        }
+        let mut inner = lock(&self.inner);
+        for snap in snapshots {
+            for (w, set) in &snap.writers {
+                inner.durable.entry(w.clone()).or_default().union(set);
+            }
+        }
+    }
+
+    /// The durable acknowledgement of `writer` (see
+    /// [`SeqSet::durable_through`]).
+    pub(crate) fn durable_through(&self, writer: &str) -> Option<u64> {
+        let inner = lock(&self.inner);
+        let applied = inner.writers.get(writer)?.applied();
+        match inner.durable.get(writer) {
+            Some(durable) => applied.durable_through(durable),
+            None => applied.durable_through(&SeqSet::default()),
+        }
+    }
+
+    /// Restores an open epoch from disk; its writers' sequences join the
+    /// duplicate filter as durable.
+    pub(crate) fn restore_open(&self, key: StreamKey, epoch: u64, restored: RestoredEpoch) {
         let reserved = self.info.accumulator_bytes();
         self.budget.force_reserve(reserved);
-        let mut inner = lock(&self.inner);
-        let stream = inner.streams.entry(key).or_default();
-        if let Some(old) = stream
-            .open
-            .insert(epoch, Arc::new(EpochSlot::new(acc, reserved)))
+        let samples = restored.acc.samples();
+        let slot = EpochSlot::new(restored.acc, reserved);
         {
+            let mut g = lock(&slot.book);
+            g.version = u64::from(restored.rewrite);
+            g.durable_samples = if restored.rewrite { 0 } else { samples };
+            g.durable_unix_ms = restored.durable_unix_ms;
+            g.generation = restored.generation;
+            g.missing = restored.missing;
+            g.writers = restored.writers;
+        }
+        let writers: Vec<(String, SeqSet)> = lock(&slot.book)
+            .writers
+            .iter()
+            .map(|(w, set)| (w.clone(), set.clone()))
+            .collect();
+        let mut inner = lock(&self.inner);
+        for (w, set) in &writers {
+            inner.writers.entry(w.clone()).or_default().restore(set);
+            inner.durable.entry(w.clone()).or_default().union(set);
+        }
+        let stream = inner.streams.entry(key).or_default();
+        if let Some(old) = stream.open.insert(epoch, Arc::new(slot)) {
             self.budget.release(old.reserved.load(Ordering::Acquire));
         }
     }
@@ -830,12 +1041,20 @@ impl RunState {
             .insert(epoch, found_unix_ms);
     }
 
-    /// Restores a writer's duplicate filter.
-    pub(crate) fn restore_writer(&self, writer_id: String, applied: SeqSet) {
+    /// Adds durable sequences of a writer (of closed epochs, or a legacy
+    /// whole-run checkpoint) to the duplicate filter.
+    pub(crate) fn restore_writer(&self, writer_id: &str, applied: &SeqSet) {
         let mut inner = lock(&self.inner);
         inner
             .writers
-            .insert(writer_id, WriterState::restored(applied));
+            .entry(writer_id.to_owned())
+            .or_default()
+            .restore(applied);
+        inner
+            .durable
+            .entry(writer_id.to_owned())
+            .or_default()
+            .union(applied);
     }
 
     /// Open epochs with their sample counts, ordered by split, layer, epoch.
@@ -843,11 +1062,16 @@ impl RunState {
         let slots = lock(&self.inner).open_slots();
         slots
             .into_iter()
-            .map(|(key, epoch, slot)| OpenEpoch {
-                split: key.split,
-                layer: key.layer,
-                epoch,
-                samples: slot.samples(),
+            .map(|(key, epoch, slot)| {
+                let (samples, durable_samples, durable_unix_ms) = slot.progress();
+                OpenEpoch {
+                    split: key.split,
+                    layer: key.layer,
+                    epoch,
+                    samples,
+                    durable_samples,
+                    durable_unix_ms,
+                }
             })
             .collect()
     }
@@ -928,9 +1152,11 @@ mod tests {
     ) -> Result<Applied, ServerError> {
         loop {
             match run.apply(key, epoch, Contribution::Stats(batch), dedup)? {
-                Applied::NeedsMarker(marker) => futures::executor::block_on(
-                    marker.write_once(|| async { Ok::<(), ServerError>(()) }),
-                )?,
+                Applied::NeedsMarker(marker) | Applied::NeedsWriterMarker { marker, .. } => {
+                    futures::executor::block_on(
+                        marker.write_once(|| async { Ok::<(), ServerError>(()) }),
+                    )?
+                }
                 other => return Ok(other),
             }
         }
@@ -993,7 +1219,7 @@ mod tests {
         // Checkpointed with 3 gaps; restarted with a limit of 1.
         let (run, _) = tiny_run(1);
         let key = train();
-        run.restore_writer("w".into(), SeqSet::from_flat(&[0, 0, 2, 2, 4, 4, 6, 6]));
+        run.restore_writer("w", &SeqSet::from_flat(&[0, 0, 2, 2, 4, 4, 6, 6]));
         let batch = one_row(0.5, 0);
         let apply = |seq: u64| apply_marked(&run, &key, 0, &batch, Some(&("w".to_owned(), seq)));
         assert_eq!(apply(4).unwrap(), Applied::Duplicate);
@@ -1039,6 +1265,19 @@ mod tests {
             .unwrap();
         }
         assert_eq!(writes.load(Ordering::Relaxed), 1);
+        // The writer (here: batches without a writer_id) needs its dirty
+        // marker before its first merge since the epoch's last snapshot.
+        let Applied::NeedsWriterMarker {
+            marker, generation, ..
+        } = run
+            .apply(&key, 0, Contribution::Stats(&batch), None)
+            .unwrap()
+        else {
+            panic!("expected NeedsWriterMarker");
+        };
+        assert_eq!(generation, 0);
+        futures::executor::block_on(marker.write_once(|| async { Ok::<(), ServerError>(()) }))
+            .unwrap();
         for _ in 0..2 {
             assert_eq!(
                 run.apply(&key, 0, Contribution::Stats(&batch), None)
@@ -1070,8 +1309,8 @@ mod tests {
         assert_eq!(run.open_epochs().len(), 1);
 
         // After the shutdown checkpoint froze the run, no epoch is opened.
-        let frozen = run.freeze_for_checkpoint().unwrap();
-        assert_eq!(frozen.open.len(), 1);
+        run.freeze();
+        assert_eq!(run.snapshot_changed().len(), 1);
         assert!(matches!(
             run.apply(&key, 4, Contribution::Stats(&batch), None),
             Err(ServerError::ShuttingDown(_))
@@ -1227,11 +1466,20 @@ mod tests {
             let count = open_slot(&runs[0], &key, 0).shard_count();
             proptest::prop_assert!(count <= shards);
             let closed = runs[0].begin_close(&key, 0).unwrap().acc;
-            let frozen = runs[1].freeze_for_checkpoint().unwrap().open.remove(0).2;
+            runs[1].freeze();
+            let frozen = runs[1].snapshot_changed().remove(0).acc;
             assert_parts_close(&closed, &reference, 1e-12);
             proptest::prop_assert_eq!(closed.to_parts(), frozen.to_parts());
             let (restored, _) = shard_run(shards, 8.0);
-            restored.restore_open(key.clone(), 0, Accumulator::from_parts(frozen.to_parts()).unwrap());
+            let acc = Accumulator::from_parts(frozen.to_parts()).unwrap();
+            restored.restore_open(key.clone(), 0, RestoredEpoch {
+                acc,
+                writers: BTreeMap::new(),
+                generation: 0,
+                missing: BTreeMap::new(),
+                durable_unix_ms: 0,
+                rewrite: false,
+            });
             let reopened = restored.begin_close(&key, 0).unwrap().acc;
             proptest::prop_assert_eq!(reopened.to_parts(), frozen.to_parts());
         }
@@ -1240,10 +1488,12 @@ mod tests {
     fn apply_marked_rows(run: &RunState, key: &StreamKey, x: &ndarray::Array2<f64>, y: &[u32]) {
         loop {
             match run.apply(key, 0, rows(x, y), None).unwrap() {
-                Applied::NeedsMarker(m) => futures::executor::block_on(
-                    m.write_once(|| async { Ok::<(), ServerError>(()) }),
-                )
-                .unwrap(),
+                Applied::NeedsMarker(m) | Applied::NeedsWriterMarker { marker: m, .. } => {
+                    futures::executor::block_on(
+                        m.write_once(|| async { Ok::<(), ServerError>(()) }),
+                    )
+                    .unwrap()
+                }
                 _ => return,
             }
         }

@@ -99,16 +99,20 @@ class Run(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., num_classes: _Optional[int] = ..., feature_dim: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_unix_ms: _Optional[int] = ..., rows_ingested: _Optional[int] = ..., open_epochs: _Optional[_Iterable[_Union[OpenEpoch, _Mapping]]] = ..., closed_epochs: _Optional[int] = ..., finished: bool = ..., finished_unix_ms: _Optional[int] = ...) -> None: ...
 
 class OpenEpoch(_message.Message):
-    __slots__ = ("split", "layer", "epoch", "samples")
+    __slots__ = ("split", "layer", "epoch", "samples", "durable_samples", "durable_unix_ms")
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     split: str
     layer: str
     epoch: int
     samples: int
-    def __init__(self, split: _Optional[str] = ..., layer: _Optional[str] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ...) -> None: ...
+    durable_samples: int
+    durable_unix_ms: int
+    def __init__(self, split: _Optional[str] = ..., layer: _Optional[str] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., durable_samples: _Optional[int] = ..., durable_unix_ms: _Optional[int] = ...) -> None: ...
 
 class FeatureBatch(_message.Message):
     __slots__ = ("run_id", "split", "layer", "epoch", "rows", "features", "encoding", "labels", "writer_id", "sequence")
@@ -135,14 +139,38 @@ class FeatureBatch(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., split: _Optional[str] = ..., layer: _Optional[str] = ..., epoch: _Optional[int] = ..., rows: _Optional[int] = ..., features: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., labels: _Optional[_Iterable[int]] = ..., writer_id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class PushSummary(_message.Message):
-    __slots__ = ("batches_applied", "rows_applied", "duplicates")
+    __slots__ = ("batches_applied", "rows_applied", "duplicates", "durable_through", "incarnation")
     BATCHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
     ROWS_APPLIED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     batches_applied: int
     rows_applied: int
     duplicates: int
-    def __init__(self, batches_applied: _Optional[int] = ..., rows_applied: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    durable_through: int
+    incarnation: int
+    def __init__(self, batches_applied: _Optional[int] = ..., rows_applied: _Optional[int] = ..., duplicates: _Optional[int] = ..., durable_through: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("run_id", "writer_id", "force")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    WRITER_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    writer_id: str
+    force: bool
+    def __init__(self, run_id: _Optional[str] = ..., writer_id: _Optional[str] = ..., force: bool = ...) -> None: ...
+
+class CheckpointReply(_message.Message):
+    __slots__ = ("durable_through", "incarnation", "epochs_written")
+    DURABLE_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    durable_through: int
+    incarnation: int
+    epochs_written: int
+    def __init__(self, durable_through: _Optional[int] = ..., incarnation: _Optional[int] = ..., epochs_written: _Optional[int] = ...) -> None: ...
 
 class StatsBlock(_message.Message):
     __slots__ = ("run_id", "split", "layer", "epoch", "class_counts", "class_means", "scatter", "within_trace", "unit_sum", "unit_count", "writer_id", "sequence", "unit_within_trace")

@@ -66,6 +66,11 @@ class VciMonitorStub(object):
                 request_serializer=vcid_dot_v1_dot_vcid__pb2.StatsBlock.SerializeToString,
                 response_deserializer=vcid_dot_v1_dot_vcid__pb2.PushSummary.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/vcid.v1.VciMonitor/Checkpoint',
+                request_serializer=vcid_dot_v1_dot_vcid__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=vcid_dot_v1_dot_vcid__pb2.CheckpointReply.FromString,
+                _registered_method=True)
         self.CloseEpoch = channel.unary_unary(
                 '/vcid.v1.VciMonitor/CloseEpoch',
                 request_serializer=vcid_dot_v1_dot_vcid__pb2.CloseEpochRequest.SerializeToString,
@@ -139,6 +144,17 @@ class VciMonitorServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """How far a writer's batches are durable (in a checkpoint or a closed
+        epoch's result); with `force`, first checkpoints every epoch that
+        changed since its last checkpoint (one durable transaction). A client
+        whose outbox is full of applied-but-not-durable batches uses it instead
+        of waiting for the next periodic checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseEpoch(self, request, context):
         """Close one stream's epoch: compute its metrics, append them to the
         history (durably) and return them.
@@ -203,6 +219,11 @@ def add_VciMonitorServicer_to_server(servicer, server):
                     servicer.PushStats,
                     request_deserializer=vcid_dot_v1_dot_vcid__pb2.StatsBlock.FromString,
                     response_serializer=vcid_dot_v1_dot_vcid__pb2.PushSummary.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=vcid_dot_v1_dot_vcid__pb2.CheckpointRequest.FromString,
+                    response_serializer=vcid_dot_v1_dot_vcid__pb2.CheckpointReply.SerializeToString,
             ),
             'CloseEpoch': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseEpoch,
@@ -389,6 +410,33 @@ class VciMonitor(object):
             '/vcid.v1.VciMonitor/PushStats',
             vcid_dot_v1_dot_vcid__pb2.StatsBlock.SerializeToString,
             vcid_dot_v1_dot_vcid__pb2.PushSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vcid.v1.VciMonitor/Checkpoint',
+            vcid_dot_v1_dot_vcid__pb2.CheckpointRequest.SerializeToString,
+            vcid_dot_v1_dot_vcid__pb2.CheckpointReply.FromString,
             options,
             channel_credentials,
             insecure,
