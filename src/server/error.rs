@@ -22,7 +22,7 @@ use super::store::StoreError;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// No run with that id (NOT_FOUND).
-    #[error("run_id: expected an existing run, received {0:?} (no such run)")]
+    #[error("run_id: expected an existing run, received {} (no such run)", shown(.0))]
     RunNotFound(String),
 
     /// A field that does not follow the API's rules (INVALID_ARGUMENT).
@@ -195,6 +195,24 @@ pub enum ServerError {
     Internal(String),
 }
 
+/// Longest name echoed whole into an error message.
+const SHOWN_MAX: usize = 64;
+
+/// `value` quoted for an error message; longer than 64 bytes, its start and
+/// its length (`"abc…" (10000 bytes)`), so an error never grows with what a
+/// client sent (a long echo would exceed clients' metadata limits and hide
+/// the real error).
+pub(crate) fn shown(value: &str) -> String {
+    if value.len() <= SHOWN_MAX {
+        return format!("{value:?}");
+    }
+    let mut end = SHOWN_MAX - 16;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &value[..end], value.len())
+}
+
 impl ServerError {
     /// Shorthand for [`ServerError::Invalid`].
     pub fn invalid(
@@ -293,7 +311,7 @@ impl ServerError {
         };
         match self {
             ServerError::RunNotFound(run_id) => {
-                Some(ResourceInfo::new("run", run_id, "", "no such run").into())
+                Some(ResourceInfo::new("run", shown(run_id), "", "no such run").into())
             }
             ServerError::RunConflict {
                 run_id,
