@@ -311,7 +311,7 @@ impl ServerError {
         };
         match self {
             ServerError::RunNotFound(run_id) => {
-                Some(ResourceInfo::new("run", shown(run_id), "", "no such run").into())
+                Some(ResourceInfo::new("run", run_id, "", "no such run").into())
             }
             ServerError::RunConflict {
                 run_id,
