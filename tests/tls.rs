@@ -153,6 +153,8 @@ async fn tls_serves_trusted_clients_and_refuses_plaintext_and_unknown_cas() {
     })
     .await;
     let (grpc, http) = (server.grpc_addr(), server.http_addr());
+    assert_eq!(server.grpc_url(), format!("https://{grpc}"));
+    assert_eq!(server.metrics_url(), format!("https://{http}/metrics"));
 
     // Trusted: gRPC and HTTP both work.
     let mut client = VciMonitorClient::new(channel(grpc, &ca, None).await.unwrap());

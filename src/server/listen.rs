@@ -25,7 +25,7 @@ use tokio_rustls::server::TlsStream;
 use super::tls::Acceptor;
 
 /// Longest TLS handshake before the connection is dropped.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest pause after an accept error that is not the peer's.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 

@@ -80,6 +80,8 @@ use service::VciService;
 pub struct ServerHandle {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    /// `https` with TLS, else `http`.
+    scheme: &'static str,
     daemon: Arc<Daemon>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), ServerError>>,
@@ -97,19 +99,20 @@ impl ServerHandle {
         self.http_addr
     }
 
-    /// `http://<grpc_addr>`, ready for `VciMonitorClient::connect`.
+    /// `http://<grpc_addr>` (`https://` with TLS), ready for
+    /// `VciMonitorClient::connect`.
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        format!("{}://{}", self.scheme, self.grpc_addr)
     }
 
-    /// `http://<http_addr>/metrics`.
+    /// `http://<http_addr>/metrics` (`https://` with TLS).
     pub fn metrics_url(&self) -> String {
-        format!("http://{}/metrics", self.http_addr)
+        format!("{}://{}/metrics", self.scheme, self.http_addr)
     }
 
-    /// `http://<http_addr>/`, the web view.
+    /// `http://<http_addr>/`, the web view (`https://` with TLS).
     pub fn web_url(&self) -> String {
-        format!("http://{}/", self.http_addr)
+        format!("{}://{}/", self.scheme, self.http_addr)
     }
 
     /// Begins a graceful shutdown without waiting for it.
@@ -318,6 +321,7 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
     Ok(ServerHandle {
         grpc_addr,
         http_addr,
+        scheme: if tls.is_some() { "https" } else { "http" },
         daemon,
         shutdown: shutdown_tx,
         task,

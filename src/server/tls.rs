@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use super::error::ServerError;
 
 /// How often the files are compared with what was loaded.
-pub(crate) const POLL: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_secs(5);
 
 /// Where the certificate material is (PEM files).
 #[derive(Clone, Debug, PartialEq, Eq)]
