@@ -17,6 +17,9 @@
 //!   times its transpose), measured in the same run as the baseline.
 //! - `close/d2048_k1000`: `metrics::compute` (all metrics) of an
 //!   accumulator with d = 2048, K = 1000, N = 4096.
+//! - `from_parts/d2048`: `Accumulator::from_parts` of the same statistics
+//!   (K = 10 here): every check of statistics from outside, dominated by
+//!   the positive-semi-definiteness check (one d × d Cholesky).
 //!
 //! At the end a table prints rows/s and GFLOP/s for each (the batch paths
 //! and the syrk count n·d·(d+1) flops, the lower triangle of XᵀX; the gemm
@@ -243,6 +246,36 @@ fn close(c: &mut Criterion) {
     group.finish();
 }
 
+fn from_parts(c: &mut Criterion) {
+    let (d, k, n) = (2048, 10, 4096);
+    let mut rng = StdRng::seed_from_u64(4);
+    let (x, labels) = features(&mut rng, n, d, k);
+    let parts = Accumulator::from_batch(x.view(), &labels, k, Par::rayon(0))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .to_parts();
+    drop(x);
+    let mut group = c.benchmark_group("from_parts");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(8));
+    group.bench_function("d2048", |b| {
+        b.iter_custom(|iters| {
+            let mut elapsed = Duration::ZERO;
+            for _ in 0..iters {
+                let copy = parts.clone();
+                let start = Instant::now();
+                let acc = Accumulator::from_parts(copy).unwrap_or_else(|e| panic!("{e}"));
+                elapsed += start.elapsed();
+                std::hint::black_box(acc);
+            }
+            record("from_parts/d2048", iters, elapsed, 0.0);
+            elapsed
+        })
+    });
+    group.finish();
+}
+
 fn summary() {
     let Ok(times) = TIMES.lock() else { return };
     let per_iter = |&(iters, total, _): &(u64, Duration, f64)| total.as_secs_f64() / iters as f64;
@@ -294,7 +327,8 @@ criterion_group!(
     batch_fold,
     shard_merge,
     faer_products,
-    close
+    close,
+    from_parts
 );
 
 fn main() {

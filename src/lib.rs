@@ -28,3 +28,6 @@ pub mod proto;
 pub mod server;
 pub mod stats;
 pub mod synthetic;
+
+#[cfg(test)]
+mod fuzz;

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
 use super::{read_token, CliError};
@@ -32,7 +32,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A generated client whose every request carries the bearer token (if any).
 pub type Client = VciMonitorClient<InterceptedService<Channel, AttachToken>>;
 
-/// Accepts `host:port` as well as `http://host:port`.
+/// Accepts `host:port` as well as `http://host:port` and
+/// `https://host:port`.
 pub fn normalize_addr(addr: &str) -> String {
     let addr = addr.trim();
     if addr.contains("://") {
@@ -42,14 +43,85 @@ pub fn normalize_addr(addr: &str) -> String {
     }
 }
 
-/// Connects to the daemon at `addr`; an unreachable server is an error that
-/// names the address.
-pub async fn connect(addr: &str, auth: AttachToken) -> Result<Client, CliError> {
-    let addr = normalize_addr(addr);
-    let endpoint = Endpoint::from_shared(addr.clone())
+/// How the client side of TLS is set up; shared by the client subcommands.
+/// An `https://` address turns TLS on (so does any of these options with a
+/// bare `host:port`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// PEM CA certificate(s) to trust for the daemon's certificate instead
+    /// of the system's CAs.
+    #[arg(long, env = "VCID_TLS_CA", value_name = "FILE.pem")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a daemon that requires mutual TLS.
+    #[arg(
+        long,
+        env = "VCID_TLS_CLIENT_CERT",
+        value_name = "FILE.pem",
+        requires = "tls_client_key"
+    )]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-client-cert`.
+    #[arg(
+        long,
+        env = "VCID_TLS_CLIENT_KEY",
+        value_name = "FILE.pem",
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The address with its scheme: `https://` when TLS options are given
+    /// for a bare `host:port`.
+    fn url(&self, addr: &str) -> Result<String, CliError> {
+        let any = self.tls_ca.is_some() || self.tls_client_cert.is_some();
+        let addr = addr.trim();
+        if any && addr.starts_with("http://") {
+            return Err(CliError::Input(format!(
+                "--addr: expected an https:// address with --tls-ca/--tls-client-cert, received {addr:?}"
+            )));
+        }
+        Ok(if any && !addr.contains("://") {
+            format!("https://{addr}")
+        } else {
+            normalize_addr(addr)
+        })
+    }
+
+    /// The channel's TLS settings.
+    fn config(&self) -> Result<ClientTlsConfig, CliError> {
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|err| CliError::Input(format!("{flag} {}: {err}", path.display())))
+        };
+        let mut config = match &self.tls_ca {
+            Some(path) => ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read("--tls-ca", path)?)),
+            None => ClientTlsConfig::new().with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&self.tls_client_cert, &self.tls_client_key) {
+            config = config.identity(Identity::from_pem(
+                read("--tls-client-cert", cert)?,
+                read("--tls-client-key", key)?,
+            ));
+        }
+        Ok(config)
+    }
+}
+
+/// Connects to the daemon at `addr` (TLS for `https://`); an unreachable
+/// server is an error that names the address.
+pub async fn connect(addr: &str, auth: AttachToken, tls: &TlsArgs) -> Result<Client, CliError> {
+    let addr = tls.url(addr)?;
+    let mut endpoint = Endpoint::from_shared(addr.clone())
         .map_err(|err| CliError::Input(format!("--addr: {addr:?} is not a valid URI: {err}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
+    if addr.starts_with("https://") {
+        endpoint = endpoint.tls_config(tls.config()?).map_err(|err| {
+            CliError::Input(format!("TLS settings for {addr}: {}", error_chain(&err)))
+        })?;
+    }
     let channel = endpoint.connect().await.map_err(|err| {
         CliError::Failed(format!(
             "cannot reach the vcid server at {addr}: {} (is `vcid serve` running there? set --addr or VCID_ADDR)",
@@ -124,12 +196,15 @@ pub enum HistoryFormat {
 /// subcommands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectArgs {
-    /// gRPC address of the daemon (`http://host:port` or `host:port`).
+    /// gRPC address of the daemon (`http://host:port`, `https://host:port`
+    /// or `host:port`).
     #[arg(long, env = "VCID_ADDR", default_value_t = format!("http://{DEFAULT_GRPC_ADDR}"))]
     pub addr: String,
     /// File holding the bearer token, for a daemon started with auth on.
     #[arg(long, env = "VCID_AUTH_TOKEN_FILE", value_name = "PATH")]
     pub auth_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl ConnectArgs {
@@ -195,7 +270,7 @@ pub fn runs(args: RunsArgs) -> Result<(), CliError> {
     let auth = args.connect.auth()?;
     let addr = args.connect.addr.clone();
     let runs = runtime()?.block_on(async {
-        let mut client = connect(&addr, auth).await?;
+        let mut client = connect(&addr, auth, &args.connect.tls).await?;
         client
             .list_runs(ListRunsRequest {})
             .await
@@ -225,7 +300,7 @@ pub fn fetch_history(
         layer: layer.unwrap_or_default().to_owned(),
     };
     runtime()?.block_on(async {
-        let mut client = connect(&addr, auth).await?;
+        let mut client = connect(&addr, auth, &connect_args.tls).await?;
         client
             .get_history(request)
             .await
@@ -262,7 +337,7 @@ pub fn delete(args: DeleteArgs) -> Result<(), CliError> {
     let addr = args.connect.addr.clone();
     let run_id = args.run.clone();
     let run = runtime()?.block_on(async {
-        let mut client = connect(&addr, auth).await?;
+        let mut client = connect(&addr, auth, &args.connect.tls).await?;
         let not_ok = |status: Status| status_error(&status, &addr, Some(&run_id));
         let run = client
             .get_run(GetRunRequest {

@@ -180,7 +180,8 @@ async fn serve_until_ctrl_c(args: &DemoArgs, daemon: &daemon::Daemon) -> Result<
 /// Plays the synthetic run against the daemon and prints the table.
 async fn play(args: &DemoArgs, daemon: &daemon::Daemon) -> Result<(), CliError> {
     let addr = format!("http://{}", daemon.grpc_addr());
-    let mut client = client::connect(&addr, AttachToken::default()).await?;
+    let mut client =
+        client::connect(&addr, AttachToken::default(), &client::TlsArgs::default()).await?;
     let fail = |status: tonic::Status| client::status_error(&status, &addr, Some(&args.run_id));
 
     let synth = Arc::new(Synthetic::new(

@@ -20,7 +20,7 @@ pub fn run(args: FinishArgs) -> Result<(), CliError> {
     let auth = args.connect.auth()?;
     let addr = args.connect.addr.clone();
     let run = client::runtime()?.block_on(async {
-        let mut grpc = client::connect(&addr, auth).await?;
+        let mut grpc = client::connect(&addr, auth, &args.connect.tls).await?;
         grpc.finish_run(FinishRunRequest {
             run_id: args.run.clone(),
         })

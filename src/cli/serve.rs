@@ -24,10 +24,12 @@ use tracing_subscriber::EnvFilter;
 
 use crate::server::config::{
     DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_DATA_DIR, DEFAULT_GRPC_ADDR, DEFAULT_HTTP_ADDR,
-    DEFAULT_MAX_ACCUMULATOR_BYTES, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER, DEFAULT_MAX_SHARDS_PER_EPOCH, DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_MAX_ACCUMULATOR_BYTES, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_METADATA_BYTES,
+    DEFAULT_MAX_METADATA_ENTRIES, DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER,
+    DEFAULT_MAX_SHARDS_PER_EPOCH, DEFAULT_MESSAGE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
 };
-use crate::server::{self, Limits, ServeConfig};
+use crate::server::{self, Limits, ServeConfig, TlsFiles};
 
 use super::{read_token, CliError};
 
@@ -105,6 +107,92 @@ pub(crate) struct ServeArgs {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     max_shards_per_epoch: u32,
+    /// Most open connections per listener (gRPC and HTTP each); more are
+    /// closed at once. Keep it below the open-file limit (`ulimit -n`).
+    #[arg(
+        long,
+        env = "VCID_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = DEFAULT_MAX_CONNECTIONS,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=1 << 20)
+    )]
+    max_connections: usize,
+    /// Most concurrent RPCs (HTTP/2 streams) per gRPC connection; clients
+    /// queue the rest.
+    #[arg(
+        long,
+        env = "VCID_MAX_CONCURRENT_STREAMS",
+        value_name = "N",
+        default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    max_concurrent_streams: u32,
+    /// Longest time one gRPC message may take to arrive once its first
+    /// byte is in (DEADLINE_EXCEEDED; the partial message is freed).
+    #[arg(
+        long,
+        env = "VCID_MESSAGE_TIMEOUT_SECONDS",
+        value_name = "SECONDS",
+        default_value_t = DEFAULT_MESSAGE_TIMEOUT.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    message_timeout_seconds: u64,
+    /// Most metadata entries of one run (CreateRun).
+    #[arg(
+        long,
+        env = "VCID_MAX_METADATA_ENTRIES",
+        value_name = "N",
+        default_value_t = DEFAULT_MAX_METADATA_ENTRIES
+    )]
+    max_metadata_entries: usize,
+    /// Most bytes of one run's metadata, keys plus values (CreateRun).
+    #[arg(
+        long,
+        env = "VCID_MAX_METADATA_BYTES",
+        value_name = "BYTES",
+        default_value_t = DEFAULT_MAX_METADATA_BYTES
+    )]
+    max_metadata_bytes: usize,
+    /// PEM certificate chain (leaf first): serve both listeners over TLS.
+    /// Reloaded when the file changes or on SIGHUP.
+    #[arg(
+        long,
+        env = "VCID_TLS_CERT",
+        value_name = "FILE.pem",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(
+        long,
+        env = "VCID_TLS_KEY",
+        value_name = "FILE.pem",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): clients must present a certificate they signed
+    /// (mutual TLS, both listeners). Needs `--tls-cert`.
+    #[arg(
+        long,
+        env = "VCID_TLS_CLIENT_CA",
+        value_name = "FILE.pem",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
+    /// File holding a bearer token that `GET /metrics` requires (Prometheus'
+    /// `authorization` setting); without it, /metrics is open.
+    #[arg(long, env = "VCID_METRICS_TOKEN_FILE", value_name = "FILE")]
+    metrics_token_file: Option<PathBuf>,
+    /// Export run metadata as labels of `vcid_run_info` (`false` keeps it
+    /// out of /metrics).
+    #[arg(
+        long,
+        env = "VCID_METRICS_METADATA",
+        value_name = "BOOL",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    metrics_metadata: bool,
     /// File holding a bearer token; when set, every gRPC call must send
     /// `authorization: Bearer <token>` (without it, no authentication).
     #[arg(long, env = "VCID_AUTH_TOKEN_FILE", value_name = "FILE")]
@@ -171,6 +259,26 @@ impl ServeArgs {
             Some(path) => Some(read_token(path)?.as_str().to_owned()),
             None => None,
         };
+        let metrics_token = match &self.metrics_token_file {
+            Some(path) => Some(
+                crate::auth::BearerToken::read_file(path)
+                    .map_err(|err| {
+                        CliError::Input(format!("--metrics-token-file {}: {err}", path.display()))
+                    })?
+                    .as_str()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
+            // clap's `requires` pairs them.
+            _ => None,
+        };
         let log_filter = EnvFilter::try_new(&self.log_level)
             .map_err(|e| CliError::Input(format!("--log-level {:?}: {e}", self.log_level)))?;
         Ok(Settings {
@@ -184,10 +292,18 @@ impl ServeArgs {
                     max_accumulator_bytes: self.max_accumulator_bytes,
                     max_sequence_gaps_per_writer: self.max_sequence_gaps_per_writer,
                     max_shards_per_epoch: self.max_shards_per_epoch,
+                    max_connections: self.max_connections,
+                    max_concurrent_streams: self.max_concurrent_streams,
+                    message_timeout: Duration::from_secs(self.message_timeout_seconds),
+                    max_metadata_entries: self.max_metadata_entries,
+                    max_metadata_bytes: self.max_metadata_bytes,
                 },
                 auth_token,
                 shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
                 checkpoint_interval: Duration::from_secs_f64(self.checkpoint_interval),
+                tls,
+                metrics_token,
+                metrics_metadata: self.metrics_metadata,
             },
             log_format: self.log_format,
             log_filter,
@@ -226,9 +342,10 @@ pub(super) fn file_defaults(
             toml::Value::String(s) => s.clone(),
             toml::Value::Integer(n) => n.to_string(),
             toml::Value::Float(x) => x.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
             other => {
                 return Err(fail(format!(
-                    "{key}: expected a string or a number, received a {}",
+                    "{key}: expected a string, a number or a boolean, received a {}",
                     other.type_str()
                 )))
             }
@@ -373,7 +490,8 @@ mod tests {
             &file,
             format!(
                 "grpc_addr = \"0.0.0.0:6000\"\nmax-batch-rows = 7\nlog_format = \"json\"\n\
-                 max_sequence_gaps_per_writer = 9\nauth_token_file = {:?}\n",
+                 max_sequence_gaps_per_writer = 9\nauth_token_file = {:?}\n\
+                 metrics_metadata = false\nmessage-timeout-seconds = 5\n",
                 token.display().to_string()
             ),
         )
@@ -385,6 +503,9 @@ mod tests {
         assert_eq!(config.http_addr, ServeConfig::default().http_addr);
         assert_eq!(config.limits.max_batch_rows, 7);
         assert_eq!(config.limits.max_sequence_gaps_per_writer, 9);
+        assert_eq!(config.limits.message_timeout, Duration::from_secs(5));
+        assert!(!config.metrics_metadata);
+        assert_eq!(config.tls, None);
         assert_eq!(config.limits.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
         assert_eq!(config.auth_token.as_deref(), Some("abc123"));
         assert_eq!(config.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
@@ -394,6 +515,7 @@ mod tests {
         let plain = serve(&[]).unwrap();
         assert_eq!(plain.config.grpc_addr, DEFAULT_GRPC_ADDR);
         assert_eq!(plain.config.limits, Limits::default());
+        assert!(plain.config.metrics_metadata);
         assert_eq!(plain.log_format, LogFormat::Text);
     }
 
@@ -427,7 +549,10 @@ mod tests {
         let text = error("max_batch_rows = 1\nmax-batch-rows = 2\n");
         assert!(text.contains("set twice"), "{text}");
         let text = error("max_batch_rows = [1]\n");
-        assert!(text.contains("expected a string or a number"), "{text}");
+        assert!(
+            text.contains("expected a string, a number or a boolean"),
+            "{text}"
+        );
         let text = error("max_batch_rows = \n");
         assert!(text.starts_with(&format!("--config {path}: ")), "{text}");
         // The same parsers refuse the same values on the command line.
@@ -494,6 +619,36 @@ mod tests {
                     section.contains(&format!("\n{key} = ")),
                     "the sample config file lacks {key}"
                 );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::fuzz::config())]
+
+        /// Random and mutated `--config` files: an error or settings, never
+        /// a panic (issue 11, item 6; see `crate::fuzz`).
+        #[test]
+        fn fuzz_config_files(
+            text in proptest::prop_oneof![
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+                crate::fuzz::mutated(
+                    b"grpc_addr = \"0.0.0.0:6000\"\nmax-batch-rows = 7\nlog_format = \"json\"\n\
+                      metrics_metadata = false\nmax_message_bytes = 1024\n[table]\nx = 1\n"
+                        .to_vec()
+                ),
+            ]
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("vcid.toml");
+            std::fs::write(&file, &text).unwrap();
+            let cli = Cli::command();
+            let serve = cli.find_subcommand("serve").unwrap();
+            if let Ok(defaults) = file_defaults(serve, &file) {
+                // Whatever the file set parses again through the flags.
+                let _ = with_defaults(serve.clone(), &defaults)
+                    .no_binary_name(true)
+                    .try_get_matches_from(Vec::<String>::new());
             }
         }
     }

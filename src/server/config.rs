@@ -1,5 +1,5 @@
-//! Configuration of one daemon: listen addresses, data directory, limits and
-//! the optional bearer token.
+//! Configuration of one daemon: listen addresses, data directory, limits,
+//! the optional bearer tokens, TLS files and what `/metrics` shows.
 //!
 //! Owns the defaults, each written once here: [`ServeConfig::default`],
 //! [`Limits::default`] and `vcid serve`'s flags (whose help shows them) all
@@ -9,6 +9,8 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
+
+pub use super::tls::TlsFiles;
 
 /// Default gRPC listen address (loopback: exposing the daemon is a choice).
 pub const DEFAULT_GRPC_ADDR: SocketAddr =
@@ -35,6 +37,18 @@ pub const DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER: u64 = 1024;
 /// Default most accumulator shards of one open epoch (used only while
 /// batches of the epoch arrive concurrently; never more than the cores).
 pub const DEFAULT_MAX_SHARDS_PER_EPOCH: u32 = 4;
+/// Default most open connections per listener (gRPC and HTTP each); keep
+/// it below the process's open-file limit (`ulimit -n`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default most concurrent HTTP/2 streams (RPCs) per gRPC connection.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Default longest time one gRPC message may take to arrive once its
+/// first byte is in.
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default most metadata entries of one run.
+pub const DEFAULT_MAX_METADATA_ENTRIES: usize = 64;
+/// Default most bytes of one run's metadata (keys plus values).
+pub const DEFAULT_MAX_METADATA_BYTES: usize = 16 << 10;
 /// How long a graceful shutdown waits for in-flight RPCs before it
 /// checkpoints anyway.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -60,6 +74,19 @@ pub struct Limits {
     /// (each reserves a whole accumulator from `max_accumulator_bytes`);
     /// the daemon uses at most as many as it has cores.
     pub max_shards_per_epoch: u32,
+    /// Most open connections per listener; more are closed at once.
+    pub max_connections: usize,
+    /// Most concurrent RPCs per gRPC connection (HTTP/2
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`; clients queue the rest).
+    pub max_concurrent_streams: u32,
+    /// Longest time a gRPC message may take to arrive once its first byte
+    /// is in (DEADLINE_EXCEEDED, partial message freed).
+    pub message_timeout: Duration,
+    /// Most entries of a run's metadata (INVALID_ARGUMENT above it).
+    pub max_metadata_entries: usize,
+    /// Most bytes of a run's metadata, keys plus values (INVALID_ARGUMENT
+    /// above it).
+    pub max_metadata_bytes: usize,
 }
 
 impl Limits {
@@ -79,6 +106,11 @@ impl Default for Limits {
             max_accumulator_bytes: DEFAULT_MAX_ACCUMULATOR_BYTES,
             max_sequence_gaps_per_writer: DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER,
             max_shards_per_epoch: DEFAULT_MAX_SHARDS_PER_EPOCH,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            message_timeout: DEFAULT_MESSAGE_TIMEOUT,
+            max_metadata_entries: DEFAULT_MAX_METADATA_ENTRIES,
+            max_metadata_bytes: DEFAULT_MAX_METADATA_BYTES,
         }
     }
 }
@@ -103,10 +135,18 @@ pub struct ServeConfig {
     /// periodic checkpoints off (clients' `Checkpoint` calls and the
     /// shutdown checkpoint still write).
     pub checkpoint_interval: Duration,
+    /// TLS on both listeners (and mutual TLS with a client CA) when set.
+    pub tls: Option<TlsFiles>,
+    /// When set, `GET /metrics` requires `authorization: Bearer <token>`
+    /// with this token (Prometheus' `authorization` setting).
+    pub metrics_token: Option<String>,
+    /// Whether run metadata becomes labels of `vcid_run_info`.
+    pub metrics_metadata: bool,
 }
 
 impl Default for ServeConfig {
-    /// The `DEFAULT_*` constants of this module; no auth.
+    /// The `DEFAULT_*` constants of this module; no auth, no TLS, metadata
+    /// exported.
     fn default() -> Self {
         ServeConfig {
             grpc_addr: DEFAULT_GRPC_ADDR,
@@ -116,6 +156,9 @@ impl Default for ServeConfig {
             auth_token: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            tls: None,
+            metrics_token: None,
+            metrics_metadata: true,
         }
     }
 }

@@ -327,15 +327,7 @@ impl Daemon {
         if req.feature_dim < 1 {
             return Err(ServerError::invalid("feature_dim", "at least 1", "0"));
         }
-        for (key, value) in &req.metadata {
-            if key.is_empty() || key.len() > 128 || value.len() > 1024 {
-                return Err(ServerError::invalid(
-                    format!("metadata[{key:?}]"),
-                    "a key of 1-128 bytes and a value of at most 1024 bytes",
-                    format!("a {}-byte key and a {}-byte value", key.len(), value.len()),
-                ));
-            }
-        }
+        decode::check_metadata(req.metadata.iter(), &self.limits)?;
         let _admin = self.admin.lock().await;
         if let Some(existing) = self.state.find(&req.run_id) {
             let info = &existing.info;

@@ -14,7 +14,8 @@ use ndarray::Array2;
 use crate::proto::{Encoding, FeatureBatch, StatsBlock};
 use crate::stats::AccumulatorParts;
 
-use super::error::ServerError;
+use super::config::Limits;
+use super::error::{shown, ServerError};
 
 /// Longest `run_id`.
 pub const MAX_RUN_ID_LEN: usize = 128;
@@ -49,7 +50,7 @@ fn check_name(field: &str, value: &str, max_len: usize) -> Result<(), ServerErro
         return Err(ServerError::invalid(
             field,
             format!("1-{max_len} characters of [A-Za-z0-9_.:-]"),
-            format!("{value:?}"),
+            shown(value),
         ));
     }
     Ok(())
@@ -58,6 +59,58 @@ fn check_name(field: &str, value: &str, max_len: usize) -> Result<(), ServerErro
 /// Checks a `run_id` (1–128 characters of `[A-Za-z0-9_.:-]`).
 pub fn check_run_id(run_id: &str) -> Result<(), ServerError> {
     check_name("run_id", run_id, MAX_RUN_ID_LEN)
+}
+
+/// Longest metadata key.
+pub const MAX_METADATA_KEY_LEN: usize = 128;
+/// Longest metadata value.
+pub const MAX_METADATA_VALUE_LEN: usize = 1024;
+
+/// Checks a run's metadata: at most `--max-metadata-entries` entries and
+/// `--max-metadata-bytes` bytes (keys plus values), keys of 1–128 bytes,
+/// values of at most 1024 bytes.
+pub fn check_metadata<'a>(
+    metadata: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
+    limits: &Limits,
+) -> Result<(), ServerError> {
+    if metadata.len() > limits.max_metadata_entries {
+        return Err(ServerError::invalid(
+            "metadata",
+            format!(
+                "at most {} entries (--max-metadata-entries)",
+                limits.max_metadata_entries
+            ),
+            format!("{} entries", metadata.len()),
+        ));
+    }
+    let mut bytes = 0usize;
+    for (key, value) in metadata {
+        if key.is_empty()
+            || key.len() > MAX_METADATA_KEY_LEN
+            || value.len() > MAX_METADATA_VALUE_LEN
+        {
+            return Err(ServerError::invalid(
+                format!("metadata[{}]", shown(key)),
+                format!(
+                    "a key of 1-{MAX_METADATA_KEY_LEN} bytes and a value of at most \
+                     {MAX_METADATA_VALUE_LEN} bytes"
+                ),
+                format!("a {}-byte key and a {}-byte value", key.len(), value.len()),
+            ));
+        }
+        bytes += key.len() + value.len();
+    }
+    if bytes > limits.max_metadata_bytes {
+        return Err(ServerError::invalid(
+            "metadata",
+            format!(
+                "at most {} bytes of keys and values (--max-metadata-bytes)",
+                limits.max_metadata_bytes
+            ),
+            format!("{bytes} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// The stream key of a request: empty `split`/`layer` become

@@ -22,7 +22,7 @@ use super::store::StoreError;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// No run with that id (NOT_FOUND).
-    #[error("run_id: expected an existing run, received {0:?} (no such run)")]
+    #[error("run_id: expected an existing run, received {} (no such run)", shown(.0))]
     RunNotFound(String),
 
     /// A field that does not follow the API's rules (INVALID_ARGUMENT).
@@ -209,6 +209,24 @@ pub enum ServerError {
     /// A bug or a panicked worker (INTERNAL).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Longest name echoed whole into an error message.
+const SHOWN_MAX: usize = 64;
+
+/// `value` quoted for an error message; longer than 64 bytes, its start and
+/// its length (`"abc…" (10000 bytes)`), so an error never grows with what a
+/// client sent (a long echo would exceed clients' metadata limits and hide
+/// the real error).
+pub(crate) fn shown(value: &str) -> String {
+    if value.len() <= SHOWN_MAX {
+        return format!("{value:?}");
+    }
+    let mut end = SHOWN_MAX - 16;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &value[..end], value.len())
 }
 
 impl ServerError {

@@ -9,6 +9,7 @@
 //! (`metrics::registry`). It must not change daemon state.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use prometheus::core::{Collector, Desc};
@@ -50,6 +51,9 @@ pub struct Telemetry {
     rejected: IntCounterVec,
     ingest_bytes: IntCounter,
     close_duration: Histogram,
+    /// Whether run metadata becomes labels of `vcid_run_info`
+    /// (`--metrics-metadata`); shared with the collector.
+    metadata_labels: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -101,15 +105,26 @@ impl Telemetry {
         registry
             .register(Box::new(close_duration.clone()))
             .map_err(prom_err)?;
+        let metadata_labels = Arc::new(AtomicBool::new(true));
         registry
-            .register(Box::new(StateCollector::new(state)?))
+            .register(Box::new(StateCollector::new(
+                state,
+                Arc::clone(&metadata_labels),
+            )?))
             .map_err(prom_err)?;
         Ok(Telemetry {
             registry,
             rejected,
             ingest_bytes,
             close_duration,
+            metadata_labels,
         })
+    }
+
+    /// Whether run metadata becomes labels of `vcid_run_info` (on by
+    /// default; `--metrics-metadata=false` keeps it out of `/metrics`).
+    pub fn set_metadata_labels(&self, on: bool) {
+        self.metadata_labels.store(on, Ordering::Relaxed);
     }
 
     /// Counts one rejected batch or stats block under its error's reason.
@@ -275,12 +290,16 @@ const STATE_SERIES: [StateSeries; 6] = [
 /// Renders run, stream and budget series from [`State`] at scrape time.
 struct StateCollector {
     state: Arc<State>,
+    metadata_labels: Arc<AtomicBool>,
     streams: Vec<StreamSeries>,
     descs: Vec<Desc>,
 }
 
 impl StateCollector {
-    fn new(state: Arc<State>) -> Result<StateCollector, ServerError> {
+    fn new(
+        state: Arc<State>,
+        metadata_labels: Arc<AtomicBool>,
+    ) -> Result<StateCollector, ServerError> {
         let desc = |name: &str, help: &str, labels: &[&str]| {
             let labels = labels.iter().map(|l| (*l).to_owned()).collect();
             Desc::new(name.to_owned(), help.to_owned(), labels, Default::default())
@@ -294,6 +313,7 @@ impl StateCollector {
             .collect::<Result<_, _>>()?;
         Ok(StateCollector {
             state,
+            metadata_labels,
             streams,
             descs,
         })
@@ -313,14 +333,17 @@ impl Collector for StateCollector {
         let mut rows = Vec::with_capacity(runs.len());
         let mut finished = Vec::with_capacity(runs.len());
         let mut per_gauge: Vec<Vec<Metric>> = vec![Vec::new(); self.streams.len()];
+        let with_metadata = self.metadata_labels.load(Ordering::Relaxed);
         for run in &runs {
             let id = run.info.run_id.as_str();
             let mut labels = vec![label("run", id)];
-            labels.extend(
-                metadata_labels(&run.info.metadata)
-                    .iter()
-                    .map(|(k, v)| label(k, v)),
-            );
+            if with_metadata {
+                labels.extend(
+                    metadata_labels(&run.info.metadata)
+                        .iter()
+                        .map(|(k, v)| label(k, v)),
+                );
+            }
             info.push(gauge_metric(labels, 1.0));
             let mut counter = Counter::default();
             counter.set_value(run.rows_ingested() as f64);

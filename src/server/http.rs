@@ -1,7 +1,8 @@
 //! The HTTP listener (axum): `GET /metrics` (Prometheus text format),
 //! `GET /healthz` (the process is up) and `GET /readyz` (it serves gRPC:
 //! state restored and not shutting down), plus the web view and HTTP API
-//! of [`super::web`].
+//! of [`super::web`]. `/metrics` requires its own bearer token when
+//! `--metrics-token-file` is set (Prometheus' `authorization` setting).
 //!
 //! Owns routes and status codes only; what `/metrics` contains is
 //! `export`'s.
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -28,6 +29,8 @@ pub(crate) struct HttpState {
     pub(crate) ready: Arc<AtomicBool>,
     /// The token the web view and API require (the gRPC one).
     pub(crate) auth: RequireToken,
+    /// The token `/metrics` requires (`--metrics-token-file`; none: open).
+    pub(crate) metrics_auth: RequireToken,
     /// Becomes `true` when shutdown begins (ends the event streams).
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -42,7 +45,18 @@ pub(crate) fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-async fn metrics(State(state): State<HttpState>) -> Response {
+async fn metrics(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .map(|value| value.as_bytes());
+    if let Err(err) = state.metrics_auth.check(presented) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            format!("{err} (--metrics-token-file)\n"),
+        )
+            .into_response();
+    }
     match state.daemon.telemetry().render() {
         Ok(body) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
         Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),

@@ -19,6 +19,9 @@
 //! | `daemon` | request logic over state + store + math core |
 //! | `export` | Prometheus names and the scrape-time collector |
 //! | `http` | `/metrics`, `/healthz`, `/readyz` |
+//! | `listen` | accepting connections: connection limit, accept back-off, TLS handshakes |
+//! | `tls` | certificate files, rustls configurations, reload on change or SIGHUP |
+//! | `deadline` | the deadline of a gRPC message that stops arriving |
 //! | `web` | the web view at `/` and the HTTP API under `/api/v1` |
 //! | `service` | the tonic `VciMonitor` implementation |
 //! | [`discovery`] | `<data-dir>/daemon.json` and the per-user data directory (public: `vcid stop` and the Python client read it) |
@@ -37,14 +40,17 @@
 pub(crate) mod clock;
 pub(crate) mod config;
 pub(crate) mod daemon;
+pub(crate) mod deadline;
 pub(crate) mod decode;
 pub mod discovery;
 pub(crate) mod error;
 pub(crate) mod export;
 pub(crate) mod http;
+pub(crate) mod listen;
 pub(crate) mod service;
 pub(crate) mod state;
 pub(crate) mod store;
+pub(crate) mod tls;
 pub(crate) mod web;
 
 use std::future::Future;
@@ -57,11 +63,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::codegen::http::Response;
 use tonic::service::InterceptorLayer;
-use tower::util::MapResponseLayer;
+use tower::util::{MapRequestLayer, MapResponseLayer};
 
 use crate::proto::vci_monitor_server::VciMonitorServer;
 
-pub use config::{Limits, ServeConfig};
+pub use config::{Limits, ServeConfig, TlsFiles};
 pub use error::{Reason, ServerError};
 pub use store::StoreError;
 
@@ -74,6 +80,8 @@ use service::VciService;
 pub struct ServerHandle {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    /// `https` with TLS, else `http`.
+    scheme: &'static str,
     daemon: Arc<Daemon>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), ServerError>>,
@@ -91,19 +99,20 @@ impl ServerHandle {
         self.http_addr
     }
 
-    /// `http://<grpc_addr>`, ready for `VciMonitorClient::connect`.
+    /// `http://<grpc_addr>` (`https://` with TLS), ready for
+    /// `VciMonitorClient::connect`.
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        format!("{}://{}", self.scheme, self.grpc_addr)
     }
 
-    /// `http://<http_addr>/metrics`.
+    /// `http://<http_addr>/metrics` (`https://` with TLS).
     pub fn metrics_url(&self) -> String {
-        format!("http://{}/metrics", self.http_addr)
+        format!("{}://{}/metrics", self.scheme, self.http_addr)
     }
 
-    /// `http://<http_addr>/`, the web view.
+    /// `http://<http_addr>/`, the web view (`https://` with TLS).
     pub fn web_url(&self) -> String {
-        format!("http://{}/", self.http_addr)
+        format!("{}://{}/", self.scheme, self.http_addr)
     }
 
     /// Begins a graceful shutdown without waiting for it.
@@ -133,6 +142,14 @@ impl ServerHandle {
 pub(crate) async fn shutting_down(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stopping| *stopping).await;
 }
+
+/// HTTP/2 keep-alive of gRPC connections: a ping after this much silence,
+/// and the connection is closed when its answer takes longer than the
+/// second value (a peer that vanished without closing).
+const HTTP2_KEEPALIVE: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_secs(60),
+    std::time::Duration::from_secs(20),
+);
 
 fn io_error(what: String) -> impl FnOnce(std::io::Error) -> ServerError {
     move |source| ServerError::Io { what, source }
@@ -172,6 +189,17 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
         .await
         .map_err(|e| ServerError::Internal(format!("start-up task failed: {e}")))??;
     let daemon = Arc::new(daemon);
+    daemon
+        .telemetry()
+        .set_metadata_labels(config.metrics_metadata);
+    let tls = match config.tls.clone() {
+        Some(files) => Some(Arc::new(
+            tokio::task::spawn_blocking(move || tls::Tls::load(files))
+                .await
+                .map_err(|e| ServerError::Internal(format!("TLS task failed: {e}")))??,
+        )),
+        None => None,
+    };
 
     let grpc_listener = TcpListener::bind(config.grpc_addr)
         .await
@@ -209,12 +237,22 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| ServerError::Internal(format!("reflection service: {e}")))?;
-    let max_message = config.limits.max_message_bytes;
+    let limits = &config.limits;
+    let max_message = limits.max_message_bytes;
+    let message_timeout = limits.message_timeout;
     let vci = VciMonitorServer::new(VciService::new(Arc::clone(&daemon), shutdown_rx.clone()))
         .max_decoding_message_size(max_message);
     let auth = RequireToken::new(config.auth_token.as_deref());
     let remap_daemon = Arc::clone(&daemon);
     let grpc = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE.0))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE.1))
+        .layer(MapRequestLayer::new(
+            move |request: tonic::codegen::http::Request<tonic::body::Body>| {
+                request.map(|body| deadline::DeadlineBody::wrap(body, message_timeout))
+            },
+        ))
         .layer(MapResponseLayer::new(move |r| {
             remap_oversized(r, max_message, &remap_daemon)
         }))
@@ -227,20 +265,33 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
         let mut rx = shutdown_rx.clone();
         async move { shutting_down(&mut rx).await }
     };
-    let grpc_task = tokio::spawn(
-        // Small replies (PushSummary, EpochResult) must not wait for
-        // Nagle's algorithm: without TCP_NODELAY a one-batch Push round
-        // trip stalls ~40 ms on delayed ACKs.
-        grpc.serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            grpc_signal,
-        ),
+    // `listen` sets TCP_NODELAY: small replies (PushSummary, EpochResult)
+    // must not wait for Nagle's algorithm (a one-batch Push round trip
+    // would stall ~40 ms on delayed ACKs).
+    let grpc_incoming = listen::incoming(
+        grpc_listener,
+        grpc_addr,
+        limits.max_connections,
+        tls.as_ref().map(|tls| Arc::clone(&tls.grpc)),
+        "grpc",
     );
+    let http_incoming = listen::incoming(
+        http_listener,
+        http_addr,
+        limits.max_connections,
+        tls.as_ref().map(|tls| Arc::clone(&tls.http)),
+        "http",
+    );
+    if let Some(tls) = &tls {
+        tokio::spawn(Arc::clone(tls).watch(shutdown_rx.clone()));
+    }
+    let grpc_task = tokio::spawn(grpc.serve_with_incoming_shutdown(grpc_incoming, grpc_signal));
 
     let router = http::router(http::HttpState {
         daemon: Arc::clone(&daemon),
         ready: Arc::clone(&ready),
         auth: auth.clone(),
+        metrics_auth: RequireToken::new(config.metrics_token.as_deref()),
         shutdown: shutdown_rx.clone(),
     });
     let http_signal = {
@@ -248,7 +299,7 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
         async move { shutting_down(&mut rx).await }
     };
     let http_task = tokio::spawn(async move {
-        axum::serve(http_listener, router)
+        axum::serve(http_incoming, router)
             .with_graceful_shutdown(http_signal)
             .await
     });
@@ -262,7 +313,7 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
     }
 
     tracing::info!(
-        grpc = %grpc_addr, http = %http_addr, auth = auth.enabled(),
+        grpc = %grpc_addr, http = %http_addr, auth = auth.enabled(), tls = tls.is_some(),
         data = %config.data_dir.display(), "vcid serving"
     );
 
@@ -278,6 +329,7 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
     Ok(ServerHandle {
         grpc_addr,
         http_addr,
+        scheme: if tls.is_some() { "https" } else { "http" },
         daemon,
         shutdown: shutdown_tx,
         task,

@@ -47,6 +47,26 @@ pub use faer::Par;
 
 use classes::ClassStats;
 
+/// Most samples one accumulator may hold: 2⁵³, so every count is exact as
+/// an f64 (the merge weights `n_a·n_b/n` are computed in f64) and no total
+/// can wrap a u64.
+pub const MAX_SAMPLES: u64 = 1 << 53;
+/// Largest feature magnitude statistics from outside may describe:
+/// `f32::MAX`, the largest value a `FeatureBatch` can carry. Checked as
+/// `|class_means| ≤` it and, per dimension, the Bhatia–Davis bound of
+/// values within `±MAX_ABS_FEATURE`: `scatter[i][i] ≤ N·(M² − μ_i²)` and
+/// `within_trace_k ≤ n_k·(d·M² − ‖μ_k‖²)`. Both are kept by the Chan merge
+/// (the merged statistics satisfy them whenever the parts do), so a
+/// checkpoint of accepted blocks passes again at restore, and every value
+/// stays below `2⁵³·M²` ≈ 1e93, whose squares are finite.
+pub const MAX_ABS_FEATURE: f64 = f32::MAX as f64;
+/// A scatter S of statistics from outside must be positive semi-definite
+/// within this relative tolerance: `S + PSD_TOLERANCE·tr(S)·I` must have a
+/// Cholesky factorisation, i.e. (up to rounding) no eigenvalue of S is below
+/// `−PSD_TOLERANCE·tr(S)`. Scatters computed in f64 miss by rounding
+/// (~1e-16·tr), far inside it.
+pub const PSD_TOLERANCE: f64 = 1e-9;
+
 /// Why statistics could not be built or combined. Every message names the
 /// field, what was expected and what was received.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -264,7 +284,14 @@ impl Accumulator {
         if n_b == 0 {
             return Ok(());
         }
-        let n = n_a + n_b;
+        let n = n_a.saturating_add(n_b);
+        if n > MAX_SAMPLES {
+            return Err(invalid(
+                "class_counts",
+                format!("at most {MAX_SAMPLES} samples in one accumulator (2^53)"),
+                format!("{n_b} more samples on top of {n_a}"),
+            ));
+        }
         let weight = n_a as f64 * n_b as f64 / n as f64;
         let delta: Vec<f64> = other
             .mean
@@ -383,9 +410,11 @@ impl Accumulator {
     }
 
     /// Rebuilds an accumulator from parts computed elsewhere, after checking
-    /// that they describe valid statistics: lengths, finiteness, a symmetric
-    /// scatter with a non-negative diagonal, non-negative traces, unit counts
-    /// within class counts, and nothing recorded for empty classes. An empty
+    /// that they describe valid statistics: lengths, finiteness, a total
+    /// count of at most [`MAX_SAMPLES`], magnitudes that features within
+    /// [`MAX_ABS_FEATURE`] can have, a symmetric positive semi-definite scatter
+    /// (within [`PSD_TOLERANCE`]), non-negative traces, unit counts within
+    /// class counts, and nothing recorded for empty classes. An empty
     /// `unit_within_trace` is derived from the unit sums.
     pub fn from_parts(mut parts: AccumulatorParts) -> Result<Self, StatsError> {
         if parts.unit_within_trace.is_empty() {
@@ -529,6 +558,20 @@ fn validate_parts(parts: &AccumulatorParts) -> Result<(), StatsError> {
             return Err(invalid(field, format!("finite values (index {i})"), v));
         }
     }
+    let samples = parts
+        .class_counts
+        .iter()
+        .try_fold(0u64, |total, &n| total.checked_add(n))
+        .filter(|&total| total <= MAX_SAMPLES)
+        .ok_or_else(|| {
+            let total: u128 = parts.class_counts.iter().map(|&n| u128::from(n)).sum();
+            invalid(
+                "class_counts",
+                format!("a total of at most {MAX_SAMPLES} samples (2^53)"),
+                format!("a total of {total}"),
+            )
+        })?;
+    check_magnitudes(parts, samples)?;
     for class in 0..k {
         let n = parts.class_counts[class];
         let trace = parts.within_trace[class];
@@ -575,7 +618,6 @@ fn validate_parts(parts: &AccumulatorParts) -> Result<(), StatsError> {
             }
         }
     }
-    let samples: u64 = parts.class_counts.iter().sum();
     let scatter = &parts.scatter;
     let largest_diagonal = (0..d).map(|i| scatter[i * d + i]).fold(0.0_f64, f64::max);
     for i in 0..d {
@@ -614,7 +656,103 @@ fn validate_parts(parts: &AccumulatorParts) -> Result<(), StatsError> {
             }
         }
     }
+    check_positive_semidefinite(scatter, d)
+}
+
+/// `|class_means| ≤ MAX_ABS_FEATURE` and the Bhatia–Davis bounds of
+/// [`MAX_ABS_FEATURE`] on the scatter's diagonal and the within-class
+/// traces (with a relative slack of 1e-9 for rounding).
+fn check_magnitudes(parts: &AccumulatorParts, samples: u64) -> Result<(), StatsError> {
+    let (k, d) = (parts.num_classes, parts.feature_dim);
+    if let Some((i, v)) = parts
+        .class_means
+        .iter()
+        .enumerate()
+        .find(|(_, v)| v.abs() > MAX_ABS_FEATURE)
+    {
+        return Err(invalid(
+            "class_means",
+            format!("magnitudes of at most {MAX_ABS_FEATURE:e} (index {i}, f32::MAX)"),
+            v,
+        ));
+    }
+    if samples == 0 {
+        return Ok(());
+    }
+    let square = MAX_ABS_FEATURE * MAX_ABS_FEATURE;
+    let slack = 1e-9 * square;
+    let n = samples as f64;
+    for i in 0..d {
+        let mean: f64 = (0..k)
+            .map(|c| parts.class_counts[c] as f64 * parts.class_means[c * d + i])
+            .sum::<f64>()
+            / n;
+        let bound = n * (square - mean * mean + slack);
+        let value = parts.scatter[i * d + i];
+        if value > bound {
+            return Err(invalid(
+                "scatter",
+                format!(
+                    "[{i}][{i}] at most N·(M² − mean²) = {bound:e} (samples within \
+                     ±{MAX_ABS_FEATURE:e}, f32::MAX)"
+                ),
+                value,
+            ));
+        }
+    }
+    for c in 0..k {
+        let n_c = parts.class_counts[c] as f64;
+        let row = &parts.class_means[c * d..(c + 1) * d];
+        let norm2: f64 = row.iter().map(|v| v * v).sum();
+        let bound = n_c * (d as f64 * (square + slack) - norm2);
+        let value = parts.within_trace[c];
+        if value > bound {
+            return Err(invalid(
+                "within_trace",
+                format!(
+                    "at most n_k·(d·M² − ‖mean_k‖²) = {bound:e} for class {c} (samples within \
+                     ±{MAX_ABS_FEATURE:e}, f32::MAX)"
+                ),
+                value,
+            ));
+        }
+    }
     Ok(())
+}
+
+/// The scatter (full, symmetric, row-major) is PSD within
+/// [`PSD_TOLERANCE`]: one Cholesky factorisation of
+/// `S + PSD_TOLERANCE·tr(S)·I` (d³/3 flops; README "Statistics from
+/// outside" gives its time at d = 2048).
+fn check_positive_semidefinite(scatter: &[f64], d: usize) -> Result<(), StatsError> {
+    let trace: f64 = (0..d).map(|i| scatter[i * d + i]).sum();
+    if trace == 0.0 {
+        // Zero diagonal: a PSD matrix with it is zero, and the symmetry
+        // check bounded the rest by 0.
+        return match scatter.iter().position(|&v| v != 0.0) {
+            None => Ok(()),
+            Some(at) => Err(invalid(
+                "scatter",
+                "a positive semi-definite matrix (all zeros when its diagonal is zero)",
+                format!("[{}][{}] = {}", at / d, at % d, scatter[at]),
+            )),
+        };
+    }
+    let shift = PSD_TOLERANCE * trace;
+    let shifted = Mat::from_fn(d, d, |i, j| {
+        scatter[i * d + j] + if i == j { shift } else { 0.0 }
+    });
+    match shifted.llt(faer::Side::Lower) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(invalid(
+            "scatter",
+            format!(
+                "a positive semi-definite matrix (no eigenvalue below -{PSD_TOLERANCE:e} x its \
+                 trace {trace:e})"
+            ),
+            "a matrix with a larger negative eigenvalue (its Cholesky factorisation fails)",
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -247,13 +247,22 @@ pub fn assert_same_metrics(a: &EpochResult, b: &EpochResult, tol: f64) {
 
 /// `GET path` over HTTP/1.1; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, path, &[])
+}
+
+/// `GET path` over HTTP/1.1 with extra headers; returns (status, body).
+pub fn http_request(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).expect("http connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut raw = Vec::new();
@@ -275,6 +284,8 @@ pub struct Daemon {
     pub child: Child,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// Every log line after "vcid serving", as written.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Daemon {
@@ -314,13 +325,20 @@ impl Daemon {
                 break (grpc, http);
             }
         };
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = std::sync::Arc::clone(&log);
         std::thread::spawn(move || {
-            let mut sink = String::new();
-            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
+            let mut line = String::new();
+            while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                lines.lock().unwrap().push(std::mem::take(&mut line));
             }
         });
-        Daemon { child, grpc, http }
+        Daemon {
+            child,
+            grpc,
+            http,
+            log,
+        }
     }
 
     pub fn url(&self) -> String {

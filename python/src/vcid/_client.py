@@ -27,15 +27,23 @@ class Client:
             running (so histories kept in its data directory can be read).
         token: bearer token when the daemon requires one.
         timeout: deadline of each call, in seconds.
+        tls_ca, tls_client_cert, tls_client_key: PEM files for a daemon
+            serving TLS (default: ``$VCID_TLS_CA``, ``$VCID_TLS_CLIENT_CERT``,
+            ``$VCID_TLS_CLIENT_KEY``); an ``https://`` address alone uses
+            gRPC's bundled CA roots.
         connect_timeout: how long the first contact may take.
 
     An unknown run raises ``VcidError`` with ``code == "NOT_FOUND"``.
     """
 
     def __init__(self, address: Optional[str] = None, *, token: Optional[str] = None,
-                 timeout: float = 60.0, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 timeout: float = 60.0, connect_timeout: float = CONNECT_TIMEOUT,
+                 tls_ca: Optional[str] = None, tls_client_cert: Optional[str] = None,
+                 tls_client_key: Optional[str] = None) -> None:
         self._conn = Connection(address, token=token, timeout=timeout,
-                                reconnect_timeout=timeout, connect_timeout=connect_timeout)
+                                reconnect_timeout=timeout, connect_timeout=connect_timeout,
+                                tls_ca=tls_ca, tls_client_cert=tls_client_cert,
+                                tls_client_key=tls_client_key)
 
     @property
     def address(self) -> str:

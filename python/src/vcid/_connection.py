@@ -1,8 +1,11 @@
 """Where the daemon is and how to reach it, for ``Monitor`` and ``Client``.
 
-Owns the address rules (``host:port`` or ``http://host:port``; no address
-means ``$VCID_ADDR``, else ``127.0.0.1:50051``), the gRPC channel and its
-options, the bounded first contact (an address that does not answer fails
+Owns the address rules (``host:port``, ``http://host:port`` or
+``https://host:port``; no address means ``$VCID_ADDR``, else
+``127.0.0.1:50051``), TLS (an ``https://`` address or a CA/client
+certificate file, from the arguments or ``$VCID_TLS_CA``,
+``$VCID_TLS_CLIENT_CERT``, ``$VCID_TLS_CLIENT_KEY`` as on the command
+line), the gRPC channel and its options, the bounded first contact (an address that does not answer fails
 within ``connect_timeout`` with the command line's hint), unary calls with
 their retries (jittered), and ``Watch``. Starting a local daemon when no
 address was given is ``_autostart``'s; what the calls mean is the callers'.
@@ -16,7 +19,7 @@ import random
 import socket
 import threading
 import time
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import grpc
 
@@ -50,25 +53,28 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def parse_address(address: Any, argument: str = "address") -> str:
-    """``host:port`` from ``host:port`` or ``http://host:port`` (IPv6 hosts
-    in brackets, a trailing ``/`` ignored)."""
-    expected = "'host:port' or 'http://host:port'"
+def parse_address(address: Any, argument: str = "address") -> Tuple[str, Optional[str]]:
+    """(``host:port``, scheme) from ``host:port`` (scheme None),
+    ``http://host:port`` or ``https://host:port`` (IPv6 hosts in brackets,
+    a trailing ``/`` ignored)."""
+    expected = "'host:port', 'http://host:port' or 'https://host:port'"
     if not isinstance(address, str):
         raise ArgumentError(argument, f"expected {expected}, received "
                                       f"{type(address).__name__} {address!r}")
     text = address.strip()
     scheme, sep, rest = text.partition("://")
     if sep:
-        if scheme.lower() != "http":
-            raise ArgumentError(argument, f"expected {expected} (the daemon speaks plain "
-                                          f"HTTP/2), received {address!r}")
+        scheme = scheme.lower()
+        if scheme not in ("http", "https"):
+            raise ArgumentError(argument, f"expected {expected}, received {address!r}")
         text = rest
+    else:
+        scheme = None
     text = text.rstrip("/")
     host, colon, port = text.rpartition(":")
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in text:
         raise ArgumentError(argument, f"expected {expected}, received {address!r}")
-    return text
+    return text, scheme
 
 
 def split_host_port(target: str) -> Tuple[str, int]:
@@ -86,15 +92,50 @@ def is_loopback(target: str) -> bool:
         return False
 
 
-def resolve(address: Optional[str]) -> Tuple[str, bool]:
-    """(``host:port``, whether a local daemon may be started there): an
-    explicit address never starts one; ``$VCID_ADDR`` and the default do
-    when they are on this machine."""
+def resolve(address: Optional[str]) -> Tuple[str, Optional[str], bool]:
+    """(``host:port``, its scheme, whether a local daemon may be started
+    there): an explicit address never starts one; ``$VCID_ADDR`` and the
+    default do when they are on this machine."""
     if address is not None:
-        return parse_address(address), False
+        return (*parse_address(address), False)
     env = os.environ.get("VCID_ADDR", "").strip()
-    target = parse_address(env, "VCID_ADDR") if env else DEFAULT_ADDRESS
-    return target, is_loopback(target)
+    target, scheme = parse_address(env, "VCID_ADDR") if env else (DEFAULT_ADDRESS, None)
+    return target, scheme, is_loopback(target)
+
+
+#: The TLS files of a client: argument name and environment variable (the
+#: command line's flags read the same variables).
+TLS_FILES = (("tls_ca", "VCID_TLS_CA"), ("tls_client_cert", "VCID_TLS_CLIENT_CERT"),
+             ("tls_client_key", "VCID_TLS_CLIENT_KEY"))
+
+
+def tls_credentials(files: Dict[str, Optional[str]]) -> Optional[grpc.ChannelCredentials]:
+    """Channel credentials from the TLS files given (an argument, else its
+    environment variable); None when none is given."""
+    paths: Dict[str, str] = {}
+    for name, env in TLS_FILES:
+        value = files.get(name)
+        if value is None:
+            value = os.environ.get(env, "").strip() or None
+        if value is not None:
+            paths[name] = os.fspath(value)
+    if not paths:
+        return None
+    if ("tls_client_cert" in paths) != ("tls_client_key" in paths):
+        missing = "tls_client_key" if "tls_client_cert" in paths else "tls_client_cert"
+        raise ArgumentError(missing, "expected tls_client_cert and tls_client_key together, "
+                                     "received only one of them")
+    data: Dict[str, bytes] = {}
+    for name, path in paths.items():
+        try:
+            with open(path, "rb") as f:
+                data[name] = f.read()
+        except OSError as err:
+            raise ArgumentError(name, f"expected a readable PEM file, received {path!r}: "
+                                      f"{err.strerror or err}") from None
+    return grpc.ssl_channel_credentials(root_certificates=data.get("tls_ca"),
+                                        private_key=data.get("tls_client_key"),
+                                        certificate_chain=data.get("tls_client_cert"))
 
 
 def jittered(delay: float) -> float:
@@ -103,10 +144,10 @@ def jittered(delay: float) -> float:
     return delay * (0.5 + random.random())
 
 
-def unreachable(target: str, cause: str) -> VcidError:
+def unreachable(url: str, cause: str) -> VcidError:
     return VcidError(
         "UNAVAILABLE",
-        f"cannot reach the vcid server at http://{target}: {cause} (is `vcid serve` "
+        f"cannot reach the vcid server at {url}: {cause} (is `vcid serve` "
         f"running there? set VCID_ADDR or pass address=; with neither, vcid starts a "
         f"local daemon)",
     )
@@ -116,10 +157,13 @@ class Connection:
     """A channel to one daemon, checked to answer.
 
     Args:
-        address: ``host:port`` or ``http://host:port``; None for
-            ``$VCID_ADDR``, else ``127.0.0.1:50051``, where a local daemon
-            is started if nothing answers (see ``_autostart``).
+        address: ``host:port``, ``http://host:port`` or ``https://host:port``;
+            None for ``$VCID_ADDR``, else ``127.0.0.1:50051``, where a local
+            daemon is started if nothing answers (see ``_autostart``).
         token: bearer token when the daemon requires one.
+        tls_ca, tls_client_cert, tls_client_key: PEM files (None: from
+            ``$VCID_TLS_CA`` etc.); any of them, or an ``https://``
+            address, means TLS (without a CA file: gRPC's bundled roots).
         timeout: deadline of unary calls, in seconds.
         reconnect_timeout: how long retried calls keep retrying while the
             daemon is unavailable.
@@ -128,16 +172,29 @@ class Connection:
 
     def __init__(self, address: Optional[str], *, token: Optional[str] = None,
                  timeout: float = 60.0, reconnect_timeout: float = 60.0,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
-        target, may_start = resolve(address)
-        if may_start:
+                 connect_timeout: float = CONNECT_TIMEOUT, tls_ca: Optional[str] = None,
+                 tls_client_cert: Optional[str] = None,
+                 tls_client_key: Optional[str] = None) -> None:
+        target, scheme, may_start = resolve(address)
+        credentials = tls_credentials({"tls_ca": tls_ca, "tls_client_cert": tls_client_cert,
+                                       "tls_client_key": tls_client_key})
+        if scheme == "https" and credentials is None:
+            credentials = grpc.ssl_channel_credentials()
+        if scheme == "http" and credentials is not None:
+            raise ArgumentError("address", "expected an https:// address (or host:port) with "
+                                           f"TLS files, received {address!r}")
+        self.tls = credentials is not None
+        if may_start and not self.tls:
             _autostart.ensure_local_daemon(target)
         self.target = target
         self.timeout = float(timeout)
         self.reconnect_timeout = float(reconnect_timeout)
         self.metadata = [("authorization", f"Bearer {token}")] if token else None
         self.closing = threading.Event()  # ends the retries of unary calls
-        self.channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
         self.stub = pb_grpc.VciMonitorStub(self.channel)
         try:
             self._wait_reachable(float(connect_timeout))
@@ -147,7 +204,7 @@ class Connection:
 
     @property
     def url(self) -> str:
-        return f"http://{self.target}"
+        return f"{'https' if self.tls else 'http'}://{self.target}"
 
     def _wait_reachable(self, timeout: float) -> None:
         """A refused connection fails at once; a listener that does not
@@ -156,13 +213,15 @@ class Connection:
         try:
             socket.create_connection(split_host_port(self.target), timeout=timeout).close()
         except OSError as err:
-            raise unreachable(self.target, err.strerror or str(err)) from None
+            raise unreachable(self.url, err.strerror or str(err)) from None
         # Ask again every second: a channel whose first attempt failed (the
         # daemon was restarting) may go idle and not retry by itself.
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise unreachable(self.target, f"no gRPC answer within {timeout:g}s")
+                hint = (" (TLS: does the daemon serve TLS, and does tls_ca / $VCID_TLS_CA hold "
+                        "the CA of its certificate?)" if self.tls else "")
+                raise unreachable(self.url, f"no gRPC answer within {timeout:g}s{hint}")
             try:
                 grpc.channel_ready_future(self.channel).result(timeout=min(1.0, remaining))
                 return

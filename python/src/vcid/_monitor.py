@@ -82,7 +82,7 @@ class Monitor:
         feature_dim: d >= 1, the number of feature columns.
         metadata: free-form string labels of the run (model, dataset, ...);
             kept as first given when the run already exists.
-        address: ``host:port`` or ``http://host:port`` of the daemon's gRPC
+        address: ``host:port``, ``http://host:port`` or ``https://host:port`` of the daemon's gRPC
             listener. None (the default): ``$VCID_ADDR``, else
             ``127.0.0.1:50051``; when that is on this machine and nothing
             answers, a local daemon is started (data in ``$VCID_DATA_DIR``
@@ -122,6 +122,10 @@ class Monitor:
             fresh UUID). Reuse one only to resend the same sequence numbers.
         finish_on_exit: mark the run finished (``finish()``) on a clean
             ``close()`` or ``with`` exit; never after an exception.
+        tls_ca, tls_client_cert, tls_client_key: PEM files for a daemon
+            serving TLS (default: ``$VCID_TLS_CA``, ``$VCID_TLS_CLIENT_CERT``,
+            ``$VCID_TLS_CLIENT_KEY``); an ``https://`` address alone uses
+            gRPC's bundled CA roots.
     """
 
     def __init__(
@@ -147,6 +151,9 @@ class Monitor:
         max_batch_rows: int = 65536,
         writer_id: Optional[str] = None,
         finish_on_exit: bool = False,
+        tls_ca: Optional[str] = None,
+        tls_client_cert: Optional[str] = None,
+        tls_client_key: Optional[str] = None,
     ) -> None:
         self._closed = True  # until fully constructed, close() is a no-op
         self._run_id = check_run_id(run)
@@ -175,7 +182,9 @@ class Monitor:
 
         self._conn = Connection(address, token=token, timeout=timeout,
                                 reconnect_timeout=reconnect_timeout,
-                                connect_timeout=connect_timeout)
+                                connect_timeout=connect_timeout, tls_ca=tls_ca,
+                                tls_client_cert=tls_client_cert,
+                                tls_client_key=tls_client_key)
         try:
             run_msg = self._open_run(if_exists, num_classes, feature_dim, md)
             closed = (self._conn.history(self._run_id, "", "") if run_msg.closed_epochs

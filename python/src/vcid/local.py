@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -53,8 +54,12 @@ class LocalDaemon:
         data_dir: Optional[Union[str, Path]] = None,
         extra_args: Sequence[str] = (),
         ready_timeout: float = 60.0,
+        tls_ca: Optional[Union[str, Path]] = None,
     ) -> None:
         self.command = list(command)
+        # With TLS (``--tls-cert`` in ``extra_args``): the CA file that
+        # readiness checks over https:// trust.
+        self.tls_ca = tls_ca
         self.extra_args = list(extra_args)
         self.ready_timeout = ready_timeout
         self._tmp = None
@@ -96,7 +101,10 @@ class LocalDaemon:
         finally:
             log.close()
         deadline = time.monotonic() + self.ready_timeout
-        url = f"http://{self.http_address}/readyz"
+        scheme = "https" if self.tls_ca is not None else "http"
+        url = f"{scheme}://{self.http_address}/readyz"
+        context = (ssl.create_default_context(cafile=str(self.tls_ca))
+                   if self.tls_ca is not None else None)
         while True:
             code = self.proc.poll()
             if code is not None:
@@ -105,7 +113,7 @@ class LocalDaemon:
                     f"its log ({self.log_path}):\n{self.log_tail()}"
                 )
             try:
-                with urllib.request.urlopen(url, timeout=1.0) as resp:
+                with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
                     if resp.status == 200:
                         return self
             except (urllib.error.URLError, OSError):

@@ -76,8 +76,10 @@ impl State {
         ))
     }
 
-    /// The run named `run_id`, or NOT_FOUND.
+    /// The run named `run_id`, or NOT_FOUND (INVALID_ARGUMENT for a name
+    /// no run can have, e.g. an empty one).
     pub(crate) fn get(&self, run_id: &str) -> Result<Arc<RunState>, ServerError> {
+        super::decode::check_run_id(run_id)?;
         self.runs
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
