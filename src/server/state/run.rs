@@ -23,7 +23,10 @@
 //!   waits for the folds in flight; then [`combined`] merges the shards
 //!   with the Chan formula. Every fold, and everything that takes a slot's
 //!   locks, runs on the blocking pool, never on a runtime thread.
-//! * Lock order: phase → shard list → shard. A slot lock may be taken
+//! * A checkpoint snapshot takes the phase lock exclusively like a close,
+//!   combines the shards and copies the [`Book`], so the statistics and the
+//!   writers' sequences it writes always agree.
+//! * Lock order: phase → shard list → shard → book. A slot lock may be taken
 //!   before the run lock, never the reverse (no code acquires a slot lock
 //!   while holding `RunInner`).
 //!
@@ -32,7 +35,9 @@
 //! epochs, claim the `(writer_id, sequence)` key as in flight and find or
 //! create the slot (reserving its first shard's memory); (2) under the
 //! slot's phase lock (shared) and one shard's lock, check the slot is still
-//! open and fold; (3) under the run lock, record the key as applied (or
+//! open and its writer's dirty marker written, fold, and note the sequence
+//! in the slot's [`Book`] (what the next checkpoint of this epoch holds);
+//! (3) under the run lock, record the key as applied (or
 //! release the claim on failure), so a batch counts as applied exactly when
 //! its rows are in a shard. A close moves the slot from `open` to `closing`
 //! under the run lock and then marks it `Closing` under the phase lock, so a
@@ -237,8 +242,11 @@ impl EpochSlot {
         if !matches!(*phase, Phase::Open | Phase::Frozen) {
             return None;
         }
-        let mut g = lock(&self.book);
-        if g.version == g.durable_version {
+        let unchanged = {
+            let g = lock(&self.book);
+            g.version == g.durable_version
+        };
+        if unchanged {
             return None;
         }
         let acc = match combined(&lock(&self.shards)) {
@@ -248,6 +256,7 @@ impl EpochSlot {
                 return None;
             }
         };
+        let mut g = lock(&self.book);
         g.generation += 1;
         g.marked_writers.clear();
         Some(EpochSnapshot {
