@@ -19,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use vcid::proto::vci_monitor_client::VciMonitorClient;
-use vcid::proto::{CheckpointRequest, CloseEpochRequest, CreateRunRequest, Encoding, FeatureBatch};
+use vcid::proto::{CheckpointRequest, CloseEpochRequest, CreateRunRequest, FeatureBatch};
 use vcid::synthetic::{Split, Synthetic};
 
 const ROWS: usize = 256;
@@ -73,21 +73,7 @@ fn options() -> Result<Options, BoxError> {
 fn pool() -> Vec<FeatureBatch> {
     let synth = Synthetic::new(CLASSES, DIM, 10, 42);
     (0..POOL)
-        .map(|i| {
-            let (features, labels) = synth.batch_f32(Split::Train, 3, i as u64, ROWS);
-            FeatureBatch {
-                run_id: RUN.into(),
-                split: "train".into(),
-                layer: String::new(),
-                epoch: 0,
-                rows: ROWS as u32,
-                features,
-                encoding: Encoding::Float32 as i32,
-                labels,
-                writer_id: String::new(),
-                sequence: 0,
-            }
-        })
+        .map(|i| synth.feature_batch(RUN, Split::Train, 3, i as u64, ROWS as u32))
         .collect()
 }
 

@@ -38,7 +38,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use vcid::proto::vci_monitor_client::VciMonitorClient;
 use vcid::proto::{
-    CloseEpochRequest, CreateRunRequest, DeleteRunRequest, Encoding, FeatureBatch, GetRunRequest,
+    CloseEpochRequest, CreateRunRequest, DeleteRunRequest, FeatureBatch, GetRunRequest,
     ListRunsRequest,
 };
 use vcid::server::discovery::DaemonFile;
@@ -174,18 +174,10 @@ fn batch(
     writer: &str,
     sequence: u64,
 ) -> FeatureBatch {
-    let (features, labels) = synth.batch_f32(split, epoch, index, ROWS);
     FeatureBatch {
-        run_id: run.into(),
-        split: split.name().into(),
-        layer: String::new(),
-        epoch,
-        rows: ROWS as u32,
-        features,
-        encoding: Encoding::Float32 as i32,
-        labels,
         writer_id: writer.into(),
         sequence,
+        ..synth.feature_batch(run, split, epoch, index, ROWS as u32)
     }
 }
 

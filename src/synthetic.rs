@@ -14,6 +14,7 @@
 //! σ²/(λ + σ²), so the schedule below walks VCI from about 0.8 down to about
 //! 0.01 on train and about 0.2 on val.
 
+use crate::proto::{Encoding, FeatureBatch};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -143,6 +144,33 @@ impl Synthetic {
         let lambda = MEAN_RADIUS * MEAN_RADIUS / (self.num_classes as f64 - 1.0);
         let s2 = self.noise(split, epoch).powi(2);
         s2 / (lambda + s2)
+    }
+
+    /// [`Synthetic::batch_f32`] as the `FeatureBatch` of run `run_id` that
+    /// carries it: `rows` float32 rows of `split` at `epoch`, default layer,
+    /// no idempotence key (set `writer_id` and `sequence` with struct
+    /// update syntax).
+    pub fn feature_batch(
+        &self,
+        run_id: &str,
+        split: Split,
+        epoch: u64,
+        part: u64,
+        rows: u32,
+    ) -> FeatureBatch {
+        let (features, labels) = self.batch_f32(split, epoch, part, rows as usize);
+        FeatureBatch {
+            run_id: run_id.to_owned(),
+            split: split.name().to_owned(),
+            layer: String::new(),
+            epoch,
+            rows,
+            features,
+            encoding: Encoding::Float32 as i32,
+            labels,
+            writer_id: String::new(),
+            sequence: 0,
+        }
     }
 
     /// One batch of `rows` samples of `split` at `epoch`: features encoded

@@ -20,8 +20,7 @@ use super::client::{self, fmt_delta, fmt_metric, Client};
 use super::CliError;
 use crate::auth::AttachToken;
 use crate::proto::{
-    CloseEpochRequest, CreateRunRequest, DeleteRunRequest, Encoding, EpochResult, FeatureBatch,
-    GetRunRequest,
+    CloseEpochRequest, CreateRunRequest, DeleteRunRequest, EpochResult, FeatureBatch, GetRunRequest,
 };
 use crate::synthetic::{Split, Synthetic};
 
@@ -391,20 +390,12 @@ async fn push_split(
         let n = batch_rows.min(rows - (i as u32) * batch_rows);
         // Distinct parts per writer so the ranks send different samples.
         let part = u64::from(writer) * 1_000_000 + i;
-        let (features, labels) = synth.batch_f32(split, epoch, part, n as usize);
         progress_in_stream.add_batch(u64::from(n));
         FeatureBatch {
-            run_id: run_id.clone(),
-            split: split.name().into(),
-            layer: String::new(),
-            epoch,
-            rows: n,
-            features,
-            encoding: Encoding::Float32 as i32,
-            labels,
             writer_id: writer_id.clone(),
             // Unique per (writer, epoch): a retried batch would be skipped.
             sequence: epoch * 1_000_000 + i,
+            ..synth.feature_batch(&run_id, split, epoch, part, n)
         }
     });
     let summary = client
