@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 use server_support::*;
 use tonic::Code;
 use tonic_types::StatusExt;
-use vcid::proto::{
-    CloseEpochRequest, CreateRunRequest, FeatureBatch, GetRunRequest, StatsBlock, WatchRequest,
-};
+use vcid::proto::{CreateRunRequest, FeatureBatch, GetRunRequest, StatsBlock, WatchRequest};
 use vcid::server::{Limits, ServeConfig};
 use vcid::stats::{Accumulator, Par};
 
@@ -41,15 +39,6 @@ fn honest_block(run: &str, seed: u64, rows: usize) -> StatsBlock {
     StatsBlock {
         run_id: run.into(),
         ..StatsBlock::from(acc.to_parts())
-    }
-}
-
-fn close_req(run: &str, epoch: u64) -> CloseEpochRequest {
-    CloseEpochRequest {
-        run_id: run.into(),
-        split: String::new(),
-        layer: String::new(),
-        epoch,
     }
 }
 
@@ -117,7 +106,7 @@ async fn poisoned_statistics_are_refused_and_honest_rows_survive_a_restart() {
     let server = start(ServeConfig::ephemeral(dir.path())).await;
     let mut client = connect(&server.grpc_url()).await;
     let result = client
-        .close_epoch(close_req("poison", 0))
+        .close_epoch(close_req("poison", "", 0))
         .await
         .unwrap()
         .into_inner();

@@ -14,20 +14,11 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Request};
 use vcid::proto::vci_monitor_client::VciMonitorClient;
 use vcid::proto::{
-    CloseEpochRequest, CreateRunRequest, DeleteRunRequest, FeatureBatch, GetHistoryRequest,
-    GetRunRequest, ListRunsRequest, StatsBlock, WatchRequest,
+    CreateRunRequest, DeleteRunRequest, FeatureBatch, GetHistoryRequest, GetRunRequest,
+    ListRunsRequest, StatsBlock, WatchRequest,
 };
 use vcid::server::{Limits, ServeConfig};
 use vcid::stats::{Accumulator, Par};
-
-fn close_req(run: &str, split: &str, epoch: u64) -> CloseEpochRequest {
-    CloseEpochRequest {
-        run_id: run.into(),
-        split: split.into(),
-        layer: String::new(),
-        epoch,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_give_exact_metrics() {

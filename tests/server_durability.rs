@@ -17,19 +17,9 @@ use server_support::*;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use vcid::proto::{
-    CheckpointRequest, CloseEpochRequest, DeleteRunRequest, FeatureBatch, GetHistoryRequest,
-    ListRunsRequest,
+    CheckpointRequest, DeleteRunRequest, FeatureBatch, GetHistoryRequest, ListRunsRequest,
 };
 use vcid::server::ServeConfig;
-
-fn close_req(run: &str, epoch: u64) -> CloseEpochRequest {
-    CloseEpochRequest {
-        run_id: run.into(),
-        split: String::new(),
-        layer: String::new(),
-        epoch,
-    }
-}
 
 /// Asserts a DATA_LOSS refusal of closing `epoch` of durable/train/penultimate
 /// that names exactly the `missing` writers (as the message words them).
@@ -102,7 +92,7 @@ async fn kill_9_keeps_closed_epochs_and_checkpointed_open_epochs() {
         "applied, nothing durable yet"
     );
     let closed = client
-        .close_epoch(close_req("durable", 0))
+        .close_epoch(close_req("durable", "", 0))
         .await
         .unwrap()
         .into_inner();
@@ -202,7 +192,7 @@ async fn kill_9_keeps_closed_epochs_and_checkpointed_open_epochs() {
     // Closing refuses while writers a and b have not resent, naming them
     // and where their durable batches end; it changes nothing.
     let err = client
-        .close_epoch(close_req("durable", 1))
+        .close_epoch(close_req("durable", "", 1))
         .await
         .unwrap_err();
     assert_missing(
@@ -219,13 +209,13 @@ async fn kill_9_keeps_closed_epochs_and_checkpointed_open_epochs() {
         .into_inner();
     assert_eq!((resent.batches_applied, resent.duplicates), (3, 3));
     let err = client
-        .close_epoch(close_req("durable", 1))
+        .close_epoch(close_req("durable", "", 1))
         .await
         .unwrap_err();
     assert_missing(&err, 1, "writer_id \"b\" (none of its batches is durable)");
     client.push(tokio_stream::iter(epoch1_b)).await.unwrap();
     let result = client
-        .close_epoch(close_req("durable", 1))
+        .close_epoch(close_req("durable", "", 1))
         .await
         .unwrap()
         .into_inner();
@@ -240,7 +230,7 @@ async fn kill_9_keeps_closed_epochs_and_checkpointed_open_epochs() {
     // Batches without a writer_id cannot be resent: epoch 2 never closes
     // (pushes are still taken; nothing is reported as whole that is not).
     let err = client
-        .close_epoch(close_req("durable", 2))
+        .close_epoch(close_req("durable", "", 2))
         .await
         .unwrap_err();
     assert_missing(
@@ -262,7 +252,7 @@ async fn kill_9_keeps_closed_epochs_and_checkpointed_open_epochs() {
     let daemon = Daemon::spawn(dir.path(), &off);
     let mut client = connect(&daemon.url()).await;
     let err = client
-        .close_epoch(close_req("durable", 2))
+        .close_epoch(close_req("durable", "", 2))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::DataLoss);
@@ -300,7 +290,7 @@ async fn sigterm_checkpoints_open_epochs() {
     rc.push(tokio_stream::iter(first.to_vec())).await.unwrap();
     rc.push(tokio_stream::iter(second.to_vec())).await.unwrap();
     let expected = rc
-        .close_epoch(close_req("ckpt", 3))
+        .close_epoch(close_req("ckpt", "", 3))
         .await
         .unwrap()
         .into_inner();
@@ -335,7 +325,7 @@ async fn sigterm_checkpoints_open_epochs() {
         .await
         .unwrap();
     let after_restart = client
-        .close_epoch(close_req("ckpt", 3))
+        .close_epoch(close_req("ckpt", "", 3))
         .await
         .unwrap()
         .into_inner();
@@ -405,7 +395,7 @@ async fn concurrent_streams_fold_into_budgeted_shards_and_checkpoint_exactly() {
     assert_eq!(accumulator_bytes(&daemon), per_accumulator);
     let mut client = connect(&daemon.url()).await;
     let closed = client
-        .close_epoch(close_req("shards", 0))
+        .close_epoch(close_req("shards", "", 0))
         .await
         .unwrap()
         .into_inner();
@@ -539,7 +529,7 @@ async fn a_kill_during_a_checkpoint_write_restores_one_acknowledged_state() {
     let expected = reference(&x, &y, k, d);
     for epoch in 0..epochs {
         let result = client
-            .close_epoch(close_req("durable", epoch))
+            .close_epoch(close_req("durable", "", epoch))
             .await
             .unwrap()
             .into_inner();

@@ -571,7 +571,6 @@ fn validate_parts(parts: &AccumulatorParts) -> Result<(), StatsError> {
                 format!("a total of {total}"),
             )
         })?;
-    check_magnitudes(parts, samples)?;
     for class in 0..k {
         let n = parts.class_counts[class];
         let trace = parts.within_trace[class];
@@ -618,6 +617,7 @@ fn validate_parts(parts: &AccumulatorParts) -> Result<(), StatsError> {
             }
         }
     }
+    check_magnitudes(parts, samples)?;
     let scatter = &parts.scatter;
     let largest_diagonal = (0..d).map(|i| scatter[i * d + i]).fold(0.0_f64, f64::max);
     for i in 0..d {

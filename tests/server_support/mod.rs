@@ -15,7 +15,9 @@ use rand_distr::{Distribution, Normal};
 use tonic::transport::Channel;
 use vcid::metrics::{self, EpochMetrics};
 use vcid::proto::vci_monitor_client::VciMonitorClient;
-use vcid::proto::{CreateRunRequest, EpochResult, FeatureBatch, GetRunRequest, Run};
+use vcid::proto::{
+    CloseEpochRequest, CreateRunRequest, EpochResult, FeatureBatch, GetRunRequest, Run,
+};
 use vcid::server::{Limits, ServeConfig, ServerHandle};
 use vcid::stats::{Accumulator, Par};
 
@@ -24,6 +26,16 @@ pub type Client = VciMonitorClient<Channel>;
 /// Starts an in-process daemon with `config`.
 pub async fn start(config: ServeConfig) -> ServerHandle {
     vcid::server::spawn(config).await.expect("daemon starts")
+}
+
+/// `CloseEpoch` of `run`/`split`/penultimate (`""`: train) at `epoch`.
+pub fn close_req(run: &str, split: &str, epoch: u64) -> CloseEpochRequest {
+    CloseEpochRequest {
+        run_id: run.into(),
+        split: split.into(),
+        layer: String::new(),
+        epoch,
+    }
 }
 
 /// A daemon configuration with small limits, for the tests of refusals:
