@@ -73,7 +73,11 @@ fn options() -> Result<Options, BoxError> {
 fn pool() -> Vec<FeatureBatch> {
     let synth = Synthetic::new(CLASSES, DIM, 10, 42);
     (0..POOL)
-        .map(|i| synth.feature_batch(RUN, Split::Train, 3, i as u64, ROWS as u32))
+        // Data of the synthetic run's epoch 3, sent as epoch 0.
+        .map(|i| FeatureBatch {
+            epoch: 0,
+            ..synth.feature_batch(RUN, Split::Train, 3, i as u64, ROWS as u32)
+        })
         .collect()
 }
 
