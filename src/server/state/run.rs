@@ -172,6 +172,41 @@ struct Book {
     missing: BTreeMap<String, Option<u64>>,
 }
 
+impl Book {
+    /// What `writer` must wait for before its next fold into this epoch:
+    /// its dirty marker of the current generation, unless already written.
+    /// Allocates only when the writer is new to this generation.
+    fn pending_marker(&mut self, writer: &str) -> Option<Applied> {
+        if self
+            .marked_writers
+            .get(writer)
+            .is_some_and(EpochMarker::is_written)
+        {
+            return None;
+        }
+        let generation = self.generation;
+        let marker = self.marked_writers.entry(writer.to_owned()).or_default();
+        Some(Applied::NeedsWriterMarker {
+            marker: marker.clone(),
+            writer: writer.to_owned(),
+            generation,
+        })
+    }
+
+    /// Notes a fold, and the `(writer_id, sequence)` it carried.
+    fn folded(&mut self, dedup: Option<&(String, u64)>) {
+        self.version += 1;
+        if let Some((writer, seq)) = dedup {
+            match self.writers.get_mut(writer) {
+                Some(set) => set.insert(*seq),
+                None => self.writers.entry(writer.clone()).or_default().insert(*seq),
+            }
+            // It resends what the previous process lost.
+            self.missing.remove(writer);
+        }
+    }
+}
+
 /// An open epoch as read back from disk at start-up.
 #[derive(Debug)]
 pub(crate) struct RestoredEpoch {
@@ -693,28 +728,13 @@ impl RunState {
             match *phase {
                 Phase::Open => {
                     let writer = dedup.map_or("", |(w, _)| w.as_str());
-                    let wait = {
-                        let mut book = lock(&slot.book);
-                        let generation = book.generation;
-                        let marker = book.marked_writers.entry(writer.to_owned()).or_default();
-                        (!marker.is_written()).then(|| Applied::NeedsWriterMarker {
-                            marker: marker.clone(),
-                            writer: writer.to_owned(),
-                            generation,
-                        })
-                    };
+                    let wait = lock(&slot.book).pending_marker(writer);
                     match wait {
                         Some(wait) => Ok(Some(wait)),
                         None => slot
                             .fold(batch, &self.info, self.max_shards, &self.budget)
                             .map(|()| {
-                                let mut book = lock(&slot.book);
-                                book.version += 1;
-                                if let Some((w, seq)) = dedup {
-                                    book.writers.entry(w.clone()).or_default().insert(*seq);
-                                    // It resends what the previous process lost.
-                                    book.missing.remove(w);
-                                }
+                                lock(&slot.book).folded(dedup);
                                 None
                             }),
                     }
