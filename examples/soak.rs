@@ -268,20 +268,20 @@ async fn cycle(
     Ok(())
 }
 
-/// `GET path` on the HTTP listener; returns the status line's code.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<u16, BoxError> {
+/// `GET path` on the HTTP listener: the status code and the whole reply.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String), BoxError> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut reply = Vec::new();
     stream.read_to_end(&mut reply).await?;
-    let text = String::from_utf8_lossy(&reply);
+    let text = String::from_utf8_lossy(&reply).into_owned();
     let code = text
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or("no HTTP status line")?;
-    Ok(code)
+    Ok((code, text))
 }
 
 /// Lists runs, reads one, scrapes `/metrics` and the API, until `stop`.
@@ -311,7 +311,7 @@ async fn reader(
             }
         }
         for path in ["/metrics", "/api/v1/runs"] {
-            let code = http_get(http, path).await?;
+            let (code, _) = http_get(http, path).await?;
             if code != 200 {
                 return Err(format!("GET {path}: {code}").into());
             }
@@ -417,14 +417,7 @@ async fn main() -> Result<(), BoxError> {
     if !left.is_empty() {
         return Err(format!("{} runs left after the soak", left.len()).into());
     }
-    let metrics = {
-        let mut stream = tokio::net::TcpStream::connect(daemon.file.http_addr).await?;
-        let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-        stream.write_all(request.as_bytes()).await?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await?;
-        body
-    };
+    let (_, metrics) = http_get(daemon.file.http_addr, "/metrics").await?;
     let reserved = metrics
         .lines()
         .find_map(|l| l.strip_prefix("vcid_accumulator_bytes "))
