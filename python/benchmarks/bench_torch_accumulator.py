@@ -81,7 +81,7 @@ def part_crossover(batches: int) -> None:
             x = rng.standard_normal((batches, 256, d)).astype(np.float32)
             y = rng.integers(0, k, size=(batches, 256))
             run = f"bench-torch-{d}-{os.getpid()}"
-            with vcid.Monitor(daemon.address, run, k, d, queue_size=batches + 1) as mon:
+            with vcid.Monitor(run, k, d, address=daemon.address, queue_size=batches + 1) as mon:
                 t0 = time.perf_counter()
                 push = []
                 for i in range(batches):
@@ -90,13 +90,18 @@ def part_crossover(batches: int) -> None:
                     push.append(time.perf_counter() - p0)
                 mon.flush()
                 daemon_rate = batches * 256 / (time.perf_counter() - t0)
-                acc = TorchAccumulator(k, d)
                 xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-                acc.update(xt[0], yt[0])
+                TorchAccumulator(k, d).update(xt[0], yt[0])  # warm-up
+                acc = TorchAccumulator(k, d)
                 upd = timed(lambda: [acc.update(xt[i], yt[i]) for i in range(batches)], 1)[0]
                 s0 = time.perf_counter()
                 mon.push_stats(acc, epoch=0, split="device")
                 stats_ms = (time.perf_counter() - s0) * 1e3
+                raw = mon.close_epoch(0, split="raw")
+                device = mon.close_epoch(0, split="device")
+                # Both paths hold the same rows: the same statistics.
+                assert raw.samples == device.samples == batches * 256
+                assert abs(raw.vci - device.vci) <= 1e-9, (raw.vci, device.vci)
             print(f"{d:>6} {statistics.median(push) * 1e3:>10.3f} {upd / batches * 1e3:>10.3f} "
                   f"{daemon_rate:>20.0f} {batches * 256 / upd:>14.0f} {stats_ms:>14.1f}")
     finally:
