@@ -239,7 +239,7 @@ impl Accumulator {
                 &copied
             }
         };
-        scratch.compute(values, self.feature_dim(), labels, self.num_classes())?;
+        scratch.compute(values, self.feature_dim(), labels, self.num_classes(), par)?;
 
         let (n_a, n_b) = (self.samples(), labels.len() as u64);
         let n = n_a + n_b;
@@ -257,7 +257,8 @@ impl Accumulator {
             par,
         );
         simd::move_mean(&mut self.mean, &scratch.mean, n_b as f64 / n as f64);
-        self.classes.merge_slots(&scratch.present, &scratch.classes);
+        self.classes
+            .merge_slots(&scratch.present, &scratch.classes, par.degree());
         Ok(())
     }
 
