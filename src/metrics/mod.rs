@@ -315,8 +315,9 @@ impl BetweenEigen {
 /// eigenvalues, so that `aᵀ Σ_T a = Σ_i w_i (X a)_i²` and the metrics
 /// never form Σ_T† or Σ_T.
 enum TotalFactor {
-    /// The kept eigenvectors `V_r` (d × r): `X = V_rᵀ`, `w = λ` (kept).
-    Eigen(Mat<f64>),
+    /// The eigenvectors, of which columns `first..` are the kept ones
+    /// `V_r` (d × r): `X = V_rᵀ`, `w = λ` (kept).
+    Eigen(Mat<f64>, usize),
     /// When Σ_T keeps every eigenvalue (it is then invertible, Σ_T† =
     /// Σ_T⁻¹): its Cholesky factor `L` (lower, zeros above), `X = Lᵀ`,
     /// `w = 1`. The same numbers as the eigenvectors up to rounding,
@@ -331,10 +332,11 @@ impl TotalFactor {
     /// are computed without vectors and, if every one is kept, the factor
     /// is used; otherwise the eigenvectors are computed.
     fn new(total: impl Fn() -> Mat<f64>, par: Par) -> Result<(Vec<f64>, Self), EigenError> {
-        let dim = total().nrows();
+        // Cheap first try: a matrix with no Cholesky factor is not
+        // numerically positive definite, so some eigenvalue is dropped.
         if let Some(factor) = cholesky_lower(total(), par) {
             let values = SymmetricEigen::values_of_lower(total().as_ref(), par)?;
-            let threshold = nonzero_threshold(&values, dim);
+            let threshold = nonzero_threshold(&values, factor.nrows());
             if values.iter().all(|&v| v > threshold) {
                 return Ok((values, Self::Cholesky(factor)));
             }
@@ -348,14 +350,14 @@ impl TotalFactor {
         let eigen = SymmetricEigen::of_lower(lower, par)?;
         let first = eigen.kept(dim).first().copied().unwrap_or(dim);
         let lambda = eigen.values[first..].to_vec();
-        let kept = eigen.vectors.subcols(first, dim - first).to_owned();
-        Ok((lambda, Self::Eigen(kept)))
+        Ok((lambda, Self::Eigen(eigen.vectors, first)))
     }
 
     /// `X a` for the columns of `a` (d × c).
     fn apply(&self, a: MatRef<'_, f64>, par: Par) -> Mat<f64> {
         match self {
-            Self::Eigen(v) => {
+            Self::Eigen(vectors, first) => {
+                let v = vectors.subcols(*first, vectors.ncols() - first);
                 let mut out = Mat::<f64>::zeros(v.ncols(), a.ncols());
                 matmul(out.as_mut(), Accum::Replace, v.transpose(), a, 1.0, par);
                 out
@@ -382,7 +384,7 @@ impl TotalFactor {
     /// `xm = X m`: `Λ_r^{-1/2} V_rᵀ m`, or `L⁻¹ m`.
     fn whiten(&self, lambda: &[f64], m: &Mat<f64>, xm: &Mat<f64>, par: Par) -> Mat<f64> {
         match self {
-            Self::Eigen(_) => {
+            Self::Eigen(..) => {
                 let mut z = xm.clone();
                 for (i, &l) in lambda.iter().enumerate() {
                     let scale = 1.0 / l.sqrt();
@@ -403,7 +405,7 @@ impl TotalFactor {
     /// `aᵀ Σ_T a = Σ_i w_i (X a)_i²`, given `X a`.
     fn quadratic(&self, lambda: &[f64], xa: &[f64]) -> f64 {
         match self {
-            Self::Eigen(_) => lambda.iter().zip(xa).map(|(l, x)| l * x * x).sum(),
+            Self::Eigen(..) => lambda.iter().zip(xa).map(|(l, x)| l * x * x).sum(),
             Self::Cholesky(_) => xa.iter().map(|x| x * x).sum(),
         }
     }
@@ -578,7 +580,7 @@ mod tests {
         let (lambda, cholesky) = TotalFactor::new(|| lower.clone(), Par::Seq).unwrap();
         assert!(matches!(cholesky, TotalFactor::Cholesky(_)));
         let (lambda_eigen, eigen) = TotalFactor::eigen(lower.as_ref(), Par::Seq).unwrap();
-        assert!(matches!(eigen, TotalFactor::Eigen(_)));
+        assert!(matches!(eigen, TotalFactor::Eigen(..)));
         assert_eq!(lambda.len(), d);
         for (x, y) in lambda.iter().zip(&lambda_eigen) {
             assert!((x - y).abs() < 1e-12 * lambda[d - 1], "{x} vs {y}");
