@@ -51,7 +51,8 @@
 //! the close, the daemon's `vcid_accumulator_bytes` (its budget in use: one
 //! accumulator per shard) is read from `/metrics`; the slowest close and
 //! the process's peak RSS (`VmHWM`: daemon and client together, with the
-//! data pool) are printed at the end. The data
+//! data pool; with `--child`, the client's, and the daemon's own beside
+//! the budget) are printed at the end. The data
 //! pool (16 distinct batches) is generated before timing starts; each sent
 //! message is a clone of a pool batch (a 512 KiB memcpy, included in the
 //! client's cost).
