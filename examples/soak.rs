@@ -28,8 +28,7 @@
 //! accumulator budget is not back to zero after the last delete. Numbers go
 //! to BENCHMARKS.md; this is the command behind them.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,9 +40,11 @@ use vcid::proto::{
     CloseEpochRequest, CreateRunRequest, DeleteRunRequest, FeatureBatch, GetRunRequest,
     ListRunsRequest,
 };
-use vcid::server::discovery::DaemonFile;
 use vcid::stats::{Accumulator, Par};
 use vcid::synthetic::{Split, Synthetic};
+
+#[path = "support/daemon.rs"]
+mod daemon;
 
 type Client = VciMonitorClient<Channel>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,11 +62,7 @@ struct Options {
 }
 
 fn options() -> Result<Options, BoxError> {
-    let default_bin = std::env::current_exe()?
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("vcid"))
-        .ok_or("cannot locate target/release/vcid; pass --bin")?;
+    let default_bin = daemon::default_bin()?;
     let mut opts = Options {
         seconds: 600,
         writers: 16,
@@ -99,60 +96,6 @@ fn options() -> Result<Options, BoxError> {
         return Err("--seconds, --writers and --dim must be at least 1".into());
     }
     Ok(opts)
-}
-
-/// The daemon child; killed if the soak ends early.
-struct Daemon {
-    child: Child,
-    file: DaemonFile,
-    _data: tempfile::TempDir,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_daemon(bin: &Path) -> Result<Daemon, BoxError> {
-    let data = tempfile::tempdir()?;
-    let child = Command::new(bin)
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--log-level", "warn", "--data-dir"])
-        .arg(data.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(file) = DaemonFile::read(data.path())? {
-            return Ok(Daemon {
-                child,
-                file,
-                _data: data,
-            });
-        }
-        if Instant::now() > deadline {
-            return Err("the daemon did not write daemon.json within 30 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Resident set size of a process, in bytes.
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Counts of what the workers did.
@@ -329,7 +272,7 @@ fn mib(bytes: u64) -> f64 {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let opts = options()?;
-    let daemon = start_daemon(&opts.bin)?;
+    let daemon = daemon::start_daemon(&opts.bin)?;
     let pid = daemon.child.id();
     let url = format!("http://{}", daemon.file.grpc_addr);
     let client = VciMonitorClient::connect(url).await?;
@@ -378,7 +321,7 @@ async fn main() -> Result<(), BoxError> {
     let mut next_report = Duration::from_secs(10);
     while started.elapsed() < duration {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let rss = rss_bytes(pid).ok_or("the daemon exited")?;
+        let rss = daemon::status_bytes(pid, "VmRSS").ok_or("the daemon exited")?;
         let t = started.elapsed();
         if t < warmup {
             warm_peak = warm_peak.max(rss);

@@ -1,11 +1,13 @@
 //! Dense linear-algebra building blocks for the math core, on `faer`.
 //!
-//! Owns the symmetric eigendecomposition and the tolerance rule of
+//! Owns the symmetric eigendecomposition (with or without eigenvectors),
+//! the Cholesky factorisation and the tolerance rule of
 //! `docs/metrics.md` ("Tolerance") that decides which eigenvalues count as
 //! non-zero (and so defines pseudo-inverses and ranks). Pure computation: no I/O, no logging, no global state (the
 //! parallelism is always passed in, never read from faer's global setting).
 
 use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
 use faer::linalg::evd::{self, ComputeEigenvectors};
 use faer::{Mat, MatRef, Par};
 
@@ -32,31 +34,16 @@ impl SymmetricEigen {
     /// read.
     pub fn of_lower(lower: MatRef<'_, f64>, par: Par) -> Result<Self, EigenError> {
         let order = lower.nrows();
-        assert_eq!(
-            order,
-            lower.ncols(),
-            "eigendecomposition of a non-square matrix"
-        );
-        let mut values = faer::diag::Diag::<f64>::zeros(order);
         let mut vectors = Mat::<f64>::zeros(order, order);
-        let params = Default::default();
-        let mut scratch = MemBuffer::new(evd::self_adjoint_evd_scratch::<f64>(
-            order,
-            ComputeEigenvectors::Yes,
-            par,
-            params,
-        ));
-        evd::self_adjoint_evd(
-            lower,
-            values.as_mut(),
-            Some(vectors.as_mut()),
-            par,
-            MemStack::new(&mut scratch),
-            params,
-        )
-        .map_err(|_| EigenError { order })?;
-        let values = (0..order).map(|i| values[i]).collect();
+        let values = decompose(lower, Some(&mut vectors), par)?;
         Ok(Self { values, vectors })
+    }
+
+    /// The eigenvalues alone (ascending) of the symmetric matrix whose lower
+    /// triangle is stored in `lower`: the same tridiagonalisation, without
+    /// the eigenvectors' divide and conquer and back-transformation.
+    pub fn values_of_lower(lower: MatRef<'_, f64>, par: Par) -> Result<Vec<f64>, EigenError> {
+        decompose(lower, None, par)
     }
 
     /// Indices of the eigenvalues that count as non-zero under the tolerance
@@ -67,6 +54,59 @@ impl SymmetricEigen {
             .filter(|&i| self.values[i] > threshold)
             .collect()
     }
+}
+
+/// faer's symmetric eigensolver on the lower triangle of `lower`, writing
+/// the eigenvectors into `vectors` when given.
+fn decompose(
+    lower: MatRef<'_, f64>,
+    vectors: Option<&mut Mat<f64>>,
+    par: Par,
+) -> Result<Vec<f64>, EigenError> {
+    let order = lower.nrows();
+    assert_eq!(
+        order,
+        lower.ncols(),
+        "eigendecomposition of a non-square matrix"
+    );
+    let mut values = faer::diag::Diag::<f64>::zeros(order);
+    let wanted = if vectors.is_some() {
+        ComputeEigenvectors::Yes
+    } else {
+        ComputeEigenvectors::No
+    };
+    let params = Default::default();
+    let mut scratch = MemBuffer::new(evd::self_adjoint_evd_scratch::<f64>(
+        order, wanted, par, params,
+    ));
+    evd::self_adjoint_evd(
+        lower,
+        values.as_mut(),
+        vectors.map(|v| v.as_mut()),
+        par,
+        MemStack::new(&mut scratch),
+        params,
+    )
+    .map_err(|_| EigenError { order })?;
+    Ok((0..order).map(|i| values[i]).collect())
+}
+
+/// `A = L Lᵀ` of the symmetric matrix whose lower triangle `a` holds
+/// (overwritten by `L`; the strict upper triangle is left as it is), or
+/// `None` when `A` is not numerically positive definite.
+pub fn cholesky_lower(mut a: Mat<f64>, par: Par) -> Option<Mat<f64>> {
+    let order = a.nrows();
+    let params = Default::default();
+    let mut scratch = MemBuffer::new(cholesky_in_place_scratch::<f64>(order, par, params));
+    cholesky_in_place(
+        a.as_mut(),
+        Default::default(),
+        par,
+        MemStack::new(&mut scratch),
+        params,
+    )
+    .ok()?;
+    Some(a)
 }
 
 /// The tolerance (`docs/metrics.md`): an eigenvalue of a PSD matrix of

@@ -3,7 +3,8 @@
 //! invariance under invertible affine maps, VCI in [0, 1], VCI = 0 for
 //! collapsed data, the balanced-class identity between the probe MSE and
 //! VCI, the undefined cases, the `AccumulatorParts` round trip and
-//! validation, and in-place folds spread over shards then merged.
+//! validation, in-place folds spread over shards then merged, and the
+//! parallel passes of a fold equal to the sequential ones.
 //!
 //! Data comes from a seeded RNG inside each case (proptest picks the seed
 //! and the shapes), so shrinking cannot drift into degenerate matrices that
@@ -250,6 +251,53 @@ proptest! {
         prop_assert_eq!(merged.samples(), n as u64);
         if let Err(e) = parts_close(&merged.to_parts(), &reference, tolerance(offset)) {
             return Err(TestCaseError::fail(format!("{shards} shards: {e}")));
+        }
+    }
+
+    /// The per-class and per-row passes of a fold split over 2..=5 threads
+    /// (`Par::Rayon(n)`) give the class statistics of the sequential fold
+    /// bit for bit, and its scatter to rounding (the product's blocking may
+    /// differ): singleton classes (K up to 300), zero rows, several batches
+    /// through one scratch.
+    #[test]
+    fn parallel_fold_passes_equal_the_sequential_fold(
+        seed in any::<u64>(),
+        n in 1usize..300,
+        d in 1usize..40,
+        k in 2usize..300,
+        offset in prop_oneof![Just(0.0), Just(1e4)],
+        raw_cuts in prop::collection::vec(0usize..1000, 0..6),
+        threads in 2usize..=5,
+        zero_rows in prop::collection::vec(0usize..300, 0..4),
+    ) {
+        let (mut x, y) = gaussian_data(seed, n, d, k, 2.0, offset);
+        for &row in zero_rows.iter().filter(|&&r| r < n) {
+            x.row_mut(row).fill(0.0);
+        }
+        let mut folded = Vec::new();
+        for par in [Par::Seq, Par::rayon(threads)] {
+            let mut acc = Accumulator::new(k, d);
+            let mut scratch = FoldScratch::new();
+            for w in cuts_from(n, &raw_cuts).windows(2).filter(|w| w[0] < w[1]) {
+                acc.fold_batch_with(x.slice(s![w[0]..w[1], ..]), &y[w[0]..w[1]], &mut scratch, par)
+                    .unwrap();
+            }
+            folded.push(acc.to_parts());
+        }
+        let (seq, par) = (&folded[0], &folded[1]);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(&seq.class_counts, &par.class_counts);
+        prop_assert_eq!(&seq.unit_count, &par.unit_count);
+        for (name, a, b) in [
+            ("class_means", &seq.class_means, &par.class_means),
+            ("within_trace", &seq.within_trace, &par.within_trace),
+            ("unit_sum", &seq.unit_sum, &par.unit_sum),
+            ("unit_within_trace", &seq.unit_within_trace, &par.unit_within_trace),
+        ] {
+            prop_assert_eq!(bits(a), bits(b), "{} differs with {} threads", name, threads);
+        }
+        if let Err(e) = parts_close(par, seq, 1e-13) {
+            return Err(TestCaseError::fail(format!("{threads} threads: {e}")));
         }
     }
 

@@ -11,11 +11,15 @@
 //!
 //! How the work is laid out, for d features and K observed classes (the
 //! columns of `M = [√p_k (μ_k − μ)]`, d × K):
-//! - `Σ_T = M2/N` is decomposed once; only the kept eigenpairs (the
+//! - The eigenvalues of `Σ_T = M2/N` decide its kept spectrum (the
 //!   tolerance of `docs/metrics.md`, a contiguous tail since eigenvalues
-//!   come ascending) are used after.
-//! - `Z = Λ_r^{-1/2} V_rᵀ M` gives `Tr(Σ_T† Σ_B) = ‖Z‖²_F` (VCI) and its
-//!   column norms give the linear-probe MSE. No inverse is ever formed.
+//!   come ascending). When every eigenvalue is kept (the usual case with
+//!   N > d), Σ_T† = Σ_T⁻¹ is applied through a Cholesky factor `L`, and
+//!   the eigenvectors are never computed; otherwise through the kept
+//!   eigenpairs `V_r, Λ_r` (`TotalFactor`).
+//! - `Z = Λ_r^{-1/2} V_rᵀ M` (or `L⁻¹ M`) gives `Tr(Σ_T† Σ_B) = ‖Z‖²_F`
+//!   (VCI) and its column norms give the linear-probe MSE. No inverse is
+//!   ever formed.
 //! - `Σ_B` is handled through `G = MᵀM` (K × K) when K ≤ d, else directly
 //!   (d × d); its kept eigenpairs give rank(Σ_B) and, for NC1,
 //!   `Tr(Σ_W Σ_B†) = Σ_j u_jᵀ Σ_T u_j / β_j − rank(Σ_B)`, where `u_j` are the
@@ -34,7 +38,9 @@ use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{matmul as triangular_matmul, BlockStructure};
 use faer::{Accum, Mat, MatRef, Par};
 
-use crate::linalg::{EigenError, SymmetricEigen};
+use faer::linalg::triangular_solve::solve_lower_triangular_in_place;
+
+use crate::linalg::{cholesky_lower, nonzero_threshold, EigenError, SymmetricEigen};
 use crate::stats::Accumulator;
 
 pub mod registry;
@@ -133,25 +139,19 @@ pub fn compute(acc: &Accumulator, par: Par) -> Result<EpochMetrics, MetricsError
     let centred_means = Mat::from_fn(dim, k_obs, |i, j| acc.class_mean(observed[j])[i] - mean[i]);
     let m = Mat::from_fn(dim, k_obs, |i, j| weights[j].sqrt() * centred_means[(i, j)]);
 
-    // Σ_T and its kept eigenpairs.
+    // Σ_T: its kept eigenvalues, and how to apply its (pseudo-)inverse.
     let scatter = acc.scatter_lower();
-    let total = Mat::from_fn(
-        dim,
-        dim,
-        |i, j| if i >= j { scatter[(i, j)] / n } else { 0.0 },
-    );
-    let total_eigen = SymmetricEigen::of_lower(total.as_ref(), par)?;
-    drop(total);
-    let kept_total = total_eigen.kept(dim);
-    metrics.rank_total = kept_total.len();
-    let first_kept = kept_total.first().copied().unwrap_or(dim);
-    let lambda = &total_eigen.values[first_kept..];
-    let v_kept = total_eigen
-        .vectors
-        .as_ref()
-        .subcols(first_kept, dim - first_kept);
+    let total = || {
+        Mat::from_fn(
+            dim,
+            dim,
+            |i, j| if i >= j { scatter[(i, j)] / n } else { 0.0 },
+        )
+    };
+    let (lambda, factor) = TotalFactor::new(total, par)?;
+    metrics.rank_total = lambda.len();
 
-    metrics.effective_rank = effective_rank(lambda);
+    metrics.effective_rank = effective_rank(&lambda);
     if metrics.effective_rank.is_none() {
         metrics.note(
             "effective_rank",
@@ -159,26 +159,13 @@ pub fn compute(acc: &Accumulator, par: Par) -> Result<EpochMetrics, MetricsError
         );
     }
 
-    // Z = Λ_r^{-1/2} V_rᵀ M.
-    let mut z = Mat::<f64>::zeros(lambda.len(), k_obs);
-    matmul(
-        z.as_mut(),
-        Accum::Replace,
-        v_kept.transpose(),
-        m.as_ref(),
-        1.0,
-        par,
-    );
-    let y_kept = z.clone();
-    for (i, &l) in lambda.iter().enumerate() {
-        let scale = 1.0 / l.sqrt();
-        for j in 0..k_obs {
-            z[(i, j)] *= scale;
-        }
-    }
+    // Z with ‖z_j‖² = m_jᵀ Σ_T† m_j, and X·M (see `TotalFactor`).
+    let xm = factor.apply(m.as_ref(), par);
+    let z = factor.whiten(&lambda, &m, &xm, par);
     let z_column_squares: Vec<f64> = (0..k_obs)
         .map(|j| z.col_as_slice(j).iter().map(|v| v * v).sum())
         .collect();
+    drop(z);
     let trace_pinv_total_between: f64 = z_column_squares.iter().sum();
 
     let sum_p_squared: f64 = weights.iter().map(|p| p * p).sum();
@@ -220,16 +207,11 @@ pub fn compute(acc: &Accumulator, par: Par) -> Result<EpochMetrics, MetricsError
     } else {
         let rank_b = between.values.len() as f64;
         metrics.vci = Some((1.0 - trace_pinv_total_between / rank_b).clamp(0.0, 1.0));
-        // P = V_rᵀ U_B: u_jᵀ Σ_T u_j = Σ_i λ_i P_ij².
-        let p = between.project(v_kept, y_kept.as_ref(), par);
+        // P = X U_B: u_jᵀ Σ_T u_j = Σ_i w_i P_ij² (see `TotalFactor`).
+        let p = between.project(&factor, xm.as_ref(), par);
         let mut trace = 0.0;
         for (j, &beta) in between.values.iter().enumerate() {
-            let quadratic: f64 = lambda
-                .iter()
-                .zip(p.col_as_slice(j))
-                .map(|(l, x)| l * x * x)
-                .sum();
-            trace += quadratic / beta;
+            trace += factor.quadratic(&lambda, p.col_as_slice(j)) / beta;
         }
         metrics.nc1 = Some(((trace - rank_b) / k_obs as f64).max(0.0));
     }
@@ -312,30 +294,119 @@ impl BetweenEigen {
         }
     }
 
-    /// `V_rᵀ U_B` (r_T × r_B), given `V_r` and `Y_r = V_rᵀ M`.
-    fn project(&self, v_kept: MatRef<'_, f64>, y_kept: MatRef<'_, f64>, par: Par) -> Mat<f64> {
+    /// `X U_B` (rows of X × r_B), given `X M`.
+    fn project(&self, factor: &TotalFactor, xm: MatRef<'_, f64>, par: Par) -> Mat<f64> {
         match &self.vectors {
             BetweenVectors::Gram(w) => {
-                let mut p = Mat::<f64>::zeros(y_kept.nrows(), w.ncols());
-                matmul(p.as_mut(), Accum::Replace, y_kept, w.as_ref(), 1.0, par);
+                let mut p = Mat::<f64>::zeros(xm.nrows(), w.ncols());
+                matmul(p.as_mut(), Accum::Replace, xm, w.as_ref(), 1.0, par);
                 for (j, &beta) in self.values.iter().enumerate() {
                     let scale = 1.0 / beta.sqrt();
                     p.col_as_slice_mut(j).iter_mut().for_each(|x| *x *= scale);
                 }
                 p
             }
-            BetweenVectors::Direct(u) => {
-                let mut p = Mat::<f64>::zeros(v_kept.ncols(), u.ncols());
-                matmul(
-                    p.as_mut(),
+            BetweenVectors::Direct(u) => factor.apply(u.as_ref(), par),
+        }
+    }
+}
+
+/// Σ_T as a map `X` with `Σ_T = Xᵀ diag(w) X` on the space of its kept
+/// eigenvalues, so that `aᵀ Σ_T a = Σ_i w_i (X a)_i²` and the metrics
+/// never form Σ_T† or Σ_T.
+enum TotalFactor {
+    /// The eigenvectors, of which columns `first..` are the kept ones
+    /// `V_r` (d × r): `X = V_rᵀ`, `w = λ` (kept).
+    Eigen(Mat<f64>, usize),
+    /// When Σ_T keeps every eigenvalue (it is then invertible, Σ_T† =
+    /// Σ_T⁻¹): its Cholesky factor `L` (lower, zeros above), `X = Lᵀ`,
+    /// `w = 1`. The same numbers as the eigenvectors up to rounding,
+    /// without computing them (about half the time of a close at d = 2048).
+    Cholesky(Mat<f64>),
+}
+
+impl TotalFactor {
+    /// The kept eigenvalues of Σ_T (ascending, the tolerance of
+    /// `docs/metrics.md`) and its factor. `total()` builds Σ_T's lower
+    /// triangle. When its Cholesky factorisation exists, the eigenvalues
+    /// are computed without vectors and, if every one is kept, the factor
+    /// is used; otherwise the eigenvectors are computed.
+    fn new(total: impl Fn() -> Mat<f64>, par: Par) -> Result<(Vec<f64>, Self), EigenError> {
+        // Cheap first try: a matrix with no Cholesky factor is not
+        // numerically positive definite, so some eigenvalue is dropped.
+        if let Some(factor) = cholesky_lower(total(), par) {
+            let values = SymmetricEigen::values_of_lower(total().as_ref(), par)?;
+            let threshold = nonzero_threshold(&values, factor.nrows());
+            if values.iter().all(|&v| v > threshold) {
+                return Ok((values, Self::Cholesky(factor)));
+            }
+        }
+        Self::eigen(total().as_ref(), par)
+    }
+
+    /// The kept eigenpairs of the matrix whose lower triangle is `lower`.
+    fn eigen(lower: MatRef<'_, f64>, par: Par) -> Result<(Vec<f64>, Self), EigenError> {
+        let dim = lower.nrows();
+        let eigen = SymmetricEigen::of_lower(lower, par)?;
+        let first = eigen.kept(dim).first().copied().unwrap_or(dim);
+        let lambda = eigen.values[first..].to_vec();
+        Ok((lambda, Self::Eigen(eigen.vectors, first)))
+    }
+
+    /// `X a` for the columns of `a` (d × c).
+    fn apply(&self, a: MatRef<'_, f64>, par: Par) -> Mat<f64> {
+        match self {
+            Self::Eigen(vectors, first) => {
+                let v = vectors.subcols(*first, vectors.ncols() - first);
+                let mut out = Mat::<f64>::zeros(v.ncols(), a.ncols());
+                matmul(out.as_mut(), Accum::Replace, v.transpose(), a, 1.0, par);
+                out
+            }
+            Self::Cholesky(l) => {
+                let mut out = Mat::<f64>::zeros(l.nrows(), a.ncols());
+                triangular_matmul(
+                    out.as_mut(),
+                    BlockStructure::Rectangular,
                     Accum::Replace,
-                    v_kept.transpose(),
-                    u.as_ref(),
+                    l.transpose(),
+                    BlockStructure::TriangularUpper,
+                    a,
+                    BlockStructure::Rectangular,
                     1.0,
                     par,
                 );
-                p
+                out
             }
+        }
+    }
+
+    /// `Z` with `‖Z a_j‖² = a_jᵀ Σ_T† a_j` for the columns of `m`, given
+    /// `xm = X m`: `Λ_r^{-1/2} V_rᵀ m`, or `L⁻¹ m`.
+    fn whiten(&self, lambda: &[f64], m: &Mat<f64>, xm: &Mat<f64>, par: Par) -> Mat<f64> {
+        match self {
+            Self::Eigen(..) => {
+                let mut z = xm.clone();
+                for (i, &l) in lambda.iter().enumerate() {
+                    let scale = 1.0 / l.sqrt();
+                    for j in 0..z.ncols() {
+                        z[(i, j)] *= scale;
+                    }
+                }
+                z
+            }
+            Self::Cholesky(l) => {
+                let mut z = m.clone();
+                solve_lower_triangular_in_place(l.as_ref(), z.as_mut(), par);
+                z
+            }
+        }
+    }
+
+    /// `aᵀ Σ_T a = Σ_i w_i (X a)_i²`, given `X a`.
+    fn quadratic(&self, lambda: &[f64], xa: &[f64]) -> f64 {
+        match self {
+            Self::Eigen(..) => lambda.iter().zip(xa).map(|(l, x)| l * x * x).sum(),
+            Self::Cholesky(_) => xa.iter().map(|x| x * x).sum(),
         }
     }
 }
@@ -480,4 +551,57 @@ fn population_std(values: &[f64]) -> f64 {
     let count = values.len() as f64;
     let mean = values.iter().sum::<f64>() / count;
     (values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / count).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Cholesky factor and the kept eigenpairs of a full-rank Σ_T give
+    /// the same `a_jᵀ Σ_T⁻¹ a_j` and `a_jᵀ Σ_T a_j` as an explicit solve
+    /// and product, so the close may use either.
+    #[test]
+    fn cholesky_and_eigenpairs_apply_the_same_total() {
+        let d = 7;
+        let root = Mat::from_fn(d, d, |i, j| {
+            ((i * 7 + j * 3) % 5) as f64 - 2.0 + if i == j { 4.0 } else { 0.0 }
+        });
+        let mut total = Mat::<f64>::zeros(d, d);
+        matmul(
+            total.as_mut(),
+            Accum::Replace,
+            root.as_ref(),
+            root.transpose(),
+            1.0,
+            Par::Seq,
+        );
+        let lower = Mat::from_fn(d, d, |i, j| if i >= j { total[(i, j)] } else { 0.0 });
+        let a = Mat::from_fn(d, 3, |i, j| (i as f64 - 3.0) * (j as f64 + 0.5));
+        let (lambda, cholesky) = TotalFactor::new(|| lower.clone(), Par::Seq).unwrap();
+        assert!(matches!(cholesky, TotalFactor::Cholesky(_)));
+        let (lambda_eigen, eigen) = TotalFactor::eigen(lower.as_ref(), Par::Seq).unwrap();
+        assert!(matches!(eigen, TotalFactor::Eigen(..)));
+        assert_eq!(lambda.len(), d);
+        for (x, y) in lambda.iter().zip(&lambda_eigen) {
+            assert!((x - y).abs() < 1e-12 * lambda[d - 1], "{x} vs {y}");
+        }
+        // Independent reference: Σ_T⁻¹ a by faer's LU solve.
+        let inverse_a = faer::linalg::solvers::Solve::solve(&total.partial_piv_lu(), &a);
+        for factor in [&cholesky, &eigen] {
+            let xa = factor.apply(a.as_ref(), Par::Seq);
+            let z = factor.whiten(&lambda, &a, &xa, Par::Seq);
+            for j in 0..3 {
+                let col = a.col(j);
+                let inverse_form: f64 = (0..d).map(|i| col[i] * inverse_a[(i, j)]).sum();
+                let whitened: f64 = z.col_as_slice(j).iter().map(|v| v * v).sum();
+                assert!((whitened - inverse_form).abs() < 1e-10 * inverse_form.abs());
+                let direct: f64 = (0..d)
+                    .flat_map(|i| (0..d).map(move |k| (i, k)))
+                    .map(|(i, k)| col[i] * total[(i, k)] * col[k])
+                    .sum();
+                let quadratic = factor.quadratic(&lambda, xa.col_as_slice(j));
+                assert!((quadratic - direct).abs() < 1e-10 * direct.abs());
+            }
+        }
+    }
 }

@@ -143,6 +143,21 @@ pub(crate) async fn shutting_down(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stopping| *stopping).await;
 }
 
+/// HTTP/2 flow-control windows of gRPC connections (bytes a client may send
+/// before the daemon reads them): per stream, then per connection.
+/// hyper's default of 1 MiB for both is smaller than one 256 × 2048
+/// float32 batch (2 MiB): a `Push` stream then could not receive its next
+/// batch while the current one was folded, and all streams of one
+/// connection shared 1 MiB. These let a stream receive one more batch of
+/// that size during a fold, and four such streams share a connection;
+/// they bound the unread bytes one connection can hold (a message being
+/// assembled, up to `--max-message-bytes`, is held in memory whatever the
+/// window, so they do not raise the worst case).
+const HTTP2_WINDOWS: (u32, u32) = (4 << 20, 16 << 20);
+/// Largest HTTP/2 frame a client may send (hyper's default is 16 KiB: 128
+/// frames per 2 MiB batch).
+const HTTP2_MAX_FRAME: u32 = 256 << 10;
+
 /// HTTP/2 keep-alive of gRPC connections: a ping after this much silence,
 /// and the connection is closed when its answer takes longer than the
 /// second value (a peer that vanished without closing).
@@ -248,6 +263,9 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE.0))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE.1))
+        .initial_stream_window_size(HTTP2_WINDOWS.0)
+        .initial_connection_window_size(HTTP2_WINDOWS.1)
+        .max_frame_size(HTTP2_MAX_FRAME)
         .layer(MapRequestLayer::new(
             move |request: tonic::codegen::http::Request<tonic::body::Body>| {
                 request.map(|body| deadline::DeadlineBody::wrap(body, message_timeout))

@@ -1,25 +1,34 @@
 //! The statistics of one batch, computed in reusable buffers.
 //!
-//! Owns [`FoldScratch`] and the per-row passes over a batch: class sums and
-//! counts (which double as the finiteness check); residuals about the
-//! provisional class means, row norms and unit-vector sums; the unit
-//! vectors' spread about their class direction; and the batch centred on
-//! its own mean, written column by column as the operand of the scatter's
-//! triangular product. Class means and within-class traces use the
+//! Owns [`FoldScratch`] and the passes over a batch. The rows are grouped
+//! by class (a counting sort of the row indices) and each class present
+//! is worked through on its own while its rows are still in cache: class
+//! sums and counts (which double as the finiteness check) with the row
+//! norms in the same pass; residuals about the provisional class mean
+//! with the unit-vector sums in one more; the unit vectors' spread about
+//! their class direction. Class means and within-class traces use the
 //! corrected two-pass algorithm (exact to rounding even with a large common
-//! offset). Class statistics are kept only for the classes present in the
-//! batch, one compact row ("slot") each, so a batch costs O(rows · d)
-//! whatever K is. Every loop over a row is a `simd` kernel (the machine's
-//! vector width).
+//! offset). A last pass writes the batch centred on its own mean, column
+//! by column, as the operand of the scatter's triangular product. Class
+//! statistics are kept only for the classes present in the batch, one
+//! compact row ("slot") each, so a batch costs O(rows · d) whatever K is.
+//! Every loop over a row is a `simd` kernel (the machine's vector width).
+//! With `Par::Rayon(n)` the classes are split into n groups of about equal
+//! rows and the centring pass into n ranges of rows, run in parallel;
+//! every class's and every row's arithmetic is the same whatever the
+//! split, so the result is bit for bit that of `Par::Seq`.
 //!
 //! Must not: touch an accumulator (`Accumulator` merges the result), or
 //! allocate once its buffers have grown to the largest batch seen.
 
 use faer::MatRef;
 
-use super::classes::ClassStats;
-use super::simd::{self, add_assign_checked, add_scaled, difference, residual_pass};
-use super::StatsError;
+use super::classes::{ClassStats, RowsMut};
+use super::simd::{
+    self, add_assign_checked, add_scaled, difference, residual_pass, residual_unit_pass,
+    shift_mean, squared_difference,
+};
+use super::{Par, StatsError};
 
 /// Marks a class without a slot in `FoldScratch::slot_of`.
 const NO_SLOT: u32 = u32::MAX;
@@ -36,13 +45,17 @@ pub struct FoldScratch {
     /// The classes present in the batch, ascending: slot `s` is class
     /// `present[s]`.
     pub(super) present: Vec<u32>,
-    /// Each row's slot.
-    row_slot: Vec<u32>,
-    /// Each row's Euclidean norm.
+    /// The row indices grouped by slot, in row order within a slot: slot
+    /// `s` holds `order[start[s]..start[s + 1]]`.
+    order: Vec<u32>,
+    /// Where each slot's rows begin in `order` (one more entry, `rows`).
+    start: Vec<usize>,
+    /// The Euclidean norm of row `order[p]`, at `p`.
     norms: Vec<f64>,
     /// One row per slot.
     pub(super) classes: ClassStats,
-    /// Σ (h − provisional class mean) per slot, for the mean correction.
+    /// Σ (h − provisional class mean) of the slot being worked on, for the
+    /// mean correction: d values per thread.
     residual: Vec<f64>,
     /// The batch mean μ_b.
     pub(super) mean: Vec<f64>,
@@ -62,8 +75,9 @@ impl FoldScratch {
     /// Bytes held by the buffers (their capacity).
     pub fn memory_bytes(&self) -> usize {
         let c = &self.classes;
-        4 * (self.slot_of.capacity() + self.present.capacity() + self.row_slot.capacity())
-            + 8 * (self.norms.capacity()
+        4 * (self.slot_of.capacity() + self.present.capacity() + self.order.capacity())
+            + 8 * (self.start.capacity()
+                + self.norms.capacity()
                 + self.residual.capacity()
                 + self.mean.capacity()
                 + self.centred.capacity()
@@ -84,24 +98,27 @@ impl FoldScratch {
         dim: usize,
         labels: &[u32],
         num_classes: usize,
+        par: Par,
     ) -> Result<(), StatsError> {
         let n = labels.len();
-        self.assign_slots(labels, num_classes);
-        self.classes.reset(self.present.len(), dim);
+        let threads = par.degree().max(1);
+        self.group_rows(labels, num_classes);
+        // Every table row, norm and column is overwritten below: grow
+        // only, never clear.
+        self.classes.reset_for_overwrite(self.present.len(), dim);
         for (buffer, len) in [
-            (&mut self.residual, self.present.len() * dim),
             (&mut self.norms, n),
-            (&mut self.mean, dim),
+            (&mut self.residual, threads * dim),
+            (&mut self.centred, dim * (n + 1)),
         ] {
-            buffer.clear();
-            buffer.resize(len, 0.0);
+            if buffer.len() < len {
+                buffer.resize(len, 0.0);
+            }
         }
-        // Every column is overwritten below: grow only, never clear.
-        if self.centred.len() < dim * (n + 1) {
-            self.centred.resize(dim * (n + 1), 0.0);
-        }
+        self.mean.clear();
+        self.mean.resize(dim, 0.0);
         self.shape = (n, dim);
-        if self.passes(rows) {
+        if self.passes(rows, threads) {
             return Ok(());
         }
         let (row, column, value) = rows
@@ -112,10 +129,10 @@ impl FoldScratch {
         Err(StatsError::NonFinite { row, column, value })
     }
 
-    /// Slots for the classes present, in ascending class order, and each
-    /// row's slot. O(rows + classes present · log); `slot_of` is all
-    /// `NO_SLOT` again afterwards.
-    fn assign_slots(&mut self, labels: &[u32], num_classes: usize) {
+    /// Slots for the classes present, in ascending class order, and the
+    /// row indices grouped by slot (a stable counting sort). O(rows +
+    /// classes present · log); `slot_of` is all `NO_SLOT` again afterwards.
+    fn group_rows(&mut self, labels: &[u32], num_classes: usize) {
         if self.slot_of.len() != num_classes {
             self.slot_of.clear();
             self.slot_of.resize(num_classes, NO_SLOT);
@@ -132,102 +149,48 @@ impl FoldScratch {
         for (slot, &class) in self.present.iter().enumerate() {
             self.slot_of[class as usize] = slot as u32;
         }
-        self.row_slot.clear();
-        self.row_slot
-            .extend(labels.iter().map(|&l| self.slot_of[l as usize]));
+        // start[s + 1] counts slot s; the prefix sums make it each slot's
+        // end, which the placement below moves back to its beginning.
+        self.start.clear();
+        self.start.resize(self.present.len() + 1, 0);
+        for &label in labels {
+            self.start[self.slot_of[label as usize] as usize + 1] += 1;
+        }
+        for s in 1..self.start.len() {
+            self.start[s] += self.start[s - 1];
+        }
+        self.order.clear();
+        self.order.resize(labels.len(), 0);
+        for (row, &label) in labels.iter().enumerate() {
+            let next = &mut self.start[self.slot_of[label as usize] as usize];
+            self.order[*next] = row as u32;
+            *next += 1;
+        }
+        // Now start[s] is where slot s + 1 begins.
+        self.start.rotate_right(1);
+        self.start[0] = 0;
         for &class in &self.present {
             self.slot_of[class as usize] = NO_SLOT;
         }
     }
 
     /// The passes over the rows; false if a value is not finite (the
-    /// buffers then hold garbage, which the next `compute` resets).
-    fn passes(&mut self, rows: &[f64]) -> bool {
+    /// buffers then hold garbage, which the next `compute` overwrites).
+    fn passes(&mut self, rows: &[f64], threads: usize) -> bool {
         let (n, dim) = self.shape;
-        let Self {
-            row_slot,
-            norms,
-            classes,
-            residual,
-            mean,
-            centred,
-            ..
-        } = self;
-        let slot_range = |s: u32| s as usize * dim..(s as usize + 1) * dim;
-
-        // 1. Class sums and counts; the sums also catch NaN and ±Inf.
-        let mut poison = 0.0;
-        for (row, &s) in rows.chunks_exact(dim).zip(row_slot.iter()) {
-            classes.counts[s as usize] += 1;
-            poison += add_assign_checked(&mut classes.means[slot_range(s)], row);
-        }
-        if poison.is_nan() {
+        let groups = SlotGroup {
+            rows,
+            order: &self.order,
+            start: &self.start,
+            norms: &mut self.norms[..n],
+            residual: &mut self.residual[..threads * dim],
+            stats: self.classes.rows_mut(),
+        };
+        if groups.run(threads).is_nan() {
             return false;
         }
-        for (s, &count) in classes.counts.iter().enumerate() {
-            let inv = 1.0 / count as f64;
-            classes.means[s * dim..(s + 1) * dim]
-                .iter_mut()
-                .for_each(|m| *m *= inv);
-        }
-
-        // 2. Residuals about the provisional means, within traces, norms,
-        //    unit-vector sums.
-        for ((row, &s), norm) in rows
-            .chunks_exact(dim)
-            .zip(row_slot.iter())
-            .zip(norms.iter_mut())
-        {
-            let slot = s as usize;
-            // A class with one row has its mean exactly (h·1): no residual.
-            if classes.counts[slot] > 1 {
-                classes.within_trace[slot] += residual_pass(
-                    &mut residual[slot_range(s)],
-                    row,
-                    &classes.means[slot_range(s)],
-                );
-            }
-            *norm = simd::norm(row);
-            if *norm > 0.0 {
-                add_scaled(&mut classes.unit_sum[slot_range(s)], row, 1.0 / *norm);
-                classes.unit_count[slot] += 1;
-            }
-        }
-
-        // 3. Mean correction: μ = μ₀ + Σ(h − μ₀)/n, and
-        //    Σ‖h − μ‖² = Σ‖h − μ₀‖² − n‖μ − μ₀‖² (exact identity).
-        for (s, &count) in classes.counts.iter().enumerate().filter(|(_, &c)| c > 1) {
-            let shift_squared = simd::shift_mean(
-                &mut classes.means[s * dim..(s + 1) * dim],
-                &residual[s * dim..(s + 1) * dim],
-                1.0 / count as f64,
-            );
-            classes.within_trace[s] =
-                (classes.within_trace[s] - count as f64 * shift_squared).max(0.0);
-        }
-        classes.global_mean_into(mean);
-
-        // 4. Spread of the unit vectors about their class direction, and the
-        //    batch centred on its own mean.
-        for (((row, &s), &norm), column) in rows
-            .chunks_exact(dim)
-            .zip(row_slot.iter())
-            .zip(norms.iter())
-            .zip(centred[..n * dim].chunks_exact_mut(dim))
-        {
-            let slot = s as usize;
-            // One unit vector is its own mean direction: spread exactly 0.
-            if norm > 0.0 && classes.unit_count[slot] > 1 {
-                let inv_count = 1.0 / classes.unit_count[slot] as f64;
-                classes.unit_within_trace[slot] += simd::squared_difference(
-                    row,
-                    1.0 / norm,
-                    &classes.unit_sum[slot_range(s)],
-                    inv_count,
-                );
-            }
-            difference(column, row, mean);
-        }
+        self.classes.global_mean_into(&mut self.mean);
+        centre(&mut self.centred[..n * dim], rows, &self.mean, threads);
         true
     }
 
@@ -247,5 +210,159 @@ impl FoldScratch {
             columns += 1;
         }
         MatRef::from_column_major_slice(&self.centred[..columns * dim], dim, columns)
+    }
+}
+
+/// Consecutive slots of a batch, with the parts of the outputs they own.
+struct SlotGroup<'a> {
+    /// The whole batch, row-major.
+    rows: &'a [f64],
+    /// The whole grouped order.
+    order: &'a [u32],
+    /// `start` of these slots and of the one after them.
+    start: &'a [usize],
+    /// The norms at `start[0]..`.
+    norms: &'a mut [f64],
+    /// d values per thread that works on these slots.
+    residual: &'a mut [f64],
+    /// These slots' rows of the batch's compact table.
+    stats: RowsMut<'a>,
+}
+
+impl SlotGroup<'_> {
+    /// Works through every slot, in `threads` groups of about equal rows
+    /// run in parallel; returns NaN if a value is not finite (else 0).
+    fn run(mut self, threads: usize) -> f64 {
+        let slots = self.stats.len();
+        if threads > 1 && slots > 1 {
+            let (begin, end) = (self.start[0], self.start[slots]);
+            let middle = begin + (end - begin) / 2;
+            let at = self.start[1..slots]
+                .partition_point(|&p| p < middle)
+                .clamp(0, slots - 2)
+                + 1;
+            let left = threads / 2;
+            let dim = self.stats.dim;
+            let (stats_a, stats_b) = self.stats.split_at(at);
+            let (norms_a, norms_b) = self.norms.split_at_mut(self.start[at] - begin);
+            let (residual_a, residual_b) = self.residual.split_at_mut(left * dim);
+            let a = SlotGroup {
+                rows: self.rows,
+                order: self.order,
+                start: &self.start[..=at],
+                norms: norms_a,
+                residual: residual_a,
+                stats: stats_a,
+            };
+            let b = SlotGroup {
+                rows: self.rows,
+                order: self.order,
+                start: &self.start[at..],
+                norms: norms_b,
+                residual: residual_b,
+                stats: stats_b,
+            };
+            let (poison_a, poison_b) = rayon::join(|| a.run(left), || b.run(threads - left));
+            return poison_a + poison_b;
+        }
+        let mut poison = 0.0;
+        for slot in 0..slots {
+            poison += self.slot(slot);
+        }
+        poison
+    }
+
+    /// The statistics of one slot from its rows; returns NaN if a value is
+    /// not finite.
+    fn slot(&mut self, slot: usize) -> f64 {
+        let dim = self.stats.dim;
+        let base = self.start[0];
+        let positions = self.start[slot] - base..self.start[slot + 1] - base;
+        let order = &self.order[self.start[slot]..self.start[slot + 1]];
+        let norms = &mut self.norms[positions];
+        let residual = &mut self.residual[..dim];
+        let mean = &mut self.stats.means[slot * dim..(slot + 1) * dim];
+        let unit = &mut self.stats.unit_sum[slot * dim..(slot + 1) * dim];
+        let rows = self.rows;
+        let row = |i: u32| &rows[i as usize * dim..(i as usize + 1) * dim];
+        let count = order.len();
+
+        // 1. Class sum (which also catches NaN and ±Inf) and row norms.
+        mean.fill(0.0);
+        let mut poison = 0.0;
+        for (&i, norm) in order.iter().zip(norms.iter_mut()) {
+            let (bad, squares) = add_assign_checked(mean, row(i));
+            poison += bad;
+            *norm = simd::norm_from_squares(squares, row(i));
+        }
+        if poison.is_nan() {
+            return poison;
+        }
+        let inv = 1.0 / count as f64;
+        mean.iter_mut().for_each(|m| *m *= inv);
+
+        // 2. Residuals about the provisional mean, within trace, unit-vector
+        //    sum. A class with one row has its mean exactly (h·1): no
+        //    residual.
+        unit.fill(0.0);
+        if count > 1 {
+            residual.fill(0.0);
+        }
+        let (mut within, mut unit_count) = (0.0, 0_u64);
+        for (&i, &norm) in order.iter().zip(norms.iter()) {
+            let h = row(i);
+            match (count > 1, norm > 0.0) {
+                (true, true) => within += residual_unit_pass(residual, unit, h, mean, 1.0 / norm),
+                (true, false) => within += residual_pass(residual, h, mean),
+                (false, true) => add_scaled(unit, h, 1.0 / norm),
+                (false, false) => {}
+            }
+            unit_count += u64::from(norm > 0.0);
+        }
+
+        // 3. Mean correction: μ = μ₀ + Σ(h − μ₀)/n, and
+        //    Σ‖h − μ‖² = Σ‖h − μ₀‖² − n‖μ − μ₀‖² (exact identity).
+        if count > 1 {
+            let shift_squared = shift_mean(mean, residual, inv);
+            within = (within - count as f64 * shift_squared).max(0.0);
+        }
+
+        // 4. Spread of the unit vectors about their class direction; one
+        //    unit vector is its own mean direction (spread exactly 0).
+        let mut unit_within = 0.0;
+        if unit_count > 1 {
+            let inv_count = 1.0 / unit_count as f64;
+            for (&i, &norm) in order.iter().zip(norms.iter()) {
+                if norm > 0.0 {
+                    unit_within += squared_difference(row(i), 1.0 / norm, unit, inv_count);
+                }
+            }
+        }
+        self.stats.counts[slot] = count as u64;
+        self.stats.within_trace[slot] = within;
+        self.stats.unit_count[slot] = unit_count;
+        self.stats.unit_within_trace[slot] = unit_within;
+        0.0
+    }
+}
+
+/// Column `i` of `centred` (d values) = row `i` of `rows` − `mean`, in
+/// `threads` ranges of rows run in parallel.
+fn centre(centred: &mut [f64], rows: &[f64], mean: &[f64], threads: usize) {
+    let dim = mean.len();
+    let n = rows.len() / dim;
+    if threads > 1 && n > 1 {
+        let half = n / 2;
+        let left = threads / 2;
+        let (centred_a, centred_b) = centred.split_at_mut(half * dim);
+        let (rows_a, rows_b) = rows.split_at(half * dim);
+        rayon::join(
+            || centre(centred_a, rows_a, mean, left),
+            || centre(centred_b, rows_b, mean, threads - left),
+        );
+        return;
+    }
+    for (column, row) in centred.chunks_exact_mut(dim).zip(rows.chunks_exact(dim)) {
+        difference(column, row, mean);
     }
 }

@@ -45,6 +45,21 @@ impl ClassStats {
         zeros(&mut self.unit_within_trace, rows);
     }
 
+    /// Statistics for `rows` classes whose every value the caller
+    /// overwrites: the buffers get their lengths, and nothing is zeroed.
+    pub(super) fn reset_for_overwrite(&mut self, rows: usize, feature_dim: usize) {
+        self.feature_dim = feature_dim;
+        for table in [&mut self.means, &mut self.unit_sum] {
+            table.resize(rows * feature_dim, 0.0);
+        }
+        for scalars in [&mut self.within_trace, &mut self.unit_within_trace] {
+            scalars.resize(rows, 0.0);
+        }
+        for counts in [&mut self.counts, &mut self.unit_count] {
+            counts.resize(rows, 0);
+        }
+    }
+
     /// Row `class` of a `· × d` table.
     pub(super) fn row<'a>(&self, table: &'a [f64], class: usize) -> &'a [f64] {
         &table[class * self.feature_dim..(class + 1) * self.feature_dim]
@@ -77,19 +92,108 @@ impl ClassStats {
 
     /// Chan merge of every class of `other` (same shape) into `self`.
     pub(super) fn merge(&mut self, other: &ClassStats) {
+        let mut rows = self.rows_mut();
         for k in 0..other.counts.len() {
-            self.merge_class(k, other, k);
+            rows.merge_class(k, other, k);
         }
     }
 
-    /// Chan merge of a compact table: its slot `s` holds class `classes[s]`.
-    pub(super) fn merge_slots(&mut self, classes: &[u32], other: &ClassStats) {
-        for (slot, &class) in classes.iter().enumerate() {
-            self.merge_class(class as usize, other, slot);
+    /// Chan merge of a compact table: its slot `s` holds class `classes[s]`
+    /// (ascending). With `threads > 1` the slots are split into that many
+    /// groups merged in parallel (each class is one independent row, so the
+    /// result does not depend on the split).
+    pub(super) fn merge_slots(&mut self, classes: &[u32], other: &ClassStats, threads: usize) {
+        self.rows_mut()
+            .merge_slots(classes, 0, other, threads.max(1));
+    }
+
+    /// The statistics of every class as disjoint mutable slices.
+    pub(super) fn rows_mut(&mut self) -> RowsMut<'_> {
+        RowsMut {
+            first: 0,
+            dim: self.feature_dim,
+            counts: &mut self.counts,
+            means: &mut self.means,
+            within_trace: &mut self.within_trace,
+            unit_sum: &mut self.unit_sum,
+            unit_count: &mut self.unit_count,
+            unit_within_trace: &mut self.unit_within_trace,
+        }
+    }
+}
+
+/// The statistics of the consecutive classes (or slots) `first..` of a
+/// [`ClassStats`], borrowed so that disjoint ranges can be written from
+/// different threads.
+pub(super) struct RowsMut<'a> {
+    /// Class of the first row.
+    pub(super) first: usize,
+    pub(super) dim: usize,
+    pub(super) counts: &'a mut [u64],
+    pub(super) means: &'a mut [f64],
+    pub(super) within_trace: &'a mut [f64],
+    pub(super) unit_sum: &'a mut [f64],
+    pub(super) unit_count: &'a mut [u64],
+    pub(super) unit_within_trace: &'a mut [f64],
+}
+
+impl<'a> RowsMut<'a> {
+    pub(super) fn len(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// Rows `..at` and `at..` (relative to `first`).
+    pub(super) fn split_at(self, at: usize) -> (RowsMut<'a>, RowsMut<'a>) {
+        let d = self.dim;
+        let (counts_a, counts_b) = self.counts.split_at_mut(at);
+        let (means_a, means_b) = self.means.split_at_mut(at * d);
+        let (within_a, within_b) = self.within_trace.split_at_mut(at);
+        let (sum_a, sum_b) = self.unit_sum.split_at_mut(at * d);
+        let (count_a, count_b) = self.unit_count.split_at_mut(at);
+        let (spread_a, spread_b) = self.unit_within_trace.split_at_mut(at);
+        let first = RowsMut {
+            first: self.first,
+            dim: d,
+            counts: counts_a,
+            means: means_a,
+            within_trace: within_a,
+            unit_sum: sum_a,
+            unit_count: count_a,
+            unit_within_trace: spread_a,
+        };
+        let second = RowsMut {
+            first: self.first + at,
+            dim: d,
+            counts: counts_b,
+            means: means_b,
+            within_trace: within_b,
+            unit_sum: sum_b,
+            unit_count: count_b,
+            unit_within_trace: spread_b,
+        };
+        (first, second)
+    }
+
+    /// [`ClassStats::merge_slots`] of the slots `slot0..slot0 + classes.len()`
+    /// of `other`, whose classes all lie in these rows.
+    fn merge_slots(mut self, classes: &[u32], slot0: usize, other: &ClassStats, threads: usize) {
+        if threads > 1 && classes.len() > 1 {
+            let half = classes.len() / 2;
+            let at = classes[half] as usize - self.first;
+            let (mine_a, mine_b) = self.split_at(at);
+            let left = threads / 2;
+            rayon::join(
+                || mine_a.merge_slots(&classes[..half], slot0, other, left),
+                || mine_b.merge_slots(&classes[half..], slot0 + half, other, threads - left),
+            );
+            return;
+        }
+        for (i, &class) in classes.iter().enumerate() {
+            self.merge_class(class as usize - self.first, other, slot0 + i);
         }
     }
 
-    /// Chan merge of row `slot` of `other` into class `k`: counts add, the
+    /// Chan merge of row `slot` of `other` into row `k`: counts add, the
     /// mean moves by δ·n_b/n, the within trace gains `W_b + ‖δ‖²·n_a·n_b/n`;
     /// the same for the unit vectors' mean direction and spread.
     fn merge_class(&mut self, k: usize, other: &ClassStats, slot: usize) {
@@ -99,7 +203,7 @@ impl ClassStats {
         }
         let na = self.counts[k];
         let n = na + nb;
-        let dim = self.feature_dim;
+        let dim = self.dim;
         let mine = k * dim..(k + 1) * dim;
         let theirs = slot * dim..(slot + 1) * dim;
         if na == 0 {

@@ -185,13 +185,20 @@ impl Accumulator {
         num_classes: usize,
     ) -> Result<(), StatsError> {
         validate_batch(features, labels, num_classes)?;
-        match features
-            .indexed_iter()
-            .find(|(_, value)| !value.is_finite())
-        {
-            Some(((row, column), &value)) => Err(StatsError::NonFinite { row, column, value }),
-            None => Ok(()),
+        for (row, values) in features.outer_iter().enumerate() {
+            let bad = match values.as_slice() {
+                Some(values) => simd::poison(values).is_nan(),
+                None => values.iter().any(|v| !v.is_finite()),
+            };
+            if let Some(column) = bad
+                .then(|| values.iter().position(|v| !v.is_finite()))
+                .flatten()
+            {
+                let value = values[column];
+                return Err(StatsError::NonFinite { row, column, value });
+            }
         }
+        Ok(())
     }
 
     /// [`Accumulator::fold_batch_with`] with scratch buffers of its own
@@ -210,8 +217,9 @@ impl Accumulator {
     /// `scratch` (reused from batch to batch, so nothing of size d × d or
     /// d × rows is allocated once it has grown), its scatter and the Chan
     /// correction are added to `self`'s scatter by one lower-triangular
-    /// product with the given parallelism, and only the classes present in
-    /// the batch are merged. Equal, up to rounding, to merging
+    /// product, and only the classes present in the batch are merged. `par`
+    /// applies to the product, the batch's per-class and per-row passes and
+    /// the class merge; the passes' results do not depend on it. Equal, up to rounding, to merging
     /// [`Accumulator::from_batch`] of the batch. On any error `self` is left
     /// unchanged.
     pub fn fold_batch_with(
@@ -239,7 +247,7 @@ impl Accumulator {
                 &copied
             }
         };
-        scratch.compute(values, self.feature_dim(), labels, self.num_classes())?;
+        scratch.compute(values, self.feature_dim(), labels, self.num_classes(), par)?;
 
         let (n_a, n_b) = (self.samples(), labels.len() as u64);
         let n = n_a + n_b;
@@ -257,7 +265,8 @@ impl Accumulator {
             par,
         );
         simd::move_mean(&mut self.mean, &scratch.mean, n_b as f64 / n as f64);
-        self.classes.merge_slots(&scratch.present, &scratch.classes);
+        self.classes
+            .merge_slots(&scratch.present, &scratch.classes, par.degree());
         Ok(())
     }
 

@@ -127,9 +127,12 @@ kernels! {
 
     /// `dst += src`; returns the sum of `src · 0`, NaN exactly when `src`
     /// holds a NaN or an infinity (the class sums double as the finiteness
-    /// check).
-    pub(crate) fn add_assign_checked(dst: &mut [f64], src: &[f64]) -> f64 {
+    /// check), and `Σ src²` with the partial sums of
+    /// [`squared_difference`]`(src, 1, src, 0)` (the same bits for finite
+    /// values).
+    pub(crate) fn add_assign_checked(dst: &mut [f64], src: &[f64]) -> (f64, f64) {
         let mut poison = [0.0; LANES];
+        let mut squares = [0.0; LANES];
         let n = src.len() - src.len() % LANES;
         for (ds, ss) in dst[..n]
             .chunks_exact_mut(LANES)
@@ -138,13 +141,32 @@ kernels! {
             for lane in 0..LANES {
                 ds[lane] += ss[lane];
                 poison[lane] += ss[lane] * 0.0;
+                squares[lane] += ss[lane] * ss[lane];
             }
         }
-        let mut rest = 0.0;
+        let (mut rest, mut rest_squares) = (0.0, 0.0);
         for (d, &s) in dst[n..].iter_mut().zip(&src[n..]) {
             *d += s;
             rest += s * 0.0;
+            rest_squares += s * s;
         }
+        (
+            poison.iter().sum::<f64>() + rest,
+            squares.iter().sum::<f64>() + rest_squares,
+        )
+    }
+
+    /// The sum of `src · 0`: NaN exactly when `src` holds a NaN or an
+    /// infinity.
+    pub(crate) fn poison(src: &[f64]) -> f64 {
+        let mut poison = [0.0; LANES];
+        let n = src.len() - src.len() % LANES;
+        for ss in src[..n].chunks_exact(LANES) {
+            for lane in 0..LANES {
+                poison[lane] += ss[lane] * 0.0;
+            }
+        }
+        let rest: f64 = src[n..].iter().map(|&s| s * 0.0).sum();
         poison.iter().sum::<f64>() + rest
     }
 
@@ -186,6 +208,45 @@ kernels! {
             let e = x - y;
             *r += e;
             rest += e * e;
+        }
+        partial.iter().sum::<f64>() + rest
+    }
+
+    /// [`residual_pass`] and [`add_scaled`]`(unit, h, a)` in one pass over
+    /// `h` (the same bits as the two).
+    pub(crate) fn residual_unit_pass(
+        residual: &mut [f64],
+        unit: &mut [f64],
+        h: &[f64],
+        m: &[f64],
+        a: f64,
+    ) -> f64 {
+        let mut partial = [0.0; LANES];
+        let n = h.len() - h.len() % LANES;
+        for (((rs, us), hs), ms) in residual[..n]
+            .chunks_exact_mut(LANES)
+            .zip(unit[..n].chunks_exact_mut(LANES))
+            .zip(h[..n].chunks_exact(LANES))
+            .zip(m[..n].chunks_exact(LANES))
+        {
+            for lane in 0..LANES {
+                let e = hs[lane] - ms[lane];
+                rs[lane] += e;
+                partial[lane] += e * e;
+                us[lane] += a * hs[lane];
+            }
+        }
+        let mut rest = 0.0;
+        for (((r, u), &x), &y) in residual[n..]
+            .iter_mut()
+            .zip(&mut unit[n..])
+            .zip(&h[n..])
+            .zip(&m[n..])
+        {
+            let e = x - y;
+            *r += e;
+            rest += e * e;
+            *u += a * x;
         }
         partial.iter().sum::<f64>() + rest
     }
@@ -238,9 +299,11 @@ kernels! {
     }
 }
 
-/// `‖x‖₂`, rescaled only when the plain sum of squares over- or underflows.
-pub(crate) fn norm(values: &[f64]) -> f64 {
-    let squared = squared_difference(values, 1.0, values, 0.0);
+/// `‖x‖₂` of `values` given `squared`, their plain sum of squares as
+/// [`squared_difference`]`(values, 1, values, 0)` or
+/// [`add_assign_checked`] computes it; rescaled only when that sum over-
+/// or underflows.
+pub(crate) fn norm_from_squares(squared: f64, values: &[f64]) -> f64 {
     if squared.is_finite() && squared > f64::MIN_POSITIVE {
         return squared.sqrt();
     }
@@ -255,6 +318,10 @@ pub(crate) fn norm(values: &[f64]) -> f64 {
 mod tests {
     use super::*;
 
+    fn norm(values: &[f64]) -> f64 {
+        norm_from_squares(squared_difference(values, 1.0, values, 0.0), values)
+    }
+
     /// Every kernel once, at whatever level is set.
     fn all_kernels(x: &[f64], y: &[f64]) -> Vec<f64> {
         let mut out = y.to_vec();
@@ -263,13 +330,17 @@ mod tests {
         add_with_scaled(&mut out, y, x, -1.7);
         let mut diff = vec![0.0; x.len()];
         difference(&mut diff, x, y);
-        let poison = add_assign_checked(&mut out, &diff);
+        let (poison, squares) = add_assign_checked(&mut out, &diff);
+        let mut unit = y.to_vec();
+        let fused = residual_unit_pass(&mut diff.clone(), &mut unit, x, y, 0.7);
         let mut residual = vec![0.5; x.len()];
         let spread = residual_pass(&mut residual, x, y);
         let shifted = shift_mean(&mut out, &residual, 0.01);
         let moved = move_mean(&mut out, x, 0.25);
         let scalars = [
             poison,
+            squares,
+            fused,
             spread,
             shifted,
             moved,
@@ -279,6 +350,7 @@ mod tests {
         out.into_iter()
             .chain(diff)
             .chain(residual)
+            .chain(unit)
             .chain(scalars)
             .collect()
     }
@@ -311,18 +383,41 @@ mod tests {
             residual_pass(&mut residual, &x, &y),
             squared_difference(&x, 1.0, &y, 1.0)
         );
+        // The fused passes give the same bits as the kernels they replace.
+        let (mut sum, mut fused_sum) = (y.clone(), y.clone());
+        add_assign(&mut sum, &x);
+        let (_, squares) = add_assign_checked(&mut fused_sum, &x);
+        assert_eq!(sum, fused_sum);
+        assert_eq!(
+            squares.to_bits(),
+            squared_difference(&x, 1.0, &x, 0.0).to_bits()
+        );
+        assert_eq!(norm_from_squares(squares, &x), norm(&x));
+        let (mut r1, mut r2) = (vec![0.25; x.len()], vec![0.25; x.len()]);
+        let (mut u1, mut u2) = (y.clone(), y.clone());
+        let spread = residual_pass(&mut r1, &x, &y);
+        add_scaled(&mut u1, &x, 0.7);
+        assert_eq!(
+            residual_unit_pass(&mut r2, &mut u2, &x, &y, 0.7).to_bits(),
+            spread.to_bits()
+        );
+        assert_eq!((r1, u1), (r2, u2));
     }
 
     #[test]
     fn checked_sum_flags_exactly_non_finite_values() {
         let mut sum = vec![0.0; 11];
         let finite: Vec<f64> = (0..11).map(|i| i as f64 * 1e300).collect();
-        assert_eq!(add_assign_checked(&mut sum, &finite), 0.0);
+        assert_eq!(add_assign_checked(&mut sum, &finite).0, 0.0);
+        assert_eq!(poison(&finite), 0.0);
         for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
             for at in [0, 7, 10] {
                 let mut row = finite.clone();
                 row[at] = bad;
-                assert!(add_assign_checked(&mut sum, &row).is_nan(), "{bad} at {at}");
+                assert!(
+                    add_assign_checked(&mut sum, &row).0.is_nan(),
+                    "{bad} at {at}"
+                );
             }
         }
     }
