@@ -91,8 +91,16 @@ enum Phase {
     Frozen,
 }
 
+/// Between folds a shard keeps fold scratch of at most
+/// 1/`SCRATCH_KEEP_DIVISOR` of its accumulator's reserved bytes: a fold's
+/// scratch is O(rows·d), charged to its batch's in-flight bytes while it
+/// folds (`server::deadline`), and a larger one is freed after the fold, so
+/// what shards keep is bounded by the accumulator budget.
+const SCRATCH_KEEP_DIVISOR: u64 = 8;
+
 /// One accumulator of an open epoch with the scratch its folds reuse (so a
-/// batch allocates nothing of size d × d or d × rows once it has grown).
+/// batch allocates nothing of size d × d, nor of size d × rows once it has
+/// grown, as long as the scratch stays within its bound).
 #[derive(Debug)]
 struct Shard {
     acc: Accumulator,
@@ -135,7 +143,17 @@ impl Contribution<'_> {
         match *self {
             Contribution::Rows { features, labels } => {
                 let Shard { acc, scratch } = shard;
-                acc.fold_batch_with(features, labels, scratch, par)?;
+                let folded = acc.fold_batch_with(features, labels, scratch, par);
+                // What a large batch grew is freed (see SCRATCH_KEEP_DIVISOR).
+                let reserved = Accumulator::estimated_bytes(
+                    acc.num_classes() as u64,
+                    acc.feature_dim() as u64,
+                );
+                let keep = reserved.unwrap_or(0) / SCRATCH_KEEP_DIVISOR;
+                if scratch.memory_bytes() as u64 > keep {
+                    *scratch = FoldScratch::new();
+                }
+                folded?;
             }
             Contribution::Stats(stats) => shard.acc.merge(stats)?,
         }
