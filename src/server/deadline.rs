@@ -276,8 +276,11 @@ impl Body for DeadlineBody {
                 this.counted += this.advance(&held[this.counted..]);
             }
             if let Some(err) = this.refused.take() {
+                // Nothing more of this body is read.
+                this.inner = tonic::body::Body::empty();
                 this.held = Bytes::new();
                 this.counted = 0;
+                this.remaining = 0;
                 return Poll::Ready(Some(Err(err.into())));
             }
             // Pass on what is counted, but keep the last prefix byte while
@@ -425,6 +428,10 @@ mod tests {
         let (mut b, inflight) = body(vec![vec![0, 0, 0, 0, 11, 1]], PUSH, 100);
         let status = BodyExt::frame(&mut b).await.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(
+            BodyExt::frame(&mut b).await.is_none(),
+            "nothing after the refusal"
+        );
         assert!(
             status
                 .message()

@@ -5,7 +5,7 @@
 //! Owns streaming behaviour. A `Push` stream is a small in-order pipeline:
 //! up to [`PUSH_PIPELINE_DEPTH`] received batches are prepared (validated,
 //! decoded, their statistics computed: no state touched) concurrently on the
-//! blocking pool while the oldest is applied, strictly in arrival order. The
+//! blocking pool while the oldest is applied, strictly in arrival order.
 //! Each received batch keeps its message's in-flight bytes (the
 //! `deadline::Permits` of the request, one per message in order) until it
 //! is applied or refused; `PushStats` and `CreateRun` keep theirs until
