@@ -5,7 +5,9 @@
 //! honest rows survive a graceful restart; transport and message limits
 //! (concurrent streams per connection, connections, a message that stops
 //! arriving, metadata size, long names in errors, an empty run_id, accept
-//! errors at the open-file limit).
+//! errors at the open-file limit); and the memory of the real daemon
+//! process (peak RSS from /proc) stays within its accumulator and
+//! in-flight budgets whatever many streams send.
 
 mod server_support;
 
@@ -314,6 +316,16 @@ async fn raw_partial_push(
     declared: u32,
     sent: usize,
 ) -> tonic::Status {
+    raw_partial_message(channel, "Push", declared, sent).await
+}
+
+/// [`raw_partial_push`] to any method of the service.
+async fn raw_partial_message(
+    channel: tonic::transport::Channel,
+    method: &str,
+    declared: u32,
+    sent: usize,
+) -> tonic::Status {
     use http_body_util::StreamBody;
     use tonic::codegen::http;
     use tower::ServiceExt;
@@ -327,12 +339,12 @@ async fn raw_partial_push(
     .chain(futures::stream::pending());
     let request = http::Request::builder()
         .method("POST")
-        .uri("/vcid.v1.VciMonitor/Push")
+        .uri(format!("/vcid.v1.VciMonitor/{method}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(tonic::body::Body::new(StreamBody::new(chunks)))
         .unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(10), channel.oneshot(request))
+    let response = tokio::time::timeout(Duration::from_secs(30), channel.oneshot(request))
         .await
         .expect("answered")
         .expect("response");
@@ -442,4 +454,331 @@ fn accept_errors_back_off_and_are_logged() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// What the memory tests allow beyond the configured budgets (the
+/// accumulators' plus the eighth shards may keep as fold scratch, and the
+/// in-flight bytes): the daemon's
+/// peak RSS right after start-up (binary, runtime, database) plus this
+/// much for thread stacks, allocator slack and HTTP/2 receive windows
+/// (streams waiting for in-flight room keep up to 1 MiB per connection
+/// unread).
+const RSS_SLACK: u64 = 96 << 20;
+
+/// `VmHWM` (peak) and `VmRSS` of process `pid`, in bytes.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"));
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib << 10
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// A real daemon with an in-flight budget of `inflight` bytes and `extra`
+/// flags, without periodic checkpoints (a checkpoint round copies the open
+/// accumulators, which neither budget counts), with the run `(id, K, d)`
+/// created; and its peak RSS so far, the baseline of the memory bounds.
+async fn budgeted_daemon(
+    dir: &std::path::Path,
+    inflight: u64,
+    extra: &[&str],
+    (run, k, d): (&str, u32, u32),
+) -> (Daemon, u64) {
+    let inflight = inflight.to_string();
+    let mut args = vec![
+        "--max-inflight-bytes",
+        &inflight,
+        "--checkpoint-interval",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::spawn(dir, &args);
+    create_run(&mut connect(&daemon.url()).await, run, k, d).await;
+    let (baseline, _) = memory(daemon.child.id());
+    (daemon, baseline)
+}
+
+/// A gauge of the daemon's own series on `/metrics`.
+fn daemon_gauge(daemon: &Daemon, name: &str) -> u64 {
+    let (status, body) = http_get(daemon.http, "/metrics");
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} on /metrics"))
+        .parse::<f64>()
+        .unwrap() as u64
+}
+
+/// A float16 batch of `rows` rows of dimension `d` (values in [-1, 1) and
+/// labels below `k` from `seed`).
+fn f16_batch(run: &str, rows: usize, d: usize, k: u32, seed: u64) -> FeatureBatch {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let features = (0..rows * d)
+        .flat_map(|_| half::f16::from_f32(rng.random_range(-1.0f32..1.0)).to_le_bytes())
+        .collect();
+    FeatureBatch {
+        run_id: run.into(),
+        split: "train".into(),
+        epoch: 0,
+        rows: rows as u32,
+        features,
+        encoding: vcid::proto::Encoding::Float16 as i32,
+        labels: (0..rows).map(|_| rng.random_range(0..k)).collect(),
+        ..FeatureBatch::default()
+    }
+}
+
+/// `streams` concurrent `Push` streams, each on its own connection (like
+/// data-parallel ranks), each sending `per_stream` batches made by `make`;
+/// returns the rows applied. Meanwhile one `GetRun` on another connection
+/// must be answered.
+async fn push_concurrently(
+    url: &str,
+    run: &str,
+    streams: u64,
+    per_stream: u64,
+    make: impl Fn(u64) -> FeatureBatch + Clone + Send + Sync + 'static,
+) -> u64 {
+    let mut tasks = Vec::new();
+    for s in 0..streams {
+        let mut client = connect(url).await;
+        let make = make.clone();
+        let batches = futures::stream::iter(0..per_stream).map(move |i| make(s * per_stream + i));
+        tasks.push(tokio::spawn(async move {
+            client
+                .push(batches)
+                .await
+                .unwrap()
+                .into_inner()
+                .rows_applied
+        }));
+    }
+    let mut other = connect(url).await;
+    let answered = tokio::time::timeout(Duration::from_secs(30), get_run(&mut other, run)).await;
+    assert!(answered.is_ok(), "GetRun answered during the pushes");
+    let mut rows = 0;
+    for task in tasks {
+        rows += task.await.unwrap();
+    }
+    rows
+}
+
+/// Issue 11's first row: K = 10, d = 4096, an accumulator budget of one
+/// accumulator, 1-row float16 batches from 4, 8 and 16 concurrent Push
+/// streams: the daemon's peak RSS stays within the budgets (it reached 26×
+/// the accumulator budget when each batch's statistics allocated a d × d
+/// scatter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_row_batches_from_many_streams_stay_within_the_budgets() {
+    one_row_batches_within_budgets(4096, &[4, 8, 16], 6).await;
+}
+
+/// The same at d = 8192 (a 538 MiB accumulator) with 4 streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_row_batches_at_d_8192_stay_within_the_budgets() {
+    one_row_batches_within_budgets(8192, &[4], 4).await;
+}
+
+async fn one_row_batches_within_budgets(d: u32, phases: &[u64], per_stream: u64) {
+    const K: u32 = 10;
+    const INFLIGHT: u64 = 64 << 20;
+    let accumulator = Accumulator::estimated_bytes(K.into(), d.into()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let budget = accumulator.to_string();
+    let extra = ["--max-accumulator-bytes", &budget];
+    let (daemon, baseline) = budgeted_daemon(dir.path(), INFLIGHT, &extra, ("wide", K, d)).await;
+    let (pid, url) = (daemon.child.id(), daemon.url());
+    let bound = baseline + accumulator * 9 / 8 + INFLIGHT + RSS_SLACK;
+    let mut expected = 0;
+    for &streams in phases {
+        let make = move |i: u64| f16_batch("wide", 1, d as usize, K, i);
+        let rows = push_concurrently(&url, "wide", streams, per_stream, make).await;
+        expected += streams * per_stream;
+        assert_eq!(rows, streams * per_stream);
+        let (peak, _) = memory(pid);
+        eprintln!(
+            "d = {d}, {streams} streams: peak RSS {} MiB (bound {} MiB)",
+            peak >> 20,
+            bound >> 20
+        );
+        assert!(
+            peak <= bound,
+            "{streams} streams at d = {d}: peak RSS {} MiB above the budgets' {} MiB \
+             (start-up {} MiB + accumulators {} MiB + in flight {} MiB + {} MiB)",
+            peak >> 20,
+            bound >> 20,
+            baseline >> 20,
+            accumulator >> 20,
+            INFLIGHT >> 20,
+            RSS_SLACK >> 20
+        );
+    }
+    let run = get_run(&mut connect(&url).await, "wide").await;
+    assert_eq!(open_samples(&run, "train", 0), expected);
+    assert_eq!(daemon_gauge(&daemon, "vcid_accumulator_bytes"), accumulator);
+    assert_eq!(daemon_gauge(&daemon, "vcid_inflight_bytes"), 0);
+}
+
+/// Large batches (65,536 rows × d = 128 in float16, 16 MiB each, 64 MiB
+/// decoded) from 6 concurrent streams: without the in-flight budget each
+/// stream held two decoded batches and a received one at once (over 1 GiB);
+/// now they wait for in-flight room, the peak RSS stays within the budget
+/// and `vcid_inflight_bytes` shows the bytes held, never above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_batches_wait_for_in_flight_room() {
+    const INFLIGHT: u64 = 256 << 20;
+    const ROWS: usize = 65_536;
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, baseline) = budgeted_daemon(dir.path(), INFLIGHT, &[], ("large", 10, 128)).await;
+    let (pid, url) = (daemon.child.id(), daemon.url());
+    // Two shards at most (two cores), each 8·(d² + 2Kd + 4K) bytes.
+    let accumulators = 2 * Accumulator::estimated_bytes(10, 128).unwrap();
+    let template = std::sync::Arc::new(f16_batch("large", ROWS, 128, 10, 1));
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (http, sampling) = (daemon.http, std::sync::Arc::clone(&sampling));
+        tokio::task::spawn_blocking(move || {
+            let mut peak = 0u64;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                let (_, body) = http_get(http, "/metrics");
+                let held = body
+                    .lines()
+                    .find_map(|l| l.strip_prefix("vcid_inflight_bytes "))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0) as u64;
+                peak = peak.max(held);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let make = move |_| (*template).clone();
+    let rows = push_concurrently(&url, "large", 6, 2, make).await;
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let held_peak = sampler.await.unwrap();
+    assert_eq!(rows, 6 * 2 * ROWS as u64);
+    let (peak, _) = memory(pid);
+    let bound = baseline + accumulators * 9 / 8 + INFLIGHT + RSS_SLACK;
+    eprintln!(
+        "large batches: peak RSS {} MiB (bound {} MiB), vcid_inflight_bytes peak {} MiB",
+        peak >> 20,
+        bound >> 20,
+        held_peak >> 20
+    );
+    assert!(
+        peak <= bound,
+        "peak RSS {} MiB above the budgets' {} MiB",
+        peak >> 20,
+        bound >> 20
+    );
+    // One batch is charged ten times its 16 MiB.
+    assert!(
+        (160 << 20..=INFLIGHT).contains(&held_peak),
+        "vcid_inflight_bytes peaked at {held_peak}"
+    );
+    assert_eq!(daemon_gauge(&daemon, "vcid_inflight_bytes"), 0);
+}
+
+/// Issue 11's partial-message row, scaled down: 48 streams (each on its own
+/// connection) each send 6 MiB of a message declared as 7 MiB, then go
+/// silent. Only as many as the in-flight budget holds are read at a time
+/// (the rest are held back by HTTP/2 flow control), so the daemon's peak RSS
+/// stays within the budget where it used to hold all 288 MiB; other clients
+/// are served meanwhile; the message timeout ends each stream and frees its
+/// bytes; a message charged more than the whole budget is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_messages_are_held_to_the_in_flight_budget() {
+    const INFLIGHT: u64 = 128 << 20;
+    const STREAMS: usize = 48;
+    const DECLARED: u32 = 7 << 20;
+    const SENT: usize = 6 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = ["--message-timeout-seconds", "1"];
+    let (daemon, baseline) =
+        budgeted_daemon(dir.path(), INFLIGHT, &extra, ("bystander", 3, 4)).await;
+    let (pid, url) = (daemon.child.id(), daemon.url());
+    let mut client = connect(&url).await;
+
+    let mut attackers = Vec::new();
+    for _ in 0..STREAMS {
+        // CreateRun: charged twice its size, the cheapest message to hold.
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        attackers.push(tokio::spawn(raw_partial_message(
+            channel,
+            "CreateRun",
+            DECLARED,
+            SENT,
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Other clients are served meanwhile: a query and a small push.
+    let run = tokio::time::timeout(Duration::from_secs(5), get_run(&mut client, "bystander"))
+        .await
+        .expect("GetRun answered during the attack");
+    assert_eq!(run.run_id, "bystander");
+    let (x, y) = dataset(1, 8, 3, 4, 1.0);
+    let pushed = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.push(tokio_stream::iter(batches(
+            "bystander",
+            "train",
+            0,
+            4,
+            &x,
+            &y,
+            8,
+        ))),
+    )
+    .await
+    .expect("a small push served during the attack")
+    .unwrap();
+    assert_eq!(pushed.into_inner().rows_applied, 8);
+    let still_running = attackers.iter().filter(|a| !a.is_finished()).count();
+    assert!(still_running > 0, "the attack was over before the checks");
+
+    for attacker in attackers {
+        let status = attacker.await.unwrap();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    let (peak, _) = memory(pid);
+    let bound = baseline + INFLIGHT + RSS_SLACK;
+    eprintln!(
+        "partial messages: peak RSS {} MiB (bound {} MiB)",
+        peak >> 20,
+        bound >> 20
+    );
+    assert!(
+        peak <= bound,
+        "peak RSS {} MiB above the in-flight budget's {} MiB (all sent: {} MiB)",
+        peak >> 20,
+        bound >> 20,
+        (STREAMS * SENT) >> 20
+    );
+    assert_eq!(daemon_gauge(&daemon, "vcid_inflight_bytes"), 0);
+
+    // A Push message charged more than the whole budget: refused up front.
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = raw_partial_push(channel, 16 << 20, 1024).await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-inflight-bytes"),
+        "{}",
+        status.message()
+    );
+    let quota = status.get_details_quota_failure().expect("QuotaFailure");
+    assert_eq!(quota.violations[0].quota_id, "max_inflight_bytes");
 }

@@ -25,8 +25,8 @@ use tracing_subscriber::EnvFilter;
 use crate::server::config::{
     DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_DATA_DIR, DEFAULT_GRPC_ADDR, DEFAULT_HTTP_ADDR,
     DEFAULT_MAX_ACCUMULATOR_BYTES, DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_CONCURRENT_STREAMS,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_METADATA_BYTES,
-    DEFAULT_MAX_METADATA_ENTRIES, DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_METADATA_BYTES, DEFAULT_MAX_METADATA_ENTRIES, DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER,
     DEFAULT_MAX_SHARDS_PER_EPOCH, DEFAULT_MESSAGE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
 };
 use crate::server::{self, Limits, ServeConfig, TlsFiles};
@@ -86,6 +86,17 @@ pub(crate) struct ServeArgs {
         default_value_t = DEFAULT_MAX_ACCUMULATOR_BYTES
     )]
     max_accumulator_bytes: u64,
+    /// Memory budget of all request messages in flight together (received,
+    /// decoded, being applied), in bytes; beyond it the daemon stops
+    /// reading until bytes are freed.
+    #[arg(
+        long,
+        env = "VCID_MAX_INFLIGHT_BYTES",
+        value_name = "BYTES",
+        default_value_t = DEFAULT_MAX_INFLIGHT_BYTES,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    max_inflight_bytes: u64,
     /// Most gaps between the sequence numbers one writer_id has sent to a
     /// run; a batch that would open another is rejected.
     #[arg(
@@ -290,6 +301,7 @@ impl ServeArgs {
                     max_message_bytes: self.max_message_bytes,
                     max_batch_rows: self.max_batch_rows,
                     max_accumulator_bytes: self.max_accumulator_bytes,
+                    max_inflight_bytes: self.max_inflight_bytes,
                     max_sequence_gaps_per_writer: self.max_sequence_gaps_per_writer,
                     max_shards_per_epoch: self.max_shards_per_epoch,
                     max_connections: self.max_connections,

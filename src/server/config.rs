@@ -29,6 +29,10 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub const DEFAULT_MAX_BATCH_ROWS: u32 = 65_536;
 /// Default budget for all open accumulators together: 2 GiB.
 pub const DEFAULT_MAX_ACCUMULATOR_BYTES: u64 = 2 << 30;
+/// Default budget for request messages in flight (received, decoded and
+/// being applied) together: 1 GiB, room for one largest `Push` message
+/// (`--max-message-bytes`, charged 10× its size) with plenty to spare.
+pub const DEFAULT_MAX_INFLIGHT_BYTES: u64 = 1 << 30;
 /// Default most gaps one writer's applied sequence numbers may have (see
 /// `state::dedup`): a writer numbering its batches 0, 1, 2, … has none, so
 /// this only bounds writers that skip or reorder sequences. About 16 bytes
@@ -66,6 +70,12 @@ pub struct Limits {
     pub max_batch_rows: u32,
     /// Budget for the estimated bytes of all open accumulators together.
     pub max_accumulator_bytes: u64,
+    /// Budget for the bytes of all request messages in flight together,
+    /// from their first byte until their handler is done with them (see
+    /// `state::budget`, "In-flight budget"): beyond it the daemon stops
+    /// reading (HTTP/2 back-pressure); one message charged more than all of
+    /// it is refused with RESOURCE_EXHAUSTED.
+    pub max_inflight_bytes: u64,
     /// Most gaps between the applied sequence numbers of one `writer_id`
     /// of a run; a batch that would open another one is rejected
     /// (FAILED_PRECONDITION) rather than remembered inexactly.
@@ -104,6 +114,7 @@ impl Default for Limits {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
             max_accumulator_bytes: DEFAULT_MAX_ACCUMULATOR_BYTES,
+            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
             max_sequence_gaps_per_writer: DEFAULT_MAX_SEQUENCE_GAPS_PER_WRITER,
             max_shards_per_epoch: DEFAULT_MAX_SHARDS_PER_EPOCH,
             max_connections: DEFAULT_MAX_CONNECTIONS,

@@ -282,6 +282,11 @@ impl Daemon {
         &self.telemetry
     }
 
+    /// The in-flight budget of request messages (`--max-inflight-bytes`).
+    pub(crate) fn inflight(&self) -> Arc<super::state::Inflight> {
+        Arc::clone(&self.state.inflight)
+    }
+
     /// The limits in force.
     pub fn limits(&self) -> &Limits {
         &self.limits

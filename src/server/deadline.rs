@@ -1,26 +1,117 @@
-//! The deadline of a gRPC message that stops arriving
-//! (`--message-timeout-seconds`): once the first byte of a message is in,
-//! the whole message must arrive within the timeout, or the request body
-//! fails with DEADLINE_EXCEEDED and the partial message is freed. Between
-//! messages a stream may be idle as long as it likes (a training script
-//! pushes between steps; HTTP/2 keep-alive finds dead peers).
+//! What the daemon holds back while a gRPC request message arrives: its
+//! deadline and its in-flight bytes.
 //!
-//! Owns only the framing count of the request body (the 5-byte gRPC
-//! prefix: flag and big-endian length); decoding stays tonic's.
+//! * Deadline (`--message-timeout-seconds`): once the first byte of a
+//!   message is in (and its in-flight bytes are granted), the whole message
+//!   must arrive within the timeout, or the request body fails with
+//!   DEADLINE_EXCEEDED and the partial message is freed. Between messages a
+//!   stream may be idle as long as it likes (a training script pushes
+//!   between steps; HTTP/2 keep-alive finds dead peers).
+//! * In-flight bytes (`--max-inflight-bytes`, `state::budget`): when a
+//!   message's 5-byte prefix declares its length, its charge ([`charge`]:
+//!   the message, its decoded form and what applying it allocates) is
+//!   taken from the daemon's [`Inflight`] budget *before* the prefix's last
+//!   byte or any payload is passed on (tonic reserves the declared length
+//!   when it parses the prefix). While the budget is full the body is not
+//!   polled, so HTTP/2 flow control holds the client back. The permit goes
+//!   to the handler through the request's [`Permits`] (one per message, in
+//!   order), which drops it when it is done with that message. A message
+//!   charged more than the whole budget is refused with
+//!   RESOURCE_EXHAUSTED; one above `--max-message-bytes` is passed on
+//!   uncharged for tonic to refuse.
+//!
+//! Owns only the framing count of the request body (the prefix: flag and
+//! big-endian length); decoding stays tonic's.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
+use futures::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
-/// A request body whose messages must each arrive within `timeout`.
+use super::error::ServerError;
+use super::state::{Inflight, InflightPermit};
+use crate::proto::vci_monitor_server::SERVICE_NAME;
+
+/// How many times its encoded size a `Push` message may hold: the
+/// received bytes, prost's copy of them, the rows decoded to f64 (4× a
+/// float16 or bfloat16 value, the narrowest encoding) and the fold's
+/// centred copy of the rows (4× again).
+const PUSH_CHARGE: u64 = 10;
+/// A `PushStats` block: the received bytes, the decoded block, the
+/// accumulator built from it.
+const STATS_CHARGE: u64 = 3;
+/// Any other message: the received bytes and the decoded message.
+const OTHER_CHARGE: u64 = 2;
+
+/// The in-flight charge of one request message of `len` bytes to the
+/// gRPC method at `path`. Its first `len` bytes are the receive buffer's
+/// (held by the body until the request ends, charged only when the buffer
+/// grows); the rest goes with the message to its handler.
+fn charge(path: &str, len: u64) -> u64 {
+    let method = path
+        .strip_prefix('/')
+        .and_then(|p| p.strip_prefix(SERVICE_NAME))
+        .and_then(|p| p.strip_prefix('/'));
+    let factor = match method {
+        Some("Push") => PUSH_CHARGE,
+        Some("PushStats") => STATS_CHARGE,
+        _ => OTHER_CHARGE,
+    };
+    len.saturating_mul(factor)
+}
+
+/// The in-flight permits of one request's messages, in arrival order (a
+/// request extension shared by the body, which adds them, and the handler,
+/// which takes one per message it receives).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Permits(Arc<Mutex<VecDeque<InflightPermit>>>);
+
+impl Permits {
+    /// The request's permits (none for a request that did not come
+    /// through the body wrapper).
+    pub(crate) fn of(extensions: &tonic::Extensions) -> Permits {
+        extensions.get::<Permits>().cloned().unwrap_or_default()
+    }
+
+    /// The permit of the oldest message not yet taken.
+    pub(crate) fn pop(&self) -> Option<InflightPermit> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop_front()
+    }
+
+    fn push(&self, permit: InflightPermit) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push_back(permit);
+    }
+}
+
+/// What a body wrapper needs from the daemon.
+#[derive(Clone, Debug)]
+pub(crate) struct Gate {
+    pub(crate) inflight: Arc<Inflight>,
+    pub(crate) timeout: Duration,
+    pub(crate) max_message_bytes: usize,
+}
+
+/// A request body whose messages are charged to the in-flight budget
+/// before they are passed on and must each arrive within the timeout.
 pub(crate) struct DeadlineBody {
     inner: tonic::body::Body,
-    timeout: Duration,
+    gate: Gate,
+    /// The request's path (the method, for [`charge`]).
+    path: String,
+    permits: Permits,
     /// Bytes of the current message's 5-byte prefix seen so far.
     prefix: [u8; 5],
     prefix_len: usize,
@@ -28,53 +119,121 @@ pub(crate) struct DeadlineBody {
     remaining: u64,
     /// Size of the current message (for the error).
     size: u64,
-    /// Armed while a message is partly received.
+    /// Armed while a message is partly received (not while it waits for
+    /// in-flight bytes: that wait is the daemon's, not the client's).
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Received data not yet passed on; its first `counted` bytes went
+    /// through the framing count.
+    held: Bytes,
+    counted: usize,
+    /// The in-flight bytes of the message whose prefix was just counted,
+    /// with the bytes its receive buffer grows by.
+    acquiring: Option<BoxFuture<'static, InflightPermit>>,
+    /// What the message being received adds to the receive buffer.
+    growth: u64,
+    /// The receive buffer: tonic keeps one per request, as large as its
+    /// largest message, until the request ends; charged here for as long.
+    buffer: Option<InflightPermit>,
+    /// A refusal to report instead of passing the message on.
+    refused: Option<ServerError>,
 }
 
 impl DeadlineBody {
-    pub(crate) fn wrap(inner: tonic::body::Body, timeout: Duration) -> tonic::body::Body {
-        tonic::body::Body::new(DeadlineBody {
+    /// Wraps `request`'s body and gives the request its [`Permits`].
+    pub(crate) fn wrap(
+        mut request: tonic::codegen::http::Request<tonic::body::Body>,
+        gate: &Gate,
+    ) -> tonic::codegen::http::Request<tonic::body::Body> {
+        let permits = Permits::default();
+        request.extensions_mut().insert(permits.clone());
+        let path = request.uri().path().to_owned();
+        request.map(|inner| {
+            tonic::body::Body::new(DeadlineBody::new(inner, gate.clone(), path, permits))
+        })
+    }
+
+    fn new(inner: tonic::body::Body, gate: Gate, path: String, permits: Permits) -> DeadlineBody {
+        DeadlineBody {
             inner,
-            timeout,
+            gate,
+            path,
+            permits,
             prefix: [0; 5],
             prefix_len: 0,
             remaining: 0,
             size: 0,
             deadline: None,
-        })
+            held: Bytes::new(),
+            counted: 0,
+            acquiring: None,
+            growth: 0,
+            buffer: None,
+            refused: None,
+        }
     }
 
     /// Counts `data` through the framing; re-arms the deadline when a
-    /// message starts, disarms it when none is in progress.
-    fn advance(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
+    /// message starts, disarms it when none is in progress. Stops right
+    /// after a prefix whose message must first get its in-flight bytes
+    /// (then `acquiring` or `refused` is set); returns the bytes counted.
+    fn advance(&mut self, data: &[u8]) -> usize {
+        let mut used = 0;
+        while used < data.len() {
+            let rest = &data[used..];
             if self.remaining > 0 {
                 let take = usize::try_from(self.remaining)
                     .unwrap_or(usize::MAX)
-                    .min(data.len());
+                    .min(rest.len());
                 self.remaining -= take as u64;
-                data.advance(take);
+                used += take;
                 continue;
             }
             if self.prefix_len == 0 {
                 // A new message starts here.
-                self.deadline = Some(Box::pin(tokio::time::sleep(self.timeout)));
+                self.deadline = Some(Box::pin(tokio::time::sleep(self.gate.timeout)));
             }
-            let take = (5 - self.prefix_len).min(data.len());
-            self.prefix[self.prefix_len..self.prefix_len + take].copy_from_slice(&data[..take]);
+            let take = (5 - self.prefix_len).min(rest.len());
+            self.prefix[self.prefix_len..self.prefix_len + take].copy_from_slice(&rest[..take]);
             self.prefix_len += take;
-            data.advance(take);
+            used += take;
             if self.prefix_len == 5 {
                 self.prefix_len = 0;
                 let len = &self.prefix[1..5];
                 self.remaining = u64::from(u32::from_be_bytes([len[0], len[1], len[2], len[3]]));
                 self.size = self.remaining;
+                // tonic refuses a message above its limit by itself.
+                if self.size <= self.gate.max_message_bytes as u64 {
+                    self.admit();
+                    return used;
+                }
             }
         }
         if self.remaining == 0 && self.prefix_len == 0 {
             self.deadline = None;
         }
+        used
+    }
+
+    /// Starts taking the in-flight bytes of the message whose prefix was
+    /// just counted, or refuses it when they exceed the whole budget.
+    fn admit(&mut self) {
+        let charge = charge(&self.path, self.size);
+        let inflight = &self.gate.inflight;
+        if charge > inflight.limit() {
+            self.refused = Some(ServerError::InflightTooLarge {
+                len: self.size,
+                charge,
+                limit: inflight.limit(),
+            });
+            return;
+        }
+        // The message's own bytes are the receive buffer's: charged only
+        // for what the buffer grows by.
+        let buffer = self.buffer.as_ref().map_or(0, InflightPermit::bytes);
+        self.growth = self.size.saturating_sub(buffer);
+        let needed = charge - self.size + self.growth;
+        self.deadline = None;
+        self.acquiring = Some(Box::pin(Arc::clone(inflight).acquire(needed)));
     }
 
     fn expired(&self) -> tonic::Status {
@@ -82,7 +241,7 @@ impl DeadlineBody {
         tonic::Status::deadline_exceeded(format!(
             "message: expected each message to arrive within {} s of its first byte \
              (--message-timeout-seconds), received {received} of its {} bytes",
-            self.timeout.as_secs_f64(),
+            self.gate.timeout.as_secs_f64(),
             self.size
         ))
     }
@@ -97,31 +256,69 @@ impl Body for DeadlineBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.advance(data);
+        loop {
+            if let Some(acquiring) = this.acquiring.as_mut() {
+                // Not polling the inner body meanwhile is the back-pressure.
+                let mut permit = std::task::ready!(acquiring.as_mut().poll(cx));
+                this.acquiring = None;
+                let growth = permit.split(this.growth);
+                match this.buffer.as_mut() {
+                    Some(buffer) => buffer.absorb(growth),
+                    None => this.buffer = Some(growth),
                 }
-                Poll::Ready(Some(Ok(frame)))
+                this.permits.push(permit);
+                if this.remaining > 0 {
+                    this.deadline = Some(Box::pin(tokio::time::sleep(this.gate.timeout)));
+                }
             }
-            Poll::Ready(other) => Poll::Ready(other),
-            Poll::Pending => {
-                let expired = this
-                    .deadline
-                    .as_mut()
-                    .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
-                if expired {
-                    this.deadline = None;
-                    Poll::Ready(Some(Err(this.expired())))
-                } else {
-                    Poll::Pending
+            if this.counted < this.held.len() {
+                let held = this.held.clone();
+                this.counted += this.advance(&held[this.counted..]);
+            }
+            if let Some(err) = this.refused.take() {
+                // Nothing more of this body is read.
+                this.inner = tonic::body::Body::empty();
+                this.held = Bytes::new();
+                this.counted = 0;
+                this.remaining = 0;
+                return Poll::Ready(Some(Err(err.into())));
+            }
+            // Pass on what is counted, but keep the last prefix byte while
+            // its message waits for in-flight bytes.
+            let ready = this.counted - usize::from(this.acquiring.is_some());
+            if ready > 0 {
+                this.counted -= ready;
+                return Poll::Ready(Some(Ok(Frame::data(this.held.split_to(ready)))));
+            }
+            if this.acquiring.is_some() {
+                continue;
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        this.held = data;
+                        this.counted = 0;
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Poll::Ready(other) => return Poll::Ready(other),
+                Poll::Pending => {
+                    let expired = this
+                        .deadline
+                        .as_mut()
+                        .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+                    if expired {
+                        this.deadline = None;
+                        return Poll::Ready(Some(Err(this.expired())));
+                    }
+                    return Poll::Pending;
                 }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.held.is_empty() && self.acquiring.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -133,6 +330,7 @@ impl std::fmt::Debug for DeadlineBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeadlineBody")
             .field("remaining", &self.remaining)
+            .field("waiting", &self.acquiring.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -140,34 +338,115 @@ impl std::fmt::Debug for DeadlineBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
 
-    fn body() -> DeadlineBody {
-        DeadlineBody {
-            inner: tonic::body::Body::empty(),
+    const PUSH: &str = "/vcid.v1.VciMonitor/Push";
+
+    /// A body of `chunks` to `path` under an in-flight budget of `limit`.
+    fn body(chunks: Vec<Vec<u8>>, path: &str, limit: u64) -> (DeadlineBody, Arc<Inflight>) {
+        let frames = chunks
+            .into_iter()
+            .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(c))));
+        let inner = tonic::body::Body::new(http_body_util::StreamBody::new(
+            futures::stream::iter(frames).chain(futures::stream::pending()),
+        ));
+        let inflight = Arc::new(Inflight::new(limit));
+        let gate = Gate {
+            inflight: Arc::clone(&inflight),
             timeout: Duration::from_secs(1),
-            prefix: [0; 5],
-            prefix_len: 0,
-            remaining: 0,
-            size: 0,
-            deadline: None,
+            max_message_bytes: 64 << 20,
+        };
+        let b = DeadlineBody::new(inner, gate, path.to_owned(), Permits::default());
+        (b, inflight)
+    }
+
+    /// The data passed on until the body waits (10 ms without a frame).
+    async fn drain(b: &mut DeadlineBody) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Ok(frame) =
+            tokio::time::timeout(Duration::from_millis(10), BodyExt::frame(b)).await
+        {
+            out.extend_from_slice(&frame.unwrap().unwrap().into_data().unwrap());
         }
+        out
+    }
+
+    use futures::StreamExt as _;
+
+    #[tokio::test]
+    async fn messages_pass_on_whole_each_with_its_permit() {
+        // A 3-byte message with its prefix split across chunks, then a
+        // 1-byte and an empty message in one chunk.
+        let chunks = vec![
+            vec![0, 0, 0],
+            vec![0, 3, 1],
+            vec![2, 3, 0, 0, 0, 0, 1, 9, 0, 0, 0, 0, 0],
+        ];
+        let sent: Vec<u8> = chunks.concat();
+        let (mut b, inflight) = body(chunks, "/vcid.v1.VciMonitor/GetRun", 100);
+        assert_eq!(drain(&mut b).await, sent);
+        assert!(b.deadline.is_none(), "idle between messages");
+        // Charged 2 bytes per byte: the receive buffer of the largest
+        // message (3) and, per message, the decoded copy (3, 1 and 0).
+        assert_eq!(inflight.used(), 7);
+        let handed: Vec<u64> = b
+            .permits
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.bytes())
+            .collect();
+        assert_eq!(handed, vec![3, 1, 0]);
+        b.permits.0.lock().unwrap().clear();
+        assert_eq!(inflight.used(), 3);
+        drop(b);
+        assert_eq!(inflight.used(), 0);
     }
 
     #[tokio::test]
-    async fn the_deadline_is_armed_only_inside_a_message() {
-        let mut b = body();
-        // Prefix split across chunks: a 3-byte message.
-        b.advance(&[0, 0, 0]);
-        assert!(b.deadline.is_some());
-        b.advance(&[0, 3, 1]);
-        assert_eq!((b.remaining, b.size), (2, 3));
-        assert!(b.deadline.is_some());
-        // The rest, then a whole second message and an empty third.
-        b.advance(&[2, 3, 0, 0, 0, 0, 1, 9, 0, 0, 0, 0, 0]);
-        assert_eq!(b.remaining, 0);
-        assert!(b.deadline.is_none(), "idle between messages");
-        // A large declared length keeps it armed.
-        b.advance(&[0, 0x03, 0xC0, 0, 0, 7]);
+    async fn a_message_waits_for_in_flight_room_before_its_prefix_ends() {
+        // Two 8-byte Push messages (charged 80 each) under a budget of 100.
+        let message = |v: u8| [vec![0, 0, 0, 0, 8], vec![v; 8]].concat();
+        let (mut b, inflight) = body(vec![[message(1), message(2)].concat()], PUSH, 100);
+        let first = drain(&mut b).await;
+        // The first message whole and the second's prefix but its last byte.
+        assert_eq!(first, [message(1), vec![0, 0, 0, 0]].concat());
+        assert_eq!(inflight.used(), 80);
+        assert!(
+            b.deadline.is_none(),
+            "waiting for room is not the client's delay"
+        );
+        // The handler is done with the first: the second passes on.
+        drop(b.permits.pop());
+        assert_eq!(drain(&mut b).await, [vec![8], vec![2; 8]].concat());
+        assert_eq!(inflight.used(), 80);
+    }
+
+    #[tokio::test]
+    async fn a_message_charged_beyond_the_budget_is_refused() {
+        let (mut b, inflight) = body(vec![vec![0, 0, 0, 0, 11, 1]], PUSH, 100);
+        let status = BodyExt::frame(&mut b).await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(
+            BodyExt::frame(&mut b).await.is_none(),
+            "nothing after the refusal"
+        );
+        assert!(
+            status
+                .message()
+                .contains("a message of 11 bytes holds up to 110 bytes")
+                && status.message().contains("--max-inflight-bytes"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(inflight.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_deadline_runs_inside_a_message_once_admitted() {
+        let (mut b, _) = body(vec![vec![0, 0x03, 0xC0, 0, 0, 7]], PUSH, 1 << 30);
+        assert_eq!(drain(&mut b).await, vec![0, 0x03, 0xC0, 0, 0, 7]);
         assert_eq!((b.remaining, b.size), ((60 << 20) - 1, 60 << 20));
         assert!(b.deadline.is_some());
         assert!(b

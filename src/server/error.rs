@@ -163,6 +163,15 @@ pub enum ServerError {
     #[error("message size: expected at most {max} bytes (--max-message-bytes), received {detail}")]
     MessageTooLarge { max: usize, detail: String },
 
+    /// A message whose in-flight charge exceeds the whole
+    /// `--max-inflight-bytes` budget (RESOURCE_EXHAUSTED): it could never
+    /// be received.
+    #[error(
+        "message size: a message of {len} bytes holds up to {charge} bytes while it is received, \
+         decoded and applied; expected at most {limit} bytes (--max-inflight-bytes)"
+    )]
+    InflightTooLarge { len: u64, charge: u64, limit: u64 },
+
     /// Missing or wrong bearer token (UNAUTHENTICATED).
     #[error("authorization: expected \"Bearer <token>\" with the daemon's token, received {0}")]
     Unauthenticated(&'static str),
@@ -257,7 +266,8 @@ impl ServerError {
             | ServerError::OpenEpochsAtFinish { .. } => Code::FailedPrecondition,
             ServerError::BudgetExceeded { .. }
             | ServerError::TooManyRows { .. }
-            | ServerError::MessageTooLarge { .. } => Code::ResourceExhausted,
+            | ServerError::MessageTooLarge { .. }
+            | ServerError::InflightTooLarge { .. } => Code::ResourceExhausted,
             ServerError::EpochLost { .. } | ServerError::WritersMissing { .. } => Code::DataLoss,
             ServerError::Unauthenticated(_) => Code::Unauthenticated,
             ServerError::PushAborted { source, .. } => source.code(),
@@ -288,9 +298,9 @@ impl ServerError {
             }
             ServerError::EpochLost { .. } | ServerError::WritersMissing { .. } => Reason::EpochLost,
             ServerError::BudgetExceeded { .. } => Reason::MemoryBudget,
-            ServerError::TooManyRows { .. } | ServerError::MessageTooLarge { .. } => {
-                Reason::TooLarge
-            }
+            ServerError::TooManyRows { .. }
+            | ServerError::MessageTooLarge { .. }
+            | ServerError::InflightTooLarge { .. } => Reason::TooLarge,
             ServerError::PushAborted { source, .. } => return source.reason(),
             ServerError::ShuttingDown(_) => Reason::ShuttingDown,
             ServerError::WatchLagged(_)
@@ -382,6 +392,12 @@ impl ServerError {
                 format!("a message above {max} bytes"),
                 "max_message_bytes",
                 *max as u64,
+            )),
+            ServerError::InflightTooLarge { len, charge, limit } => Some(quota(
+                "message".into(),
+                format!("a message of {len} bytes holds up to {charge} bytes in flight"),
+                "max_inflight_bytes",
+                *limit,
             )),
             ServerError::PushAborted { source, .. } => source.detail(),
             ServerError::RunFinished {

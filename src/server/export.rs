@@ -272,18 +272,25 @@ const ACCUMULATOR_BYTES: StateSeries = StateSeries {
     kind: MetricType::GAUGE,
     labels: &[],
 };
+const INFLIGHT_BYTES: StateSeries = StateSeries {
+    name: "vcid_inflight_bytes",
+    help: "Bytes held by request messages in flight (received, decoded, being applied).",
+    kind: MetricType::GAUGE,
+    labels: &[],
+};
 const BUILD_INFO: StateSeries = StateSeries {
     name: "vcid_build_info",
     help: "Build of the daemon (value 1).",
     kind: MetricType::GAUGE,
     labels: &["version"],
 };
-const STATE_SERIES: [StateSeries; 6] = [
+const STATE_SERIES: [StateSeries; 7] = [
     RUN_INFO,
     ROWS_INGESTED,
     RUN_FINISHED,
     RUNS,
     ACCUMULATOR_BYTES,
+    INFLIGHT_BYTES,
     BUILD_INFO,
 ];
 
@@ -387,6 +394,10 @@ impl Collector for StateCollector {
         out.push(
             ACCUMULATOR_BYTES.family(vec![gauge_metric(vec![], self.state.budget.used() as f64)]),
         );
+        out.push(INFLIGHT_BYTES.family(vec![gauge_metric(
+            vec![],
+            self.state.inflight.used() as f64,
+        )]));
         out.push(BUILD_INFO.family(vec![gauge_metric(
             vec![label("version", env!("CARGO_PKG_VERSION"))],
             1.0,

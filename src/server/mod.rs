@@ -21,7 +21,7 @@
 //! | `http` | `/metrics`, `/healthz`, `/readyz` |
 //! | `listen` | accepting connections: connection limit, accept back-off, TLS handshakes |
 //! | `tls` | certificate files, rustls configurations, reload on change or SIGHUP |
-//! | `deadline` | the deadline of a gRPC message that stops arriving |
+//! | `deadline` | a gRPC request message on its way in: its in-flight bytes and its deadline |
 //! | `web` | the web view at `/` and the HTTP API under `/api/v1` |
 //! | `service` | the tonic `VciMonitor` implementation |
 //! | [`discovery`] | `<data-dir>/daemon.json` and the per-user data directory (public: `vcid stop` and the Python client read it) |
@@ -254,7 +254,11 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
         .map_err(|e| ServerError::Internal(format!("reflection service: {e}")))?;
     let limits = &config.limits;
     let max_message = limits.max_message_bytes;
-    let message_timeout = limits.message_timeout;
+    let gate = deadline::Gate {
+        inflight: daemon.inflight(),
+        timeout: limits.message_timeout,
+        max_message_bytes: max_message,
+    };
     let vci = VciMonitorServer::new(VciService::new(Arc::clone(&daemon), shutdown_rx.clone()))
         .max_decoding_message_size(max_message);
     let auth = RequireToken::new(config.auth_token.as_deref());
@@ -268,7 +272,7 @@ pub async fn spawn(config: ServeConfig) -> Result<ServerHandle, ServerError> {
         .max_frame_size(HTTP2_MAX_FRAME)
         .layer(MapRequestLayer::new(
             move |request: tonic::codegen::http::Request<tonic::body::Body>| {
-                request.map(|body| deadline::DeadlineBody::wrap(body, message_timeout))
+                deadline::DeadlineBody::wrap(request, &gate)
             },
         ))
         .layer(MapResponseLayer::new(move |r| {

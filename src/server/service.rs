@@ -5,7 +5,12 @@
 //! Owns streaming behaviour. A `Push` stream is a small in-order pipeline:
 //! up to [`PUSH_PIPELINE_DEPTH`] received batches are prepared (validated,
 //! decoded, their statistics computed: no state touched) concurrently on the
-//! blocking pool while the oldest is applied, strictly in arrival order. The
+//! blocking pool while the oldest is applied, strictly in arrival order.
+//! Each received batch keeps its message's in-flight bytes (the
+//! `deadline::Permits` of the request, one per message in order) until it
+//! is applied or refused; `PushStats` and `CreateRun` keep theirs until
+//! they answer, so `--max-inflight-bytes` counts a message until the daemon
+//! is done with it, not only while tonic buffers it. The
 //! first bad batch ends the stream with a message saying how many batches
 //! before it were applied; batches after it were only prepared and are
 //! dropped. On shutdown `Push` stops reading, applies the batches already
@@ -31,9 +36,14 @@ use crate::proto::{
 };
 
 use super::daemon::{Daemon, Ingested, PreparedBatch, WatchEvent};
+use super::deadline::Permits;
 use super::decode;
 use super::error::ServerError;
 use super::shutting_down;
+use super::state::InflightPermit;
+
+/// A batch being prepared on the blocking pool.
+type Prepared = JoinHandle<Result<PreparedBatch, ServerError>>;
 
 /// The service object handed to tonic.
 #[derive(Clone, Debug)]
@@ -123,6 +133,8 @@ impl VciMonitor for VciService {
         &self,
         request: Request<CreateRunRequest>,
     ) -> Result<Response<Run>, Status> {
+        // The message's in-flight bytes, held until its metadata is stored.
+        let _permit = Permits::of(request.extensions()).pop();
         Ok(Response::new(
             self.daemon.create_run(request.into_inner()).await?,
         ))
@@ -164,6 +176,7 @@ impl VciMonitor for VciService {
         &self,
         request: Request<Streaming<FeatureBatch>>,
     ) -> Result<Response<PushSummary>, Status> {
+        let permits = Permits::of(request.extensions());
         let mut stream = request.into_inner();
         let mut shutdown = self.shutdown.clone();
         let max = self.daemon.limits().max_message_bytes;
@@ -176,8 +189,9 @@ impl VciMonitor for VciService {
         // Batches of this stream applied or skipped so far, in order.
         let mut index: u64 = 0;
         // Batches received and being prepared (decode + statistics) on the
-        // blocking pool; applied strictly in arrival order.
-        let mut pending: VecDeque<JoinHandle<Result<PreparedBatch, ServerError>>> = VecDeque::new();
+        // blocking pool, each with its message's in-flight bytes (returned
+        // once it is applied or refused); applied strictly in arrival order.
+        let mut pending: VecDeque<(Prepared, Option<InflightPermit>)> = VecDeque::new();
         let mut reading = true;
         let mut stop: Option<Stop> = None;
         loop {
@@ -193,11 +207,11 @@ impl VciMonitor for VciService {
                 }
                 joined = async {
                     match pending.front_mut() {
-                        Some(handle) => handle.await,
+                        Some((handle, _)) => handle.await,
                         None => std::future::pending().await,
                     }
                 }, if !pending.is_empty() => {
-                    pending.pop_front();
+                    let _permit = pending.pop_front().and_then(|(_, permit)| permit);
                     let outcome = match joined {
                         Ok(Ok(prepared)) => {
                             if let Some((run, w)) = prepared.writer() {
@@ -218,7 +232,7 @@ impl VciMonitor for VciService {
                         Ok(Ingested::Duplicate) => summary.duplicates += 1,
                         Err(source) => {
                             // Later batches were only prepared: drop them.
-                            for handle in pending.drain(..) {
+                            for (handle, _) in pending.drain(..) {
                                 handle.abort();
                             }
                             return Err(self.abort_push(index, &summary, source));
@@ -229,10 +243,12 @@ impl VciMonitor for VciService {
                 next = stream.message(), if reading && pending.len() < PUSH_PIPELINE_DEPTH => {
                     match next {
                         Ok(Some(batch)) => {
+                            let permit = permits.pop();
                             let daemon = Arc::clone(&self.daemon);
-                            pending.push_back(tokio::spawn(async move {
+                            let handle = tokio::spawn(async move {
                                 daemon.prepare_batch(batch).await
-                            }));
+                            });
+                            pending.push_back((handle, permit));
                         }
                         Ok(None) => reading = false,
                         Err(status) => {
@@ -264,6 +280,8 @@ impl VciMonitor for VciService {
         &self,
         request: Request<StatsBlock>,
     ) -> Result<Response<PushSummary>, Status> {
+        // The block's in-flight bytes, held until it is merged or refused.
+        let _permit = Permits::of(request.extensions()).pop();
         let block = request.into_inner();
         let (run_id, writer_id) = (block.run_id.clone(), block.writer_id.clone());
         let summary = |batches_applied, rows_applied, duplicates| PushSummary {

@@ -1,9 +1,11 @@
-//! The memory budget of open accumulators: one per daemon, shared by every
-//! run, bounded by `--max-accumulator-bytes`.
+//! The daemon's two memory budgets, each shared by every run and stream:
+//! open accumulators (`--max-accumulator-bytes`, [`Budget`]) and request
+//! messages in flight (`--max-inflight-bytes`, [`Inflight`]).
 //!
-//! Owns the accounting and the RESOURCE_EXHAUSTED refusal; it must not
-//! lock anything or know about streams and epochs (runs reserve and release
-//! through it).
+//! Owns the accounting, the RESOURCE_EXHAUSTED refusal of an accumulator
+//! and the wait for in-flight room; it must not lock anything or know
+//! about streams and epochs (runs reserve and release through [`Budget`],
+//! the request body wrapper `server::deadline` through [`Inflight`]).
 //!
 //! # Memory budget
 //!
@@ -18,10 +20,29 @@
 //! deleting the run releases everything. Opening an epoch beyond
 //! `--max-accumulator-bytes` fails with RESOURCE_EXHAUSTED before anything
 //! is created, and `CreateRun` refuses a run whose single accumulator could
-//! never fit. Per-batch memory (a decoded batch, a shard's fold scratch,
-//! both O(rows·d)) is not counted: it is bounded by the message size limit.
+//! never fit. Between folds a shard keeps fold scratch of at most an eighth
+//! of its reservation (`run`'s `SCRATCH_KEEP_DIVISOR`); a larger scratch,
+//! grown by a large batch while that batch's in-flight bytes were held,
+//! is freed after the fold.
+//!
+//! # In-flight budget
+//!
+//! Every request message is charged to [`Inflight`] from the moment its
+//! 5-byte gRPC prefix declares its length until its handler is done with
+//! it (a batch applied or refused), before any of its payload is passed
+//! on: the charge covers the received bytes, the decoded message and what
+//! decoding and folding it allocate (`server::deadline` computes it per
+//! method). While the budget is full, the body wrapper stops reading that
+//! stream, so HTTP/2 flow control holds the client back; a message whose
+//! charge exceeds the whole budget is refused with RESOURCE_EXHAUSTED.
+//! Waiters are woken together and whoever fits first proceeds (no FIFO), so
+//! a small request (GetRun, a 1-row batch) is not queued behind a large
+//! one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 use super::run::RunInfo;
 use crate::server::error::ServerError;
@@ -102,6 +123,94 @@ impl Budget {
     }
 }
 
+/// The budget of bytes held for request messages in flight.
+#[derive(Debug)]
+pub(crate) struct Inflight {
+    bytes: Budget,
+    /// Wakes every waiter when bytes are returned.
+    freed: Notify,
+}
+
+impl Inflight {
+    /// A budget of `limit` bytes, none held.
+    pub(crate) fn new(limit: u64) -> Inflight {
+        Inflight {
+            bytes: Budget::new(limit),
+            freed: Notify::new(),
+        }
+    }
+
+    /// The configured limit in bytes.
+    pub(crate) fn limit(&self) -> u64 {
+        self.bytes.limit()
+    }
+
+    /// Bytes held now.
+    pub(crate) fn used(&self) -> u64 {
+        self.bytes.used()
+    }
+
+    /// Waits until `bytes` fit, then holds them until the permit is
+    /// dropped. Callers refuse a charge above [`Inflight::limit`] first (it
+    /// would wait forever).
+    pub(crate) async fn acquire(self: Arc<Self>, bytes: u64) -> InflightPermit {
+        loop {
+            // Registered before the attempt, so a release in between wakes it.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.bytes.try_reserve(bytes).is_ok() {
+                break;
+            }
+            freed.await;
+        }
+        InflightPermit {
+            budget: self,
+            bytes,
+        }
+    }
+}
+
+/// Bytes of one request message held in the [`Inflight`] budget; returned
+/// when dropped.
+#[derive(Debug)]
+pub(crate) struct InflightPermit {
+    budget: Arc<Inflight>,
+    bytes: u64,
+}
+
+impl InflightPermit {
+    /// Moves `bytes` of this permit (at most all of them) into a permit
+    /// of their own.
+    pub(crate) fn split(&mut self, bytes: u64) -> InflightPermit {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        InflightPermit {
+            budget: Arc::clone(&self.budget),
+            bytes,
+        }
+    }
+
+    /// Takes over the bytes of `other` (a permit of the same budget).
+    pub(crate) fn absorb(&mut self, mut other: InflightPermit) {
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for InflightPermit {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget.bytes.release(self.bytes);
+            self.budget.freed.notify_waiters();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +223,27 @@ mod tests {
         b.release(60);
         assert!(b.try_reserve(100).is_ok());
         assert_eq!(b.used(), 100);
+    }
+
+    #[tokio::test]
+    async fn inflight_waits_for_room_and_lets_small_charges_pass() {
+        let budget = Arc::new(Inflight::new(100));
+        let big = Arc::clone(&budget).acquire(80).await;
+        assert_eq!(budget.used(), 80);
+        // 30 more do not fit: waits until the 80 are returned.
+        let mut waiting = tokio::spawn(Arc::clone(&budget).acquire(30));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        // A small charge passes the waiting one.
+        let small = Arc::clone(&budget).acquire(20).await;
+        assert_eq!(budget.used(), 100);
+        drop(big);
+        let second = tokio::time::timeout(std::time::Duration::from_secs(5), &mut waiting)
+            .await
+            .expect("woken when bytes were returned")
+            .unwrap();
+        assert_eq!(budget.used(), 50);
+        drop((small, second));
+        assert_eq!(budget.used(), 0);
     }
 }

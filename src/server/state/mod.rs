@@ -1,6 +1,7 @@
 //! In-memory daemon state: the registry of runs, each run's streams with
 //! their open epoch accumulators, closing and closed epochs (the history),
-//! the per-writer duplicate filter, and the accumulator memory budget.
+//! the per-writer duplicate filter, the accumulator memory budget and the
+//! in-flight budget of request messages.
 //!
 //! Owns the locking discipline and the limits enforced on runs
 //! (`--max-accumulator-bytes`, `--max-sequence-gaps-per-writer`); it must
@@ -11,7 +12,7 @@
 //! |---|---|
 //! | [`run`] | one run: streams, epoch slots, an epoch's life; the run and slot locks and their order (`# Concurrency`) |
 //! | [`dedup`] | the per-writer duplicate filter and its admission rule |
-//! | [`budget`] | the memory budget of open accumulators and their shards |
+//! | [`budget`] | the memory budgets: open accumulators and their shards, request messages in flight |
 //! | [`marker`] | the durable open-epoch marker handshake and lost epochs |
 //!
 //! `State::runs` is an `RwLock` held only to look up, insert or remove a
@@ -30,7 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use super::config::Limits;
 use super::error::ServerError;
 
-pub(crate) use budget::Budget;
+pub(crate) use budget::{Budget, Inflight, InflightPermit};
 pub(crate) use dedup::SeqSet;
 pub(crate) use marker::EpochMarker;
 pub(crate) use run::{Applied, Contribution, RestoredEpoch, RunInfo, RunState};
@@ -48,6 +49,8 @@ pub(crate) struct State {
     runs: RwLock<BTreeMap<String, Arc<RunState>>>,
     /// The memory budget of all open accumulators.
     pub(crate) budget: Arc<Budget>,
+    /// The budget of request messages in flight (`--max-inflight-bytes`).
+    pub(crate) inflight: Arc<Inflight>,
     /// `--max-sequence-gaps-per-writer`, given to every run.
     max_sequence_gaps_per_writer: u64,
     /// Shards per open epoch: `--max-shards-per-epoch`, at most the cores.
@@ -60,6 +63,7 @@ impl State {
         State {
             runs: RwLock::new(BTreeMap::new()),
             budget: Arc::new(Budget::new(limits.max_accumulator_bytes)),
+            inflight: Arc::new(Inflight::new(limits.max_inflight_bytes)),
             max_sequence_gaps_per_writer: limits.max_sequence_gaps_per_writer,
             max_shards_per_epoch: limits.shards_per_epoch(),
         }

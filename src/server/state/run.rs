@@ -91,8 +91,17 @@ enum Phase {
     Frozen,
 }
 
+/// Between folds a shard keeps fold scratch of at most
+/// 1/`SCRATCH_KEEP_DIVISOR` of its accumulator's reserved bytes: a fold's
+/// scratch is O(rows·d), charged to its batch's in-flight bytes while it
+/// folds (`server::deadline`), and a larger one is freed after the fold, so
+/// what shards keep between folds is at most an eighth of the accumulator
+/// budget.
+const SCRATCH_KEEP_DIVISOR: u64 = 8;
+
 /// One accumulator of an open epoch with the scratch its folds reuse (so a
-/// batch allocates nothing of size d × d or d × rows once it has grown).
+/// batch allocates nothing of size d × d, nor of size d × rows once it has
+/// grown, as long as the scratch stays within its bound).
 #[derive(Debug)]
 struct Shard {
     acc: Accumulator,
@@ -135,7 +144,17 @@ impl Contribution<'_> {
         match *self {
             Contribution::Rows { features, labels } => {
                 let Shard { acc, scratch } = shard;
-                acc.fold_batch_with(features, labels, scratch, par)?;
+                let folded = acc.fold_batch_with(features, labels, scratch, par);
+                // What a large batch grew is freed (see SCRATCH_KEEP_DIVISOR).
+                let reserved = Accumulator::estimated_bytes(
+                    acc.num_classes() as u64,
+                    acc.feature_dim() as u64,
+                );
+                let keep = reserved.unwrap_or(0) / SCRATCH_KEEP_DIVISOR;
+                if scratch.memory_bytes() as u64 > keep {
+                    *scratch = FoldScratch::new();
+                }
+                folded?;
             }
             Contribution::Stats(stats) => shard.acc.merge(stats)?,
         }
@@ -1419,6 +1438,41 @@ mod tests {
                 assert!((u - v).abs() <= rel * scale, "{name}: {u} vs {v}");
             }
         }
+    }
+
+    #[test]
+    fn a_shard_keeps_small_fold_scratch_and_frees_what_a_large_batch_grew() {
+        let info = RunInfo {
+            run_id: "scratch".into(),
+            num_classes: 3,
+            feature_dim: 64,
+            metadata: BTreeMap::new(),
+            created_unix_ms: 0,
+        };
+        let keep = info.accumulator_bytes() / SCRATCH_KEEP_DIVISOR;
+        let budget = Arc::new(Budget::new(info.accumulator_bytes()));
+        let run = RunState::new(info, 0, budget, 64, 1);
+        let key = train();
+        let scratch = |run: &RunState| {
+            let slot = open_slot(run, &key, 0);
+            let cells = lock(&slot.shards).clone();
+            let bytes = lock(&cells[0]).scratch.memory_bytes() as u64;
+            bytes
+        };
+        let batch = |n: usize| {
+            let x = ndarray::Array2::from_shape_fn((n, 64), |(i, j)| (i + 2 * j) as f64 * 0.25);
+            let y: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
+            (x, y)
+        };
+        let (x, y) = batch(1);
+        apply_marked_rows(&run, &key, &x, &y);
+        let small = scratch(&run);
+        assert!(0 < small && small <= keep, "{small} of {keep}");
+        // 100 rows grow the centred copy to 64 × 101 values: freed after.
+        let (x, y) = batch(100);
+        apply_marked_rows(&run, &key, &x, &y);
+        assert_eq!(scratch(&run), 0);
+        assert_eq!(run.rows_ingested(), 101);
     }
 
     #[test]
