@@ -267,9 +267,10 @@ fn accumulator_bytes(http: std::net::SocketAddr) -> Result<u64, BoxError> {
         .ok_or_else(|| "no vcid_accumulator_bytes in /metrics".into())
 }
 
-/// c long-lived Push streams into one epoch; returns rows/s.
+/// c long-lived Push streams into one epoch, one connection each (like
+/// data-parallel ranks); returns rows/s.
 async fn streaming(
-    client: &Client,
+    clients: &[Client],
     pool: &[FeatureBatch],
     writers: usize,
     batches: usize,
@@ -279,7 +280,7 @@ async fn streaming(
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let mut client = client.clone();
+        let mut client = clients[w].clone();
         // Messages are cloned lazily as tonic pulls them, so memory holds
         // about one batch per writer, not the whole phase.
         let source: Vec<FeatureBatch> = pool.to_vec();
@@ -302,9 +303,10 @@ async fn streaming(
     Ok(rows as f64 / secs)
 }
 
-/// c writers, one batch per Push call; returns (rows/s, latencies).
+/// c writers, one connection each, one batch per Push call; returns
+/// (rows/s, latencies).
 async fn one_batch_calls(
-    client: &Client,
+    clients: &[Client],
     pool: &[FeatureBatch],
     writers: usize,
     batches: usize,
@@ -314,7 +316,7 @@ async fn one_batch_calls(
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let mut client = client.clone();
+        let mut client = clients[w].clone();
         let source: Vec<FeatureBatch> = pool.to_vec();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_writer);
@@ -426,6 +428,11 @@ async fn main() -> Result<(), BoxError> {
             metadata: Default::default(),
         })
         .await?;
+    // One connection per writer, as data-parallel ranks have.
+    let mut writers_clients = Vec::new();
+    for _ in 0..opts.writers.iter().copied().max().unwrap_or(1) {
+        writers_clients.push(VciMonitorClient::connect(addr.clone()).await?);
+    }
     let pool = pool();
     // The parallelism of the daemon's fold into an epoch's only shard.
     let par = Par::rayon(0);
@@ -444,7 +451,7 @@ async fn main() -> Result<(), BoxError> {
     in_process(&pool, 8, par)?;
     in_process_parallel(&pool, 8, 2)?;
     let mut epoch = 0u64;
-    streaming(&client, &pool, 2, 8, epoch).await?;
+    streaming(&writers_clients, &pool, 2, 8, epoch).await?;
     close_and_check(&client, epoch, 8 * ROWS as u64).await?;
 
     let mut best_inproc = 0f64;
@@ -475,7 +482,7 @@ async fn main() -> Result<(), BoxError> {
         println!("round {round}: in-process {inproc:.0} rows/s (1 thread), {inproc2:.0} rows/s (2 threads)");
         for (i, &writers) in opts.writers.iter().enumerate() {
             epoch += 1;
-            let rate = streaming(&client, &pool, writers, opts.batches, epoch).await?;
+            let rate = streaming(&writers_clients, &pool, writers, opts.batches, epoch).await?;
             let budget = accumulator_bytes(http)?;
             most_budget = most_budget.max(budget);
             let shards = budget / per_accumulator;
@@ -491,7 +498,7 @@ async fn main() -> Result<(), BoxError> {
 
             epoch += 1;
             let (call_rate, mut lat) =
-                one_batch_calls(&client, &pool, writers, opts.batches / 2, epoch).await?;
+                one_batch_calls(&writers_clients, &pool, writers, opts.batches / 2, epoch).await?;
             let close = close_and_check(&client, epoch, (lat.len() * ROWS) as u64).await?;
             slowest_close = slowest_close.max(close);
             lat.sort();

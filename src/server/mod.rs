@@ -145,15 +145,14 @@ pub(crate) async fn shutting_down(rx: &mut watch::Receiver<bool>) {
 
 /// HTTP/2 flow-control windows of gRPC connections (bytes a client may send
 /// before the daemon reads them): per stream, then per connection.
-/// hyper's default of 1 MiB for both is smaller than one 256 × 2048
-/// float32 batch (2 MiB): a `Push` stream then could not receive its next
-/// batch while the current one was folded, and all streams of one
-/// connection shared 1 MiB. These let a stream receive one more batch of
-/// that size during a fold, and four such streams share a connection;
-/// they bound the unread bytes one connection can hold (a message being
-/// assembled, up to `--max-message-bytes`, is held in memory whatever the
-/// window, so they do not raise the worst case).
-const HTTP2_WINDOWS: (u32, u32) = (4 << 20, 16 << 20);
+/// hyper's default of 1 MiB is smaller than one 256 × 2048 float32 batch
+/// (2 MiB): a `Push` stream then could not receive its next batch while
+/// the current one was folded. 4 MiB lets it receive one more batch of
+/// that size during a fold. The connection window is not larger: it bounds
+/// what a connection can make the daemon buffer while its streams wait for
+/// in-flight room (`deadline`), outside `--max-inflight-bytes`, so the
+/// worst case is 4 MiB per open connection (`--max-connections`).
+const HTTP2_WINDOWS: (u32, u32) = (4 << 20, 4 << 20);
 /// Largest HTTP/2 frame a client may send (hyper's default is 16 KiB: 128
 /// frames per 2 MiB batch).
 const HTTP2_MAX_FRAME: u32 = 256 << 10;
