@@ -52,6 +52,9 @@ fn accumulator_bytes(daemon: &Daemon) -> u64 {
         .expect("vcid_accumulator_bytes in metrics")
 }
 
+/// What the daemon logs at start-up when batches died with an unclean stop.
+const UNCLEAN: &str = "died with an unclean stop of the daemon";
+
 fn logged(daemon: &Daemon, needle: &str) -> bool {
     daemon
         .log
@@ -191,7 +194,7 @@ async fn a_close_in_flight_never_writes_into_the_run_created_again_under_its_id(
     assert_eq!(run.open_epochs.len(), 1, "{:?}", run.open_epochs);
     assert_eq!(open_samples(&run, "train", 0), 80);
     assert_eq!(history_len(&mut client, "x").await, 0);
-    assert!(!logged(&daemon, "stopped uncleanly"));
+    assert!(!logged(&daemon, UNCLEAN));
     client
         .push(tokio_stream::iter(new[4..].to_vec()))
         .await
@@ -206,7 +209,7 @@ async fn a_close_in_flight_never_writes_into_the_run_created_again_under_its_id(
     let run = get_run(&mut client, "x").await;
     assert_eq!((run.num_classes, run.feature_dim), (k, d));
     assert_eq!(open_samples(&run, "train", 0), 120);
-    assert!(!logged(&daemon, "stopped uncleanly"));
+    assert!(!logged(&daemon, UNCLEAN));
     watch = client
         .watch(WatchRequest {
             run_id: "x".into(),
@@ -324,7 +327,7 @@ async fn a_close_cut_short_by_its_caller_or_the_shutdown_grace_is_never_stranded
         assert_matches(result, &expected, 1e-9);
     }
     assert_eq!(accumulator_bytes(&daemon), 0);
-    assert!(!logged(&daemon, "stopped uncleanly"));
+    assert!(!logged(&daemon, UNCLEAN));
     drop(client);
     assert_eq!(daemon.terminate(), Some(0));
 }

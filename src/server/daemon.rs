@@ -259,9 +259,11 @@ impl Daemon {
             tracing::warn!(
                 writers = %open.missing.join("; "),
                 stopped_before = %utc_timestamp(started),
-                "the daemon stopped uncleanly: batches applied after the last checkpoint of \
-                 these open epochs died with it; each epoch continues and closes once those \
-                 writers have resent (live vcid clients do when they reconnect)"
+                "batches applied after the last checkpoint of these open epochs died with an \
+                 unclean stop of the daemon (kill -9, crash or power loss: the last stop, or an \
+                 earlier one whose writers have not resent yet; a graceful stop loses nothing); \
+                 each epoch continues and closes once those writers have resent (live vcid \
+                 clients do when they reconnect)"
             );
         }
         tracing::info!(

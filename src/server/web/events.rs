@@ -65,9 +65,12 @@ async fn next_event(mut sub: Subscriber) -> Option<(Result<Event, Infallible>, S
     // A result or deletion of the run subscribed to, or (subscribed to
     // every run) of a run that is still current: never one of an earlier
     // run of the same id.
-    let of_run = |sub: &Subscriber, run_id: &str, uid: u64| match sub.uid {
-        Some(own) => own == uid,
-        None => sub.daemon.is_current(run_id, uid),
+    let of_run = |sub: &Subscriber, run_id: &str, uid: u64| {
+        wanted(sub, run_id)
+            && match sub.uid {
+                Some(own) => own == uid,
+                None => sub.daemon.is_current(run_id, uid),
+            }
     };
     loop {
         let received = tokio::select! {
@@ -81,7 +84,9 @@ async fn next_event(mut sub: Subscriber) -> Option<(Result<Event, Infallible>, S
             Ok(WatchEvent::RunChanged(run)) if wanted(&sub, &run.run_id) => {
                 event("run", &format::run_json(&run, None))
             }
-            Ok(WatchEvent::RunDeleted { run_id, uid }) if sub.uid.is_none_or(|own| own == uid) => {
+            Ok(WatchEvent::RunDeleted { run_id, uid })
+                if wanted(&sub, &run_id) && sub.uid.is_none_or(|own| own == uid) =>
+            {
                 sub.done = sub.run.is_some();
                 event("run_deleted", &serde_json::json!({ "run_id": run_id }))
             }
