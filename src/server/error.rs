@@ -588,6 +588,31 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_close_says_once_why_and_that_the_epoch_stays_open() {
+        let source = MetricsError::Eigen(crate::linalg::EigenError { order: 3 });
+        let err = ServerError::CloseFailed {
+            stream: "r/train/penultimate".into(),
+            epoch: 3,
+            samples: 100,
+            source: Box::new(source.into()),
+        };
+        assert_eq!(err.code(), tonic::Code::Internal);
+        let text = err.to_string();
+        assert_eq!(
+            text.matches("computing the metrics failed").count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "; epoch 3 of stream r/train/penultimate stays open with its 100 samples and \
+                 can be closed again"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn oversized_is_recognised_only_for_tonics_refusal() {
         let refusal = tonic::Status::out_of_range(
             "Error, decoded message length too large: found 5000 bytes, the limit is: 4096 bytes",
