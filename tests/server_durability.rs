@@ -149,6 +149,16 @@ async fn kill_9_keeps_closed_epochs_and_checkpointed_open_epochs() {
     daemon.kill9();
 
     let daemon = Daemon::spawn(dir.path(), &off);
+    // The start-up says why epoch 2 waits for its writers.
+    assert!(
+        daemon
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("died with an unclean stop of the daemon")),
+        "no unclean-stop warning after kill -9"
+    );
     let mut client = connect(&daemon.url()).await;
     let runs = client
         .list_runs(ListRunsRequest {})

@@ -105,14 +105,17 @@ impl ApplyJob {
 }
 
 /// What `Watch` subscribers (and the web view's event stream) receive.
+/// Results and deletions name the run's uid: a subscriber of a run never
+/// sees an event of an earlier run of the same id (see
+/// [`Daemon::subscribe`]).
 #[derive(Clone, Debug)]
 pub enum WatchEvent {
-    /// A new epoch result.
-    Result(Arc<EpochResult>),
+    /// A new epoch result of the run of `uid`.
+    Result { uid: u64, result: Arc<EpochResult> },
     /// A run was created or finished (its state after the change).
     RunChanged(Arc<Run>),
-    /// The run was deleted: its watchers end.
-    RunDeleted(String),
+    /// The run of `uid` was deleted: its watchers end.
+    RunDeleted { run_id: String, uid: u64 },
 }
 
 /// Outcome of one ingested batch or stats block.
@@ -137,6 +140,9 @@ pub struct Daemon {
     admin: tokio::sync::Mutex<()>,
     /// Serialises checkpoint rounds (taken on the blocking pool only).
     round: Mutex<()>,
+    /// Held shared by every close in flight; the shutdown checkpoint takes
+    /// it exclusively, so it waits for them (see [`Daemon::close_epoch`]).
+    closes: Arc<tokio::sync::RwLock<()>>,
     /// Changes on every start (see `PushSummary.incarnation`).
     incarnation: u64,
 }
@@ -205,9 +211,10 @@ impl Daemon {
         let state = Arc::new(State::new(&limits));
         let telemetry = Telemetry::new(Arc::clone(&state))?;
         let mut restored = store.load()?;
-        for run in std::mem::take(&mut restored.runs) {
+        for (run, uid) in std::mem::take(&mut restored.runs) {
             let info = RunInfo {
                 run_id: run.run_id.clone(),
+                uid,
                 num_classes: run.num_classes,
                 feature_dim: run.feature_dim,
                 metadata: run.metadata.into_iter().collect(),
@@ -240,6 +247,7 @@ impl Daemon {
             events,
             admin: tokio::sync::Mutex::new(()),
             round: Mutex::new(()),
+            closes: Arc::new(tokio::sync::RwLock::new(())),
             incarnation: rand::random(),
         };
         if open.rewrite {
@@ -251,9 +259,11 @@ impl Daemon {
             tracing::warn!(
                 writers = %open.missing.join("; "),
                 stopped_before = %utc_timestamp(started),
-                "the daemon stopped uncleanly: batches applied after the last checkpoint of \
-                 these open epochs died with it; each epoch continues and closes once those \
-                 writers have resent (live vcid clients do when they reconnect)"
+                "batches applied after the last checkpoint of these open epochs died with an \
+                 unclean stop of the daemon (kill -9, crash or power loss: the last stop, or an \
+                 earlier one whose writers have not resent yet; a graceful stop loses nothing); \
+                 each epoch continues and closes once those writers have resent (live vcid \
+                 clients do when they reconnect)"
             );
         }
         tracing::info!(
@@ -349,6 +359,8 @@ impl Daemon {
         }
         let info = RunInfo {
             run_id: req.run_id,
+            // Non-zero: 0 is the uid of runs stored by earlier versions.
+            uid: rand::random::<u64>().max(1),
             num_classes: req.num_classes,
             feature_dim: req.feature_dim,
             metadata: req.metadata.into_iter().collect::<BTreeMap<_, _>>(),
@@ -358,7 +370,8 @@ impl Daemon {
         let run = self.state.new_run(info, 0);
         let record = Self::run_record(&run);
         let store = self.store.clone();
-        blocking(move || store.put_run(&record)).await??;
+        let uid = run.info.uid;
+        blocking(move || store.create_run(&record, uid)).await??;
         self.state.insert(Arc::clone(&run));
         tracing::info!(run = %run.info.run_id, k = run.info.num_classes, d = run.info.feature_dim, "run created");
         let created = self.run_proto(&run);
@@ -377,10 +390,14 @@ impl Daemon {
         }
         let record = Self::run_record(&run);
         let store = self.store.clone();
-        if let Err(err) = blocking(move || store.put_run(&record))
-            .await
-            .and_then(|stored| stored.map_err(ServerError::from))
-        {
+        let uid = run.info.uid;
+        let stored = match blocking(move || store.update_run(&record, uid)).await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(ServerError::RunNotFound(run_id.to_owned())),
+            Ok(Err(err)) => Err(err.into()),
+            Err(err) => Err(err),
+        };
+        if let Err(err) = stored {
             run.set_finished(None);
             return Err(err);
         }
@@ -410,7 +427,7 @@ impl Daemon {
     /// `DeleteRun`: durable before it returns; ends the run's watchers.
     pub async fn delete_run(&self, run_id: &str) -> Result<(), ServerError> {
         let _admin = self.admin.lock().await;
-        self.state.get(run_id)?;
+        let uid = self.state.get(run_id)?.info.uid;
         let store = self.store.clone();
         let id = run_id.to_owned();
         blocking(move || store.delete_run(&id)).await??;
@@ -418,7 +435,10 @@ impl Daemon {
         let state = Arc::clone(&self.state);
         let id = run_id.to_owned();
         blocking(move || state.remove(&id)).await?;
-        let _ = self.events.send(WatchEvent::RunDeleted(run_id.to_owned()));
+        let _ = self.events.send(WatchEvent::RunDeleted {
+            run_id: run_id.to_owned(),
+            uid,
+        });
         tracing::info!(run = %run_id, "run deleted");
         Ok(())
     }
@@ -526,10 +546,12 @@ impl Daemon {
     async fn write_marker(&self, job: &ApplyJob, marker: &EpochMarker) -> Result<(), ServerError> {
         let store = self.store.clone();
         let key = job.epoch_key();
+        let uid = job.run.info.uid;
         marker
             .write_once(|| async move {
                 let run_id = key.run_id.clone();
-                let written = blocking(move || store.open_epoch(&key, now_unix_ms())).await??;
+                let written =
+                    blocking(move || store.open_epoch(&key, uid, now_unix_ms())).await??;
                 if written {
                     Ok(())
                 } else {
@@ -550,11 +572,12 @@ impl Daemon {
     ) -> Result<(), ServerError> {
         let store = self.store.clone();
         let key = job.epoch_key();
+        let uid = job.run.info.uid;
         marker
             .write_once(|| async move {
                 let run_id = key.run_id.clone();
                 let written =
-                    blocking(move || store.mark_writer(&key, &writer, generation)).await??;
+                    blocking(move || store.mark_writer(&key, uid, &writer, generation)).await??;
                 if written {
                     Ok(())
                 } else {
@@ -596,7 +619,30 @@ impl Daemon {
 
     /// `CloseEpoch`: metrics on the blocking pool, result durable before it
     /// returns; on any failure the epoch stays open with all its data.
-    pub async fn close_epoch(&self, req: CloseEpochRequest) -> Result<EpochResult, ServerError> {
+    ///
+    /// The close runs in a task of its own, to its end even when the caller
+    /// goes away (a client deadline or cancellation, the end of the
+    /// shutdown grace): an epoch taken out of the open set is always stored
+    /// or given back, never stranded half-closed. The shutdown checkpoint
+    /// waits for the closes in flight (`closes`), so it holds every epoch
+    /// that a failing close gave back.
+    pub async fn close_epoch(
+        self: &Arc<Self>,
+        req: CloseEpochRequest,
+    ) -> Result<EpochResult, ServerError> {
+        let in_flight = Arc::clone(&self.closes).read_owned().await;
+        let daemon = Arc::clone(self);
+        tokio::spawn(async move {
+            let closed = daemon.close(req).await;
+            drop(in_flight);
+            closed
+        })
+        .await
+        .map_err(|e| ServerError::Internal(format!("close task failed: {e}")))?
+    }
+
+    /// The body of [`Daemon::close_epoch`].
+    async fn close(&self, req: CloseEpochRequest) -> Result<EpochResult, ServerError> {
         let started = Instant::now();
         let run = self.state.get(&req.run_id)?;
         let key = decode::stream_key(&req.split, &req.layer)?;
@@ -609,12 +655,25 @@ impl Daemon {
             })
             .await??
         };
+        // A failure gives the epoch back (or frees it, when its run was
+        // deleted meanwhile) and says so.
+        let deleted = || ServerError::RunDeletedDuringClose {
+            run_id: run.info.run_id.clone(),
+            stream: key.display(&run.info.run_id),
+            epoch: req.epoch,
+        };
+        let failed = |closing, source: ServerError| match run.abort_close(closing) {
+            Some(samples) => ServerError::CloseFailed {
+                stream: key.display(&run.info.run_id),
+                epoch: req.epoch,
+                samples,
+                source: Box::new(source),
+            },
+            None => deleted(),
+        };
         let metrics = match computed {
             Ok(m) => m,
-            Err(err) => {
-                run.abort_close(closing);
-                return Err(err.into());
-            }
+            Err(err) => return Err(failed(closing, err.into())),
         };
         let mut result = epoch_result(
             &run.info.run_id,
@@ -629,25 +688,25 @@ impl Daemon {
         let store = self.store.clone();
         let to_store = result.clone();
         let writers = writer_checkpoints(&closing.writers);
-        let stored = blocking(move || store.put_result(&record, &to_store, &writers)).await;
+        let uid = run.info.uid;
+        let stored = blocking(move || store.put_result(&record, uid, &to_store, &writers)).await;
         match stored {
             Ok(Ok(true)) => {}
             Ok(Ok(false)) => {
+                // The run was deleted (and maybe created again) during the
+                // close: the result belongs to no run.
                 run.abort_close(closing);
-                return Err(ServerError::RunNotFound(run.info.run_id.clone()));
+                return Err(deleted());
             }
-            Ok(Err(err)) => {
-                run.abort_close(closing);
-                return Err(err.into());
-            }
-            Err(err) => {
-                run.abort_close(closing);
-                return Err(err);
-            }
+            Ok(Err(err)) => return Err(failed(closing, err.into())),
+            Err(err) => return Err(failed(closing, err)),
         }
         let shared = Arc::new(result.clone());
         run.finish_close(closing, Arc::clone(&shared));
-        let _ = self.events.send(WatchEvent::Result(shared));
+        let _ = self.events.send(WatchEvent::Result {
+            uid,
+            result: shared,
+        });
         self.telemetry
             .observe_close(started.elapsed().as_secs_f64());
         tracing::info!(
@@ -683,14 +742,27 @@ impl Daemon {
         self.events.subscribe()
     }
 
-    /// A receiver of every future result and deletion (callers filter).
-    /// Fails with NOT_FOUND for an unknown run.
-    pub fn subscribe(&self, run_id: &str) -> Result<broadcast::Receiver<WatchEvent>, ServerError> {
+    /// A receiver of every future result and deletion (callers filter),
+    /// with the uid of the run `run_id` names now: events of another uid
+    /// are of an earlier run of that id. Fails with NOT_FOUND for an
+    /// unknown run.
+    pub fn subscribe(
+        &self,
+        run_id: &str,
+    ) -> Result<(broadcast::Receiver<WatchEvent>, u64), ServerError> {
         // Subscribe first so a result produced right after the check is
         // not missed.
         let rx = self.events.subscribe();
-        self.state.get(run_id)?;
-        Ok(rx)
+        let uid = self.state.get(run_id)?.info.uid;
+        Ok((rx, uid))
+    }
+
+    /// Whether `run_id` names the run of `uid` now (a subscriber of every
+    /// run drops the events of runs deleted since).
+    pub fn is_current(&self, run_id: &str, uid: u64) -> bool {
+        self.state
+            .find(run_id)
+            .is_some_and(|run| run.info.uid == uid)
     }
 
     /// One checkpoint round: snapshots every open epoch that changed since
@@ -712,7 +784,7 @@ impl Daemon {
             if snapshots.is_empty() {
                 continue;
             }
-            records.push(Self::run_record(&run));
+            records.push((Self::run_record(&run), run.info.uid));
             for snap in &snapshots {
                 let key = EpochKey {
                     run_id: run.info.run_id.clone(),
@@ -732,7 +804,7 @@ impl Daemon {
                     generation: snap.generation,
                     unix_ms: now,
                 };
-                epochs.push((key, checkpoint, snap.missing.clone()));
+                epochs.push((key, run.info.uid, checkpoint, snap.missing.clone()));
             }
             taken.push((run, snapshots));
         }
@@ -774,12 +846,28 @@ impl Daemon {
     }
 
     /// The shutdown checkpoint: freezes every open accumulator (later
-    /// merges fail with UNAVAILABLE) and writes the changed ones. Blocking.
-    pub fn checkpoint_for_shutdown(&self) -> Result<usize, ServerError> {
-        for run in self.state.list() {
-            run.freeze();
-        }
-        self.checkpoint_round()
+    /// merges and closes fail with UNAVAILABLE), waits for the closes in
+    /// flight (each stores its result or gives its epoch back, frozen) and
+    /// writes the changed epochs.
+    pub async fn checkpoint_for_shutdown(self: &Arc<Self>) -> Result<usize, ServerError> {
+        let daemon = Arc::clone(self);
+        blocking(move || {
+            for run in daemon.state.list() {
+                run.freeze();
+            }
+        })
+        .await?;
+        let closes = match self.closes.try_write() {
+            Ok(closes) => closes,
+            Err(_) => {
+                tracing::info!("shutting down: waiting for the epoch closes in flight");
+                self.closes.write().await
+            }
+        };
+        let daemon = Arc::clone(self);
+        let written = blocking(move || daemon.checkpoint_round()).await?;
+        drop(closes);
+        written
     }
 }
 

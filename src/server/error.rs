@@ -189,6 +189,35 @@ pub enum ServerError {
         source: Box<ServerError>,
     },
 
+    /// The run was deleted while one of its epochs was being closed
+    /// (NOT_FOUND): the result was discarded, and a run created since
+    /// under the same id is another run, left untouched.
+    #[error(
+        "run_id: expected the run {} in which epoch {epoch} of stream {stream} was being \
+         closed, received a run deleted during the close; its result was discarded (a run \
+         created since under that id is another run and was not touched)",
+        shown(.run_id)
+    )]
+    RunDeletedDuringClose {
+        run_id: String,
+        stream: String,
+        epoch: u64,
+    },
+
+    /// Closing an epoch failed after it was taken out of the open set (its
+    /// metrics or its storage): it was given back whole (code: the
+    /// source's).
+    #[error(
+        "{source}; epoch {epoch} of stream {stream} stays open with its {samples} samples \
+         and can be closed again"
+    )]
+    CloseFailed {
+        stream: String,
+        epoch: u64,
+        samples: u64,
+        source: Box<ServerError>,
+    },
+
     /// The daemon is shutting down (UNAVAILABLE); retry against the
     /// restarted daemon.
     #[error("the daemon is shutting down: {0}")]
@@ -256,7 +285,9 @@ impl ServerError {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            ServerError::RunNotFound(_) => Code::NotFound,
+            ServerError::RunNotFound(_) | ServerError::RunDeletedDuringClose { .. } => {
+                Code::NotFound
+            }
             ServerError::Invalid { .. } | ServerError::Stats(_) => Code::InvalidArgument,
             ServerError::RunConflict { .. } => Code::AlreadyExists,
             ServerError::EpochClosed { .. }
@@ -270,7 +301,9 @@ impl ServerError {
             | ServerError::InflightTooLarge { .. } => Code::ResourceExhausted,
             ServerError::EpochLost { .. } | ServerError::WritersMissing { .. } => Code::DataLoss,
             ServerError::Unauthenticated(_) => Code::Unauthenticated,
-            ServerError::PushAborted { source, .. } => source.code(),
+            ServerError::PushAborted { source, .. } | ServerError::CloseFailed { source, .. } => {
+                source.code()
+            }
             ServerError::ShuttingDown(_) => Code::Unavailable,
             ServerError::WatchLagged(_) => Code::Aborted,
             ServerError::Metrics(_)
@@ -286,7 +319,9 @@ impl ServerError {
     /// `CreateRun` conflict).
     pub fn reason(&self) -> Option<Reason> {
         Some(match self {
-            ServerError::RunNotFound(_) => Reason::UnknownRun,
+            ServerError::RunNotFound(_) | ServerError::RunDeletedDuringClose { .. } => {
+                Reason::UnknownRun
+            }
             ServerError::Invalid { .. } | ServerError::Stats(_) => Reason::InvalidArgument,
             ServerError::RunConflict { .. } | ServerError::Unauthenticated(_) => return None,
             ServerError::EpochClosed { .. } | ServerError::NoOpenEpoch { .. } => {
@@ -301,7 +336,9 @@ impl ServerError {
             ServerError::TooManyRows { .. }
             | ServerError::MessageTooLarge { .. }
             | ServerError::InflightTooLarge { .. } => Reason::TooLarge,
-            ServerError::PushAborted { source, .. } => return source.reason(),
+            ServerError::PushAborted { source, .. } | ServerError::CloseFailed { source, .. } => {
+                return source.reason()
+            }
             ServerError::ShuttingDown(_) => Reason::ShuttingDown,
             ServerError::WatchLagged(_)
             | ServerError::Metrics(_)
@@ -339,6 +376,10 @@ impl ServerError {
             ServerError::RunNotFound(run_id) => {
                 Some(ResourceInfo::new("run", run_id, "", "no such run").into())
             }
+            ServerError::RunDeletedDuringClose { run_id, .. } => Some(
+                ResourceInfo::new("run", run_id, "", "deleted while an epoch was being closed")
+                    .into(),
+            ),
             ServerError::RunConflict {
                 run_id,
                 expected_k,
@@ -399,7 +440,9 @@ impl ServerError {
                 "max_inflight_bytes",
                 *limit,
             )),
-            ServerError::PushAborted { source, .. } => source.detail(),
+            ServerError::PushAborted { source, .. } | ServerError::CloseFailed { source, .. } => {
+                source.detail()
+            }
             ServerError::RunFinished {
                 run_id,
                 finished_at,
@@ -556,6 +599,31 @@ mod tests {
         assert_eq!(
             text.matches("computing the metrics failed").count(),
             1,
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_failed_close_says_once_why_and_that_the_epoch_stays_open() {
+        let source = MetricsError::Eigen(crate::linalg::EigenError { order: 3 });
+        let err = ServerError::CloseFailed {
+            stream: "r/train/penultimate".into(),
+            epoch: 3,
+            samples: 100,
+            source: Box::new(source.into()),
+        };
+        assert_eq!(err.code(), tonic::Code::Internal);
+        let text = err.to_string();
+        assert_eq!(
+            text.matches("computing the metrics failed").count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "; epoch 3 of stream r/train/penultimate stays open with its 100 samples and \
+                 can be closed again"
+            ),
             "{text}"
         );
     }

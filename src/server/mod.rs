@@ -34,8 +34,9 @@
 //! ([`ServerHandle::stop`], or the `shutdown` future of [`run`]): mark not
 //! ready, stop accepting connections, let every `Push` finish the batch in
 //! hand and end, wait for in-flight RPCs (at most `shutdown_grace`), then
-//! freeze and checkpoint every open accumulator with the duplicate filter
-//! in one durable transaction.
+//! freeze every open accumulator, wait for the epoch closes in flight (each
+//! stores its result or gives its epoch back) and checkpoint the open
+//! epochs with the duplicate filter in one durable transaction.
 
 pub(crate) mod clock;
 pub(crate) mod config;
@@ -444,10 +445,7 @@ impl Supervisor {
         {
             http_task.abort();
         }
-        let daemon = Arc::clone(&self.daemon);
-        let epochs = tokio::task::spawn_blocking(move || daemon.checkpoint_for_shutdown())
-            .await
-            .map_err(|e| ServerError::Internal(format!("checkpoint task failed: {e}")))??;
+        let epochs = self.daemon.checkpoint_for_shutdown().await?;
         tracing::info!(
             open_epochs = epochs,
             "open accumulators checkpointed; stopped"

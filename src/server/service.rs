@@ -89,6 +89,9 @@ struct WatchState {
     rx: broadcast::Receiver<WatchEvent>,
     shutdown: watch::Receiver<bool>,
     run_id: String,
+    /// The uid of the run watched: events of an earlier run of the same
+    /// id are not for this subscriber.
+    uid: u64,
     split: Option<String>,
     layer: Option<String>,
     done: bool,
@@ -108,16 +111,19 @@ async fn next_watch_item(mut st: WatchState) -> Option<(Result<EpochResult, Stat
             event = st.rx.recv() => event,
         };
         match event {
-            Ok(WatchEvent::Result(result)) => {
-                let wanted = result.run_id == st.run_id
+            Ok(WatchEvent::Result { uid, result }) => {
+                let wanted = uid == st.uid
+                    && result.run_id == st.run_id
                     && st.split.as_ref().is_none_or(|s| *s == result.split)
                     && st.layer.as_ref().is_none_or(|l| *l == result.layer);
                 if wanted {
                     return Some((Ok((*result).clone()), st));
                 }
             }
-            Ok(WatchEvent::RunDeleted(run_id)) if run_id == st.run_id => return None,
-            Ok(WatchEvent::RunDeleted(_) | WatchEvent::RunChanged(_)) => {}
+            Ok(WatchEvent::RunDeleted { run_id, uid }) if uid == st.uid && run_id == st.run_id => {
+                return None
+            }
+            Ok(WatchEvent::RunDeleted { .. } | WatchEvent::RunChanged(_)) => {}
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 st.done = true;
                 return Some((Err(ServerError::WatchLagged(missed).into()), st));
@@ -339,11 +345,12 @@ impl VciMonitor for VciService {
         let req = request.into_inner();
         let split = decode::name_filter("split", &req.split)?;
         let layer = decode::name_filter("layer", &req.layer)?;
-        let rx = self.daemon.subscribe(&req.run_id)?;
+        let (rx, uid) = self.daemon.subscribe(&req.run_id)?;
         let state = WatchState {
             rx,
             shutdown: self.shutdown.clone(),
             run_id: req.run_id,
+            uid,
             split,
             layer,
             done: false,

@@ -7,6 +7,7 @@
 //! | table | key | value |
 //! |---|---|---|
 //! | `runs` | run_id | `vcid.v1.Run` (the registry entry; `rows_ingested` as of the last checkpoint or close) |
+//! | `run_uids` | run_id | u64: the run's uid, drawn at `CreateRun` (see "Run identity"); absent for runs created by earlier versions, whose uid is 0 |
 //! | `epoch_results` | (run_id, split, layer, epoch) | `vcid.v1.EpochResult` |
 //! | `epoch_checkpoints` | (run_id, split, layer, epoch) | [`EpochCheckpoint`]: an open epoch's statistics, its writers' sequences, generation |
 //! | `open_epochs` | (run_id, split, layer, epoch) | unix ms when the epoch was opened (its marker) |
@@ -38,6 +39,21 @@
 //! the epoch (DATA_LOSS) until each of them has resent. Adding tables
 //! keeps `schema_version` 1: an older database has none of them yet.
 //!
+//! # Run identity
+//!
+//! A run deleted and created again under the same id is a different run:
+//! `CreateRun` draws a random non-zero uid, stored in `run_uids` with the
+//! record. Every write made on behalf of a run after its creation (an
+//! epoch's open marker, a dirty-writer marker, a checkpoint, a result, the
+//! record's refresh) names the uid it started under and checks it in the
+//! same transaction: when the run under that id is gone or has another
+//! uid, nothing is written and the caller is told (`false`). So a close,
+//! a checkpoint round or a batch still in flight for a deleted run can
+//! never write into the run that replaced it, before or after a restart.
+//! Databases of earlier versions have no `run_uids` table: it is created
+//! empty, their runs keep uid 0 until deleted, and a run created since
+//! gets a fresh uid.
+//!
 //! All methods block (disk I/O); async callers use `spawn_blocking`.
 
 use std::path::{Path, PathBuf};
@@ -51,6 +67,7 @@ use crate::proto::{EpochResult, Run, StatsBlock};
 use super::state::SeqSet;
 
 const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
+const RUN_UIDS: TableDefinition<&str, u64> = TableDefinition::new("run_uids");
 const RESULTS: TableDefinition<(&str, &str, &str, u64), &[u8]> =
     TableDefinition::new("epoch_results");
 const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
@@ -156,7 +173,8 @@ impl EpochKey {
 /// Everything read back at start-up.
 #[derive(Debug, Default)]
 pub struct Restored {
-    pub runs: Vec<Run>,
+    /// Every run with its uid.
+    pub runs: Vec<(Run, u64)>,
     /// In key order: run, split, layer, epoch.
     pub results: Vec<EpochResult>,
     /// Legacy whole-run checkpoints.
@@ -230,6 +248,7 @@ impl Store {
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
         {
             txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
+            txn.open_table(RUN_UIDS).map_err(|e| self.db_err(e))?;
             txn.open_table(RESULTS).map_err(|e| self.db_err(e))?;
             txn.open_table(CHECKPOINTS).map_err(|e| self.db_err(e))?;
             txn.open_table(OPEN_EPOCHS).map_err(|e| self.db_err(e))?;
@@ -265,10 +284,15 @@ impl Store {
         let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
         let mut out = Restored::default();
         let runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
+        let uids = txn.open_table(RUN_UIDS).map_err(|e| self.db_err(e))?;
         for entry in runs.iter().map_err(|e| self.db_err(e))? {
-            let (_, value) = entry.map_err(|e| self.db_err(e))?;
-            out.runs
-                .push(Run::decode(value.value()).map_err(|e| self.decode_err("runs", e))?);
+            let (key, value) = entry.map_err(|e| self.db_err(e))?;
+            let run = Run::decode(value.value()).map_err(|e| self.decode_err("runs", e))?;
+            let uid = uids
+                .get(key.value())
+                .map_err(|e| self.db_err(e))?
+                .map_or(0, |v| v.value());
+            out.runs.push((run, uid));
         }
         let results = txn.open_table(RESULTS).map_err(|e| self.db_err(e))?;
         for entry in results.iter().map_err(|e| self.db_err(e))? {
@@ -326,15 +350,54 @@ impl Store {
         Ok(out)
     }
 
-    /// Durably inserts or replaces a run record.
-    pub fn put_run(&self, run: &Run) -> Result<(), StoreError> {
+    /// Whether the run stored under `run_id` is the one of `uid` (see
+    /// "Run identity"), read inside a write transaction.
+    fn is_current(
+        &self,
+        txn: &redb::WriteTransaction,
+        run_id: &str,
+        uid: u64,
+    ) -> Result<bool, StoreError> {
+        let runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
+        if runs.get(run_id).map_err(|e| self.db_err(e))?.is_none() {
+            return Ok(false);
+        }
+        let uids = txn.open_table(RUN_UIDS).map_err(|e| self.db_err(e))?;
+        let stored = uids
+            .get(run_id)
+            .map_err(|e| self.db_err(e))?
+            .map_or(0, |v| v.value());
+        Ok(stored == uid)
+    }
+
+    /// Durably stores a new run record with its uid.
+    pub fn create_run(&self, run: &Run, uid: u64) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
         {
             let mut runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
             runs.insert(run.run_id.as_str(), run.encode_to_vec().as_slice())
                 .map_err(|e| self.db_err(e))?;
+            let mut uids = txn.open_table(RUN_UIDS).map_err(|e| self.db_err(e))?;
+            uids.insert(run.run_id.as_str(), uid)
+                .map_err(|e| self.db_err(e))?;
         }
         txn.commit().map_err(|e| self.db_err(e))
+    }
+
+    /// Durably replaces the record of the run of `uid`. Returns `false`,
+    /// writing nothing, when that run is no longer stored.
+    pub fn update_run(&self, run: &Run, uid: u64) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        if !self.is_current(&txn, &run.run_id, uid)? {
+            return Ok(false);
+        }
+        {
+            let mut runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
+            runs.insert(run.run_id.as_str(), run.encode_to_vec().as_slice())
+                .map_err(|e| self.db_err(e))?;
+        }
+        txn.commit().map_err(|e| self.db_err(e))?;
+        Ok(true)
     }
 
     /// Durably removes a run, its epoch results and its checkpoint.
@@ -343,6 +406,8 @@ impl Store {
         {
             let mut runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
             runs.remove(run_id).map_err(|e| self.db_err(e))?;
+            let mut uids = txn.open_table(RUN_UIDS).map_err(|e| self.db_err(e))?;
+            uids.remove(run_id).map_err(|e| self.db_err(e))?;
             let mut results = txn.open_table(RESULTS).map_err(|e| self.db_err(e))?;
             // Deleting is rare; a scan keeps the key encoding out of range
             // arithmetic.
@@ -376,19 +441,20 @@ impl Store {
     }
 
     /// Durably records that `key`'s epoch is open (its marker; see the
-    /// module doc). Returns `false`, writing nothing, when the run is no
-    /// longer stored, so a deleted run never regains a marker.
-    pub fn open_epoch(&self, key: &EpochKey, opened_unix_ms: i64) -> Result<bool, StoreError> {
+    /// module doc). Returns `false`, writing nothing, when the run of `uid`
+    /// is no longer stored, so a deleted run never regains a marker (nor
+    /// gives one to the run that replaced it).
+    pub fn open_epoch(
+        &self,
+        key: &EpochKey,
+        uid: u64,
+        opened_unix_ms: i64,
+    ) -> Result<bool, StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        if !self.is_current(&txn, &key.run_id, uid)? {
+            return Ok(false);
+        }
         {
-            let runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
-            let exists = runs
-                .get(key.run_id.as_str())
-                .map_err(|e| self.db_err(e))?
-                .is_some();
-            if !exists {
-                return Ok(false);
-            }
             let mut markers = txn.open_table(OPEN_EPOCHS).map_err(|e| self.db_err(e))?;
             markers
                 .insert(key.as_tuple(), opened_unix_ms)
@@ -399,25 +465,24 @@ impl Store {
     }
 
     /// Durably appends an epoch result, removes the epoch's open marker and
-    /// refreshes its run record (for `rows_ingested`). Returns `false`, writing nothing, when the run is no
-    /// longer stored (deleted concurrently): the check and the write are one
-    /// transaction, so a deleted run never regains results.
+    /// refreshes its run record (for `rows_ingested`). Returns `false`,
+    /// writing nothing, when the run of `uid` is no longer stored (deleted,
+    /// perhaps created again, concurrently): the check and the write are
+    /// one transaction, so a deleted run never regains results and never
+    /// writes into its successor.
     pub fn put_result(
         &self,
         run: &Run,
+        uid: u64,
         result: &EpochResult,
         writers: &[WriterCheckpoint],
     ) -> Result<bool, StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        if !self.is_current(&txn, &run.run_id, uid)? {
+            return Ok(false);
+        }
         {
             let mut runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
-            let exists = runs
-                .get(run.run_id.as_str())
-                .map_err(|e| self.db_err(e))?
-                .is_some();
-            if !exists {
-                return Ok(false);
-            }
             runs.insert(run.run_id.as_str(), run.encode_to_vec().as_slice())
                 .map_err(|e| self.db_err(e))?;
             let mut results = txn.open_table(RESULTS).map_err(|e| self.db_err(e))?;
@@ -470,23 +535,19 @@ impl Store {
     /// Durably records that `writer` (`""`: batches without a writer_id)
     /// is about to apply batches to `key`'s epoch that its checkpoint of
     /// generation `generation` will not hold (see the module doc). Returns
-    /// `false`, writing nothing, when the run is no longer stored.
+    /// `false`, writing nothing, when the run of `uid` is no longer stored.
     pub fn mark_writer(
         &self,
         key: &EpochKey,
+        uid: u64,
         writer: &str,
         generation: u64,
     ) -> Result<bool, StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        if !self.is_current(&txn, &key.run_id, uid)? {
+            return Ok(false);
+        }
         {
-            let runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
-            if runs
-                .get(key.run_id.as_str())
-                .map_err(|e| self.db_err(e))?
-                .is_none()
-            {
-                return Ok(false);
-            }
             let mut dirty = txn.open_table(DIRTY_WRITERS).map_err(|e| self.db_err(e))?;
             let at = (
                 key.run_id.as_str(),
@@ -508,28 +569,32 @@ impl Store {
     }
 
     /// One checkpoint round in one durable transaction: refreshes the
-    /// given run records, writes each epoch's checkpoint (skipping epochs
-    /// whose run is gone or whose result is stored meanwhile), removes the
+    /// given run records (each with its uid), writes each epoch's
+    /// checkpoint (skipping epochs whose run of that uid is not among
+    /// `runs` or no longer stored, and epochs whose result is stored
+    /// meanwhile), removes the
     /// dirty-writer markers each checkpoint covers (generation below its
     /// own, writer not in its `keep` list) and the legacy whole-run
     /// checkpoints. Returns the number of epochs written.
     pub fn write_round(
         &self,
-        runs: &[Run],
-        epochs: &[(EpochKey, EpochCheckpoint, Vec<String>)],
+        runs: &[(Run, u64)],
+        epochs: &[(EpochKey, u64, EpochCheckpoint, Vec<String>)],
     ) -> Result<usize, StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
         let mut written = 0;
+        let mut current = std::collections::HashSet::new();
+        for (run, uid) in runs {
+            if self.is_current(&txn, &run.run_id, *uid)? {
+                current.insert((run.run_id.as_str(), *uid));
+            }
+        }
         {
             let mut legacy = txn.open_table(CHECKPOINTS).map_err(|e| self.db_err(e))?;
             legacy.retain(|_, _| false).map_err(|e| self.db_err(e))?;
             let mut run_table = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
-            for run in runs {
-                let exists = run_table
-                    .get(run.run_id.as_str())
-                    .map_err(|e| self.db_err(e))?
-                    .is_some();
-                if exists {
+            for (run, uid) in runs {
+                if current.contains(&(run.run_id.as_str(), *uid)) {
                     run_table
                         .insert(run.run_id.as_str(), run.encode_to_vec().as_slice())
                         .map_err(|e| self.db_err(e))?;
@@ -540,16 +605,12 @@ impl Store {
                 .open_table(EPOCH_CHECKPOINTS)
                 .map_err(|e| self.db_err(e))?;
             let mut covered = std::collections::HashMap::new();
-            for (key, checkpoint, keep) in epochs {
-                let run_exists = run_table
-                    .get(key.run_id.as_str())
-                    .map_err(|e| self.db_err(e))?
-                    .is_some();
+            for (key, uid, checkpoint, keep) in epochs {
                 let closed = results
                     .get(key.as_tuple())
                     .map_err(|e| self.db_err(e))?
                     .is_some();
-                if !run_exists || closed {
+                if !current.contains(&(key.run_id.as_str(), *uid)) || closed {
                     continue;
                 }
                 table
@@ -578,6 +639,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The uid of the runs of these tests.
+    const U: u64 = 7;
 
     fn key(run: &str, epoch: u64) -> EpochKey {
         EpochKey {
@@ -640,14 +704,14 @@ mod tests {
     fn round_trips_and_deletes() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.put_run(&run("a")).unwrap();
-        assert!(store.open_epoch(&key("a", 4), 10).unwrap());
-        assert!(store.open_epoch(&key("a", 5), 10).unwrap());
+        store.create_run(&run("a"), U).unwrap();
+        assert!(store.open_epoch(&key("a", 4), U, 10).unwrap());
+        assert!(store.open_epoch(&key("a", 5), U, 10).unwrap());
         assert_eq!(
             store
                 .write_round(
-                    &[run("a")],
-                    &[(key("a", 5), checkpoint(5, 1, vec![1, 9]), vec![])]
+                    &[(run("a"), U)],
+                    &[(key("a", 5), U, checkpoint(5, 1, vec![1, 9]), vec![])]
                 )
                 .unwrap(),
             1
@@ -657,19 +721,19 @@ mod tests {
             ranges,
         };
         assert!(store
-            .put_result(&run("a"), &result("a", 4), &[w(vec![10, 12])])
+            .put_result(&run("a"), U, &result("a", 4), &[w(vec![10, 12])])
             .unwrap());
         assert!(store
-            .put_result(&run("a"), &result("a", 3), &[w(vec![13, 20])])
+            .put_result(&run("a"), U, &result("a", 3), &[w(vec![13, 20])])
             .unwrap());
         assert!(!store
-            .put_result(&run("ghost"), &result("ghost", 4), &[])
+            .put_result(&run("ghost"), U, &result("ghost", 4), &[])
             .unwrap());
         drop(store);
 
         let store = Store::open(dir.path()).unwrap();
         let restored = store.load().unwrap();
-        assert_eq!(restored.runs, vec![run("a")]);
+        assert_eq!(restored.runs, vec![(run("a"), U)]);
         assert_eq!(restored.results, vec![result("a", 3), result("a", 4)]);
         // Epoch 4 closed: only 5 is open, with its checkpoint; the closed
         // epochs' sequences are merged into one interval.
@@ -684,7 +748,10 @@ mod tests {
         // A round never writes the checkpoint of a closed epoch.
         assert_eq!(
             store
-                .write_round(&[], &[(key("a", 4), checkpoint(4, 2, vec![]), vec![])])
+                .write_round(
+                    &[(run("a"), U)],
+                    &[(key("a", 4), U, checkpoint(4, 2, vec![]), vec![])]
+                )
                 .unwrap(),
             0
         );
@@ -698,31 +765,90 @@ mod tests {
     fn a_round_removes_exactly_the_dirty_markers_it_covers() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.put_run(&run("a")).unwrap();
-        assert!(!store.mark_writer(&key("ghost", 1), "w", 0).unwrap());
+        store.create_run(&run("a"), U).unwrap();
+        assert!(!store.mark_writer(&key("ghost", 1), U, "w", 0).unwrap());
         for w in ["w", "v", ""] {
-            assert!(store.mark_writer(&key("a", 1), w, 0).unwrap());
+            assert!(store.mark_writer(&key("a", 1), U, w, 0).unwrap());
         }
-        assert!(store.mark_writer(&key("a", 2), "w", 0).unwrap());
+        assert!(store.mark_writer(&key("a", 2), U, "w", 0).unwrap());
         // Snapshot 1 of epoch 1 is taken; "w" then applies more and marks
         // generation 1 before the round commits: that marker stays.
-        assert!(store.mark_writer(&key("a", 1), "w", 1).unwrap());
+        assert!(store.mark_writer(&key("a", 1), U, "w", 1).unwrap());
         // A lower generation never lowers a stored marker.
-        assert!(store.mark_writer(&key("a", 1), "w", 0).unwrap());
+        assert!(store.mark_writer(&key("a", 1), U, "w", 0).unwrap());
         store
-            .write_round(&[], &[(key("a", 1), checkpoint(1, 1, vec![]), vec![])])
+            .write_round(
+                &[(run("a"), U)],
+                &[(key("a", 1), U, checkpoint(1, 1, vec![]), vec![])],
+            )
             .unwrap();
         assert_eq!(dirty(&store), vec![(1, "w".into(), 1), (2, "w".into(), 0)]);
         // A writer still missing since an unclean stop keeps its marker.
         store
             .write_round(
-                &[],
-                &[(key("a", 1), checkpoint(1, 2, vec![]), vec!["w".into()])],
+                &[(run("a"), U)],
+                &[(key("a", 1), U, checkpoint(1, 2, vec![]), vec!["w".into()])],
             )
             .unwrap();
         assert_eq!(dirty(&store), vec![(1, "w".into(), 1), (2, "w".into(), 0)]);
         // Closing epoch 2 removes its markers with its open marker.
-        assert!(store.put_result(&run("a"), &result("a", 2), &[]).unwrap());
+        assert!(store
+            .put_result(&run("a"), U, &result("a", 2), &[])
+            .unwrap());
         assert_eq!(dirty(&store), vec![(1, "w".into(), 1)]);
+    }
+
+    #[test]
+    fn writes_of_a_deleted_run_never_reach_the_run_created_under_its_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (old, new) = (U, U + 1);
+        store.create_run(&run("a"), old).unwrap();
+        assert!(store.open_epoch(&key("a", 0), old, 10).unwrap());
+        store.delete_run("a").unwrap();
+        let mut replacement = run("a");
+        replacement.num_classes = 5;
+        store.create_run(&replacement, new).unwrap();
+        // Everything written on behalf of the old run is refused whole.
+        assert!(!store.open_epoch(&key("a", 1), old, 10).unwrap());
+        assert!(!store.mark_writer(&key("a", 1), old, "w", 0).unwrap());
+        assert!(!store
+            .put_result(&run("a"), old, &result("a", 0), &[])
+            .unwrap());
+        assert!(!store.update_run(&run("a"), old).unwrap());
+        assert_eq!(
+            store
+                .write_round(
+                    &[(run("a"), old)],
+                    &[(key("a", 0), old, checkpoint(0, 1, vec![1, 2]), vec![])]
+                )
+                .unwrap(),
+            0
+        );
+        let restored = store.load().unwrap();
+        assert_eq!(restored.runs, vec![(replacement.clone(), new)]);
+        assert!(restored.results.is_empty() && restored.open.is_empty());
+        assert!(restored.dirty.is_empty() && restored.closed_writers.is_empty());
+        // The new run's own writes go through.
+        assert!(store.open_epoch(&key("a", 1), new, 10).unwrap());
+        assert!(store.update_run(&replacement, new).unwrap());
+    }
+
+    #[test]
+    fn runs_stored_without_a_uid_are_uid_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.create_run(&run("old"), U).unwrap();
+        // A database of an earlier version: the record without its uid.
+        {
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(RUN_UIDS).unwrap().remove("old").unwrap();
+            txn.commit().unwrap();
+        }
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap().runs, vec![(run("old"), 0)]);
+        assert!(!store.open_epoch(&key("old", 0), U, 10).unwrap());
+        assert!(store.open_epoch(&key("old", 0), 0, 10).unwrap());
     }
 }

@@ -296,7 +296,7 @@ pub struct Daemon {
     pub child: Child,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
-    /// Every log line after "vcid serving", as written.
+    /// Every log line, as written (those of the start-up included).
     pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -323,10 +323,12 @@ impl Daemon {
         let stderr = child.stderr.take().expect("stderr");
         let mut reader = BufReader::new(stderr);
         let mut line = String::new();
+        let mut early = Vec::new();
         let (grpc, http) = loop {
             line.clear();
             let n = reader.read_line(&mut line).expect("read daemon log");
             assert!(n > 0, "daemon exited before serving");
+            early.push(line.clone());
             let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
@@ -337,7 +339,7 @@ impl Daemon {
                 break (grpc, http);
             }
         };
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = std::sync::Arc::new(std::sync::Mutex::new(early));
         let lines = std::sync::Arc::clone(&log);
         std::thread::spawn(move || {
             let mut line = String::new();

@@ -45,7 +45,7 @@
 //! with FAILED_PRECONDITION: never half-applied, never lost.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 use ndarray::ArrayView2;
@@ -65,6 +65,9 @@ use super::marker::EpochMarker;
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct RunInfo {
     pub(crate) run_id: String,
+    /// Drawn at `CreateRun`: a run deleted and created again under the
+    /// same id has another uid (`store`'s "Run identity").
+    pub(crate) uid: u64,
     pub(crate) num_classes: u32,
     pub(crate) feature_dim: u32,
     pub(crate) metadata: BTreeMap<String, String>,
@@ -176,9 +179,6 @@ struct Book {
     version: u64,
     /// `version` as of the last durable checkpoint.
     durable_version: u64,
-    durable_samples: u64,
-    /// Unix ms of the last durable checkpoint (0: none).
-    durable_unix_ms: i64,
     /// Counts snapshots; the dirty-writer markers written since the last
     /// snapshot carry it (see [`super::marker`]).
     generation: u64,
@@ -265,8 +265,12 @@ struct EpochSlot {
     shards: Mutex<Vec<ShardCell>>,
     /// Bytes reserved from the [`Budget`]: one accumulator per shard.
     reserved: AtomicU64,
-    /// Rows folded in (read without waiting for a fold).
+    /// Rows folded in, rows in the last durable checkpoint and its unix
+    /// ms (0: none): read by `GetRun` on a runtime thread, which must not
+    /// take a lock a fold or snapshot holds.
     samples: AtomicU64,
+    durable_samples: AtomicU64,
+    durable_unix_ms: AtomicI64,
     /// Spreads batches that wait for a busy shard over the shards.
     waits: AtomicUsize,
     /// Delivery bookkeeping (see [`Book`]).
@@ -278,6 +282,8 @@ impl EpochSlot {
         EpochSlot {
             phase: RwLock::new(Phase::Open),
             samples: AtomicU64::new(acc.samples()),
+            durable_samples: AtomicU64::new(0),
+            durable_unix_ms: AtomicI64::new(0),
             shards: Mutex::new(vec![new_shard(acc)]),
             reserved: AtomicU64::new(reserved),
             waits: AtomicUsize::new(0),
@@ -329,10 +335,13 @@ impl EpochSlot {
         })
     }
 
-    /// `(samples, durable_samples, durable_unix_ms)`.
+    /// `(samples, durable_samples, durable_unix_ms)`, lock-free.
     fn progress(&self) -> (u64, u64, i64) {
-        let g = lock(&self.book);
-        (self.samples(), g.durable_samples, g.durable_unix_ms)
+        (
+            self.samples(),
+            self.durable_samples.load(Ordering::Relaxed),
+            self.durable_unix_ms.load(Ordering::Relaxed),
+        )
     }
 
     fn phase(&self) -> RwLockReadGuard<'_, Phase> {
@@ -902,25 +911,34 @@ impl RunState {
                 previous_vci,
             }),
             None => {
-                // Deleted or checkpointed between the two locks.
+                // Deleted, or frozen for the shutdown checkpoint, between
+                // the two locks: a frozen epoch goes back with its data
+                // for the checkpoint to write.
                 let mut inner = lock(&self.inner);
-                if let Some(stream) = inner.streams.get_mut(key) {
-                    stream.closing.remove(&epoch);
+                if self.is_deleted() {
+                    return Err(ServerError::RunNotFound(self.info.run_id.clone()));
                 }
-                Err(if self.is_deleted() {
-                    ServerError::RunNotFound(self.info.run_id.clone())
-                } else {
-                    ServerError::ShuttingDown("open accumulators were checkpointed".into())
-                })
+                let stream = inner.streams.entry(key.clone()).or_default();
+                stream.closing.remove(&epoch);
+                stream.open.insert(epoch, slot);
+                Err(ServerError::ShuttingDown(
+                    "open accumulators were checkpointed".into(),
+                ))
             }
         }
     }
 
-    /// Puts a closing epoch back into the open set (its metrics or its
-    /// storage failed), so no data is lost; frees it instead when the run
-    /// was deleted meanwhile. Takes the slot lock, then the run lock (the
-    /// allowed order), so a concurrent delete is seen consistently.
-    pub(crate) fn abort_close(&self, closing: Closing) {
+    /// Puts a closing epoch back into the open set exactly as it was (its
+    /// metrics or its storage failed), so no data is lost and it can be
+    /// closed again: one shard holding the combined statistics, the one
+    /// accumulator it still reserves, its samples and writers; frozen
+    /// when the shutdown checkpoint froze the run meanwhile (that
+    /// checkpoint waits for closes in flight, so it writes the epoch).
+    /// Frees it instead when the run was deleted meanwhile. Takes the slot
+    /// lock, then the run lock (the allowed order), so a concurrent delete
+    /// or freeze is seen consistently. Returns the samples given back,
+    /// `None` when the run was deleted.
+    pub(crate) fn abort_close(&self, closing: Closing) -> Option<u64> {
         let Closing {
             key,
             epoch,
@@ -933,13 +951,18 @@ impl RunState {
         if self.is_deleted() {
             *phase = Phase::Deleted;
             self.budget.release(slot.reserved.swap(0, Ordering::AcqRel));
-            return;
+            return None;
         }
         *lock(&slot.shards) = vec![new_shard(acc)];
-        *phase = Phase::Open;
+        *phase = if inner.frozen {
+            Phase::Frozen
+        } else {
+            Phase::Open
+        };
         let stream = inner.streams.entry(key).or_default();
         stream.closing.remove(&epoch);
         stream.open.insert(epoch, Arc::clone(&slot));
+        Some(slot.samples())
     }
 
     /// Records the durable result of a closing epoch and frees its memory.
@@ -1012,8 +1035,10 @@ impl RunState {
         for snap in snapshots {
             let mut g = lock(&snap.slot.book);
             g.durable_version = g.durable_version.max(snap.version);
-            g.durable_samples = snap.acc.samples();
-            g.durable_unix_ms = unix_ms;
+            snap.slot
+                .durable_samples
+                .store(snap.acc.samples(), Ordering::Relaxed);
+            snap.slot.durable_unix_ms.store(unix_ms, Ordering::Relaxed);
         }
         let mut inner = lock(&self.inner);
         for snap in snapshots {
@@ -1041,11 +1066,13 @@ impl RunState {
         self.budget.force_reserve(reserved);
         let samples = restored.acc.samples();
         let slot = EpochSlot::new(restored.acc, reserved);
+        let durable = if restored.rewrite { 0 } else { samples };
+        slot.durable_samples.store(durable, Ordering::Relaxed);
+        slot.durable_unix_ms
+            .store(restored.durable_unix_ms, Ordering::Relaxed);
         {
             let mut g = lock(&slot.book);
             g.version = u64::from(restored.rewrite);
-            g.durable_samples = if restored.rewrite { 0 } else { samples };
-            g.durable_unix_ms = restored.durable_unix_ms;
             g.generation = restored.generation;
             g.missing = restored.missing;
             g.writers = restored.writers;
@@ -1166,6 +1193,7 @@ mod tests {
         let budget = Arc::new(Budget::new(1 << 20));
         let info = RunInfo {
             run_id: "r".into(),
+            uid: 1,
             num_classes: 2,
             feature_dim: 1,
             metadata: BTreeMap::new(),
@@ -1372,6 +1400,7 @@ mod tests {
     fn shard_run(max_shards: usize, budget_accumulators: f64) -> (RunState, Arc<Budget>) {
         let info = RunInfo {
             run_id: "s".into(),
+            uid: 1,
             num_classes: 3,
             feature_dim: 4,
             metadata: BTreeMap::new(),
@@ -1444,6 +1473,7 @@ mod tests {
     fn a_shard_keeps_small_fold_scratch_and_frees_what_a_large_batch_grew() {
         let info = RunInfo {
             run_id: "scratch".into(),
+            uid: 1,
             num_classes: 3,
             feature_dim: 64,
             metadata: BTreeMap::new(),
@@ -1508,6 +1538,69 @@ mod tests {
         let closing = run.begin_close(&key, 0).unwrap();
         assert_eq!((closing.acc.samples(), budget.used()), (30, per));
         run.finish_close(closing, Arc::new(EpochResult::default()));
+        assert_eq!(budget.used(), 0);
+    }
+
+    /// A close that fails (its metrics or its storage) gives the epoch
+    /// back exactly: the same statistics, samples and writers, one
+    /// accumulator of budget (the extra shards' memory was returned once
+    /// by `begin_close`, nothing is returned or reserved twice), closable
+    /// again; frozen when the shutdown checkpoint froze the run meanwhile,
+    /// so that checkpoint still writes it; freed when the run was deleted.
+    #[test]
+    fn a_failed_close_gives_the_epoch_back_exactly_and_counts_its_budget_once() {
+        let (run, budget) = shard_run(4, 2.5);
+        let per = run.info.accumulator_bytes();
+        let key = train();
+        let x = ndarray::Array2::from_shape_fn((6, 4), |(i, j)| (i * 4 + j) as f64 * 0.5 + 1.0);
+        let y = [0, 1, 2, 0, 1, 2];
+        apply_marked_rows(&run, &key, &x, &y);
+        apply_into(&run, &key, rows(&x, &y), 1);
+        assert_eq!(budget.used(), 2 * per);
+        let before = run.open_epochs();
+
+        let closing = run.begin_close(&key, 0).unwrap();
+        let parts = closing.acc.to_parts();
+        assert_eq!(budget.used(), per);
+        assert!(run.open_epochs().is_empty());
+        assert_eq!(run.abort_close(closing), Some(12));
+        assert_eq!(run.open_epochs(), before);
+        assert_eq!(budget.used(), per);
+        assert_eq!(open_slot(&run, &key, 0).shard_count(), 1);
+        // Closable again, from the very same statistics; more batches land.
+        let again = run.begin_close(&key, 0).unwrap();
+        assert_eq!(again.acc.to_parts(), parts);
+        assert_eq!(run.abort_close(again), Some(12));
+        apply_marked_rows(&run, &key, &x, &y);
+        assert_eq!(samples_of(&run), 18);
+
+        // Frozen for the shutdown checkpoint while closing: back frozen,
+        // still in the checkpoint, no merges; a close begun after the
+        // freeze leaves the epoch in place too.
+        let closing = run.begin_close(&key, 0).unwrap();
+        run.freeze();
+        assert_eq!(run.abort_close(closing), Some(18));
+        assert!(matches!(
+            run.begin_close(&key, 0),
+            Err(ServerError::ShuttingDown(_))
+        ));
+        assert_eq!(samples_of(&run), 18);
+        assert!(matches!(
+            run.apply(&key, 0, rows(&x, &y), None),
+            Err(ServerError::ShuttingDown(_))
+        ));
+        let snapshots = run.snapshot_changed();
+        assert_eq!(snapshots.len(), 1);
+        assert_eq!(snapshots[0].acc.samples(), 18);
+        assert_eq!(budget.used(), per);
+
+        // Deleted while closing: the abort frees it.
+        let (run, budget) = shard_run(4, 2.5);
+        apply_marked_rows(&run, &key, &x, &y);
+        let closing = run.begin_close(&key, 0).unwrap();
+        run.mark_deleted();
+        assert_eq!(budget.used(), per);
+        assert_eq!(run.abort_close(closing), None);
         assert_eq!(budget.used(), 0);
     }
 

@@ -17,6 +17,7 @@
 //! daemon state.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
@@ -26,7 +27,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::{broadcast, watch};
 
-use crate::server::daemon::WatchEvent;
+use crate::server::daemon::{Daemon, WatchEvent};
 use crate::server::http::HttpState;
 
 use super::api::{query_params, ApiError};
@@ -38,8 +39,10 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 struct Subscriber {
     rx: broadcast::Receiver<WatchEvent>,
     shutdown: watch::Receiver<bool>,
-    /// Only this run's events, when set.
+    daemon: Arc<Daemon>,
+    /// Only this run's events (id and uid), when set.
     run: Option<String>,
+    uid: Option<u64>,
     hello: bool,
     done: bool,
 }
@@ -59,19 +62,31 @@ async fn next_event(mut sub: Subscriber) -> Option<(Result<Event, Infallible>, S
         return None;
     }
     let wanted = |sub: &Subscriber, run_id: &str| sub.run.as_deref().is_none_or(|r| r == run_id);
+    // A result or deletion of the run subscribed to, or (subscribed to
+    // every run) of a run that is still current: never one of an earlier
+    // run of the same id.
+    let of_run = |sub: &Subscriber, run_id: &str, uid: u64| {
+        wanted(sub, run_id)
+            && match sub.uid {
+                Some(own) => own == uid,
+                None => sub.daemon.is_current(run_id, uid),
+            }
+    };
     loop {
         let received = tokio::select! {
             _ = sub.shutdown.wait_for(|stopping| *stopping) => return None,
             received = sub.rx.recv() => received,
         };
         let out = match received {
-            Ok(WatchEvent::Result(result)) if wanted(&sub, &result.run_id) => {
+            Ok(WatchEvent::Result { uid, result }) if of_run(&sub, &result.run_id, uid) => {
                 event("result", &format::ResultJson(result.as_ref()))
             }
             Ok(WatchEvent::RunChanged(run)) if wanted(&sub, &run.run_id) => {
                 event("run", &format::run_json(&run, None))
             }
-            Ok(WatchEvent::RunDeleted(run_id)) if wanted(&sub, &run_id) => {
+            Ok(WatchEvent::RunDeleted { run_id, uid })
+                if wanted(&sub, &run_id) && sub.uid.is_none_or(|own| own == uid) =>
+            {
                 sub.done = sub.run.is_some();
                 event("run_deleted", &serde_json::json!({ "run_id": run_id }))
             }
@@ -97,14 +112,19 @@ pub(crate) async fn events(
         .next()
         .map(|(_, run)| run)
         .filter(|run| !run.is_empty());
-    let rx = match &run {
-        Some(run) => state.daemon.subscribe(run)?,
-        None => state.daemon.subscribe_all(),
+    let (rx, uid) = match &run {
+        Some(run) => {
+            let (rx, uid) = state.daemon.subscribe(run)?;
+            (rx, Some(uid))
+        }
+        None => (state.daemon.subscribe_all(), None),
     };
     let subscriber = Subscriber {
         rx,
         shutdown: state.shutdown.clone(),
+        daemon: Arc::clone(&state.daemon),
         run,
+        uid,
         hello: true,
         done: false,
     };
