@@ -503,17 +503,6 @@ async fn budgeted_daemon(
     (daemon, baseline)
 }
 
-/// A gauge of the daemon's own series on `/metrics`.
-fn daemon_gauge(daemon: &Daemon, name: &str) -> u64 {
-    let (status, body) = http_get(daemon.http, "/metrics");
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("{name} on /metrics"))
-        .parse::<f64>()
-        .unwrap() as u64
-}
-
 /// A float16 batch of `rows` rows of dimension `d` (values in [-1, 1) and
 /// labels below `k` from `seed`).
 fn f16_batch(run: &str, rows: usize, d: usize, k: u32, seed: u64) -> FeatureBatch {

@@ -43,15 +43,6 @@ async fn history_len(client: &mut Client, run: &str) -> usize {
         .len()
 }
 
-fn accumulator_bytes(daemon: &Daemon) -> u64 {
-    let (status, body) = http_get(daemon.http, "/metrics");
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix("vcid_accumulator_bytes "))
-        .and_then(|v| v.parse().ok())
-        .expect("vcid_accumulator_bytes in metrics")
-}
-
 /// What the daemon logs at start-up when batches died with an unclean stop.
 const UNCLEAN: &str = "died with an unclean stop of the daemon";
 
@@ -170,7 +161,7 @@ async fn a_close_in_flight_never_writes_into_the_run_created_again_under_its_id(
         .unwrap();
     // Only the new run's memory is reserved.
     let per_new = vcid::stats::Accumulator::estimated_bytes(k.into(), d.into()).unwrap();
-    assert_eq!(accumulator_bytes(&daemon), per_new);
+    assert_eq!(daemon_gauge(&daemon, "vcid_accumulator_bytes"), per_new);
     let reply = client
         .checkpoint(CheckpointRequest {
             run_id: "x".into(),
@@ -264,7 +255,8 @@ async fn a_close_cut_short_by_its_caller_or_the_shutdown_grace_is_never_stranded
     // Stored, and only epoch 1's accumulator still reserved.
     let per = vcid::stats::Accumulator::estimated_bytes(k.into(), d.into()).unwrap();
     let started = Instant::now();
-    while get_run(&mut client, "cut").await.closed_epochs == 0 || accumulator_bytes(&daemon) != per
+    while get_run(&mut client, "cut").await.closed_epochs == 0
+        || daemon_gauge(&daemon, "vcid_accumulator_bytes") != per
     {
         assert!(
             started.elapsed() < Duration::from_secs(60),
@@ -326,7 +318,7 @@ async fn a_close_cut_short_by_its_caller_or_the_shutdown_grace_is_never_stranded
     for result in &history {
         assert_matches(result, &expected, 1e-9);
     }
-    assert_eq!(accumulator_bytes(&daemon), 0);
+    assert_eq!(daemon_gauge(&daemon, "vcid_accumulator_bytes"), 0);
     assert!(!logged(&daemon, UNCLEAN));
     drop(client);
     assert_eq!(daemon.terminate(), Some(0));

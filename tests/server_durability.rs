@@ -355,15 +355,6 @@ async fn sigterm_checkpoints_open_epochs() {
     daemon.kill9();
 }
 
-fn accumulator_bytes(daemon: &Daemon) -> u64 {
-    let (status, body) = http_get(daemon.http, "/metrics");
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix("vcid_accumulator_bytes "))
-        .and_then(|v| v.parse().ok())
-        .expect("vcid_accumulator_bytes in metrics")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_fold_into_budgeted_shards_and_checkpoint_exactly() {
     let (k, d) = (10u32, 192u32);
@@ -391,7 +382,7 @@ async fn concurrent_streams_fold_into_budgeted_shards_and_checkpoint_exactly() {
         push.await.unwrap().unwrap();
     }
     // Every shard is one accumulator of the budget, at most two of them.
-    let reserved = accumulator_bytes(&daemon);
+    let reserved = daemon_gauge(&daemon, "vcid_accumulator_bytes");
     assert_eq!(reserved % per_accumulator, 0, "{reserved}");
     assert!(
         (1..=2).contains(&(reserved / per_accumulator)),
@@ -402,7 +393,10 @@ async fn concurrent_streams_fold_into_budgeted_shards_and_checkpoint_exactly() {
 
     // Restored as one accumulator holding the combined statistics.
     let daemon = Daemon::spawn(dir.path(), &["--max-shards-per-epoch", "2"]);
-    assert_eq!(accumulator_bytes(&daemon), per_accumulator);
+    assert_eq!(
+        daemon_gauge(&daemon, "vcid_accumulator_bytes"),
+        per_accumulator
+    );
     let mut client = connect(&daemon.url()).await;
     let closed = client
         .close_epoch(close_req("shards", "", 0))
@@ -410,7 +404,7 @@ async fn concurrent_streams_fold_into_budgeted_shards_and_checkpoint_exactly() {
         .unwrap()
         .into_inner();
     assert_matches(&closed, &reference(&x, &y, k, d), 1e-9);
-    assert_eq!(accumulator_bytes(&daemon), 0);
+    assert_eq!(daemon_gauge(&daemon, "vcid_accumulator_bytes"), 0);
     drop(client);
     assert_eq!(daemon.terminate(), Some(0));
 }

@@ -257,6 +257,17 @@ pub fn assert_same_metrics(a: &EpochResult, b: &EpochResult, tol: f64) {
     close(a.effective_rank, b.effective_rank, "effective_rank", tol);
 }
 
+/// The value of the unlabelled metric `name` on `daemon`'s `/metrics`.
+pub fn daemon_gauge(daemon: &Daemon, name: &str) -> u64 {
+    let (status, body) = http_get(daemon.http, "/metrics");
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} on /metrics"))
+        .parse::<f64>()
+        .unwrap() as u64
+}
+
 /// `GET path` over HTTP/1.1; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     http_request(addr, path, &[])

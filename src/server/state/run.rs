@@ -27,8 +27,11 @@
 //!   combines the shards and copies the [`Book`], so the statistics and the
 //!   writers' sequences it writes always agree.
 //! * Lock order: phase → shard list → shard → book. A slot lock may be taken
-//!   before the run lock, never the reverse (no code acquires a slot lock
-//!   while holding `RunInner`).
+//!   before the run lock, never the reverse (no code acquires the phase,
+//!   shard list or a shard while holding `RunInner`). The book is a leaf:
+//!   nothing is acquired while it is held and it is never held during CPU
+//!   work, so it may be taken under any lock (`begin_close` reads its
+//!   missing writers under the run lock).
 //!
 //! A batch is applied in three steps: (1) under the run lock, skip
 //! duplicates, reject a sequence beyond the writer's gap limit and closed
