@@ -294,7 +294,7 @@ def test_dashboard_variables_and_panels() -> None:
                    "vcid_class_separation{", "vcid_epoch{",
                    "rate(vcid_rows_ingested_total", "rate(vcid_batches_rejected_total",
                    "histogram_quantile(0.99, sum by (le) (rate(vcid_epoch_close_duration_seconds_bucket",
-                   "vcid_accumulator_bytes"]:
+                   "vcid_accumulator_bytes", "vcid_inflight_bytes"]:
         assert needle in exprs, needle
     for p in panels:
         assert len(p.get("description", "")) >= 40, f"panel {p['title']!r} lacks a description"
