@@ -350,6 +350,17 @@ impl Store {
         Ok(out)
     }
 
+    /// A write transaction for the run of `uid`, or `None` when the run
+    /// stored under `run_id` is no longer that one (see "Run identity").
+    fn begin_write_for(
+        &self,
+        run_id: &str,
+        uid: u64,
+    ) -> Result<Option<redb::WriteTransaction>, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        Ok(self.is_current(&txn, run_id, uid)?.then_some(txn))
+    }
+
     /// Whether the run stored under `run_id` is the one of `uid` (see
     /// "Run identity"), read inside a write transaction.
     fn is_current(
@@ -387,10 +398,9 @@ impl Store {
     /// Durably replaces the record of the run of `uid`. Returns `false`,
     /// writing nothing, when that run is no longer stored.
     pub fn update_run(&self, run: &Run, uid: u64) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
-        if !self.is_current(&txn, &run.run_id, uid)? {
+        let Some(txn) = self.begin_write_for(&run.run_id, uid)? else {
             return Ok(false);
-        }
+        };
         {
             let mut runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
             runs.insert(run.run_id.as_str(), run.encode_to_vec().as_slice())
@@ -450,10 +460,9 @@ impl Store {
         uid: u64,
         opened_unix_ms: i64,
     ) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
-        if !self.is_current(&txn, &key.run_id, uid)? {
+        let Some(txn) = self.begin_write_for(&key.run_id, uid)? else {
             return Ok(false);
-        }
+        };
         {
             let mut markers = txn.open_table(OPEN_EPOCHS).map_err(|e| self.db_err(e))?;
             markers
@@ -477,10 +486,9 @@ impl Store {
         result: &EpochResult,
         writers: &[WriterCheckpoint],
     ) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
-        if !self.is_current(&txn, &run.run_id, uid)? {
+        let Some(txn) = self.begin_write_for(&run.run_id, uid)? else {
             return Ok(false);
-        }
+        };
         {
             let mut runs = txn.open_table(RUNS).map_err(|e| self.db_err(e))?;
             runs.insert(run.run_id.as_str(), run.encode_to_vec().as_slice())
@@ -543,10 +551,9 @@ impl Store {
         writer: &str,
         generation: u64,
     ) -> Result<bool, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
-        if !self.is_current(&txn, &key.run_id, uid)? {
+        let Some(txn) = self.begin_write_for(&key.run_id, uid)? else {
             return Ok(false);
-        }
+        };
         {
             let mut dirty = txn.open_table(DIRTY_WRITERS).map_err(|e| self.db_err(e))?;
             let at = (
