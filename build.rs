@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
     tonic_prost_build::configure()
+        // Zero-copy: the features of a received batch stay a slice of the
+        // receive buffer, and a client clones a batch without copying.
+        .bytes(".vcid.v1.FeatureBatch.features")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

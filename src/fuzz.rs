@@ -75,7 +75,7 @@ fn valid_batch(rows: u32, encoding: i32) -> Vec<u8> {
         layer: "l".into(),
         epoch: 1,
         rows,
-        features: vec![0x3c; (rows * D) as usize * width],
+        features: vec![0x3c; (rows * D) as usize * width].into(),
         encoding,
         labels: (0..rows).map(|i| i % K).collect(),
         writer_id: "w".into(),
@@ -105,13 +105,16 @@ fn ingest_batch(bytes: &[u8]) {
     let Ok(decoded) = decode_batch(batch, D, MAX_ROWS) else {
         return;
     };
-    assert!(decoded.features.nrows() <= MAX_ROWS as usize);
-    let _ = Accumulator::from_batch(
-        decoded.features.view(),
-        &decoded.labels,
-        K as usize,
-        Par::Seq,
-    );
+    assert!(decoded.features.rows() <= MAX_ROWS as usize);
+    if Accumulator::check_labels(&decoded.labels, K as usize).is_err()
+        || decoded.features.check_finite().is_err()
+    {
+        return;
+    }
+    // A batch the door accepts folds.
+    let mut buffer = Vec::new();
+    let rows = decoded.features.widen_into(&mut buffer).unwrap();
+    Accumulator::from_batch(rows, &decoded.labels, K as usize, Par::Seq).unwrap();
 }
 
 /// Decode and validate a `StatsBlock` as `PushStats` does.

@@ -165,7 +165,7 @@ impl Synthetic {
             layer: String::new(),
             epoch,
             rows,
-            features,
+            features: features.into(),
             encoding: Encoding::Float32 as i32,
             labels,
             writer_id: String::new(),

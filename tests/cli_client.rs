@@ -71,7 +71,7 @@ fn batch(run: &str, split: &str, epoch: u64, features: &[f32], labels: &[u32]) -
         split: split.into(),
         epoch,
         rows: labels.len() as u32,
-        features: f32_bytes(features),
+        features: f32_bytes(features).into(),
         labels: labels.to_vec(),
         ..Default::default()
     }

@@ -219,7 +219,7 @@ async fn limits_carry_quota_failure() {
     // Message size, streamed (seen by the Push handler) and unary (tonic's
     // refusal, rewritten on its way out).
     let big = FeatureBatch {
-        features: vec![0; 8192],
+        features: vec![0; 8192].into(),
         ..batch("lim", "", 0, d, &x, &y, 0, 20)
     };
     let err = client

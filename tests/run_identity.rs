@@ -159,9 +159,15 @@ async fn a_close_in_flight_never_writes_into_the_run_created_again_under_its_id(
         .push(tokio_stream::iter(new[3..4].to_vec()))
         .await
         .unwrap();
-    // Only the new run's memory is reserved.
+    // Only the new run's memory is reserved: its accumulator and the fold
+    // buffers its shard keeps, far below the old run's accumulator.
     let per_new = vcid::stats::Accumulator::estimated_bytes(k.into(), d.into()).unwrap();
-    assert_eq!(daemon_gauge(&daemon, "vcid_accumulator_bytes"), per_new);
+    let per_old = vcid::stats::Accumulator::estimated_bytes(old_k.into(), old_d.into()).unwrap();
+    let held = daemon_gauge(&daemon, "vcid_accumulator_bytes");
+    assert!(
+        per_new <= held && held < per_old / 100,
+        "{held} bytes reserved"
+    );
     let reply = client
         .checkpoint(CheckpointRequest {
             run_id: "x".into(),
@@ -252,11 +258,12 @@ async fn a_close_cut_short_by_its_caller_or_the_shutdown_grace_is_never_stranded
         matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{err:?}"
     );
-    // Stored, and only epoch 1's accumulator still reserved.
+    // Stored, and only epoch 1's accumulator (with the fold buffers its
+    // shard keeps, much smaller) still reserved.
     let per = vcid::stats::Accumulator::estimated_bytes(k.into(), d.into()).unwrap();
     let started = Instant::now();
     while get_run(&mut client, "cut").await.closed_epochs == 0
-        || daemon_gauge(&daemon, "vcid_accumulator_bytes") != per
+        || daemon_gauge(&daemon, "vcid_accumulator_bytes") >= 2 * per
     {
         assert!(
             started.elapsed() < Duration::from_secs(60),

@@ -193,7 +193,7 @@ async fn encodings_and_push_stats_merge_exactly() {
             run_id: "enc".into(),
             epoch: 0,
             rows: rows.len() as u32,
-            features: bytes,
+            features: bytes.into(),
             encoding,
             labels: y[rows].to_vec(),
             writer_id: "w".into(),
@@ -476,12 +476,16 @@ async fn bad_input_is_rejected_and_changes_nothing() {
 
     let nan = {
         let mut b = good.clone();
-        b.features[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+        let mut bytes = b.features.to_vec();
+        bytes[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+        b.features = bytes.into();
         b
     };
     let inf = {
         let mut b = good.clone();
-        b.features[8..12].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        let mut bytes = b.features.to_vec();
+        bytes[8..12].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        b.features = bytes.into();
         b
     };
     let cases: Vec<(&str, FeatureBatch, Code, Vec<&str>)> = vec![
@@ -516,7 +520,7 @@ async fn bad_input_is_rejected_and_changes_nothing() {
             "rows = 0",
             FeatureBatch {
                 rows: 0,
-                features: vec![],
+                features: Default::default(),
                 labels: vec![],
                 ..good.clone()
             },
@@ -526,7 +530,7 @@ async fn bad_input_is_rejected_and_changes_nothing() {
         (
             "byte length",
             FeatureBatch {
-                features: good.features[..79].to_vec(),
+                features: good.features.slice(..79),
                 ..good.clone()
             },
             Code::InvalidArgument,
@@ -891,7 +895,7 @@ async fn limits_answer_resource_exhausted_with_numbers() {
 
     // A streamed message above the size limit, after a good one.
     let big = FeatureBatch {
-        features: vec![0; 8192],
+        features: vec![0; 8192].into(),
         ..batch("lim", "", 0, d, &x, &y, 0, 20)
     };
     let err = client

@@ -381,12 +381,17 @@ async fn concurrent_streams_fold_into_budgeted_shards_and_checkpoint_exactly() {
     for push in pushes.collect::<Vec<_>>() {
         push.await.unwrap().unwrap();
     }
-    // Every shard is one accumulator of the budget, at most two of them.
+    // Every shard is one accumulator of the budget plus the fold buffers
+    // it keeps (64 rows widened to f64, their centred copy, the class
+    // tables, per-thread sums: at most 8·(2·65·d + 2·K·d + 4·d + 256)
+    // bytes); one or two shards (the limit itself is checked in
+    // `state::run`'s unit tests, where shards can be counted).
     let reserved = daemon_gauge(&daemon, "vcid_accumulator_bytes");
-    assert_eq!(reserved % per_accumulator, 0, "{reserved}");
+    let buffers = 8 * u64::from(2 * 65 * d + 2 * k * d + 4 * d + 256);
     assert!(
-        (1..=2).contains(&(reserved / per_accumulator)),
-        "{reserved}"
+        (1..=2u64)
+            .any(|n| (n * per_accumulator..=n * (per_accumulator + buffers)).contains(&reserved)),
+        "{reserved} bytes for accumulators of {per_accumulator} and buffers up to {buffers}"
     );
     drop(client);
     assert_eq!(daemon.terminate(), Some(0));

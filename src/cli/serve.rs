@@ -438,10 +438,33 @@ fn termination() -> Result<impl Future<Output = ()>, CliError> {
     })
 }
 
+/// Allocations of at least this size are mapped on their own and returned
+/// to the system when freed (glibc's `M_MMAP_THRESHOLD`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD_BYTES: libc::c_int = 4 << 20;
+
+/// Large buffers straight from and back to the system. glibc's default
+/// raises its mmap threshold up to 32 MiB after the first large free, so
+/// the daemon's workspaces of a few MiB (fold scratch, a close's d × K
+/// matrices, checkpoint encodings) would then stay in per-thread arenas
+/// after use: BENCHMARKS.md "Daemon memory" measures the difference. The
+/// `MALLOC_MMAP_THRESHOLD_` environment variable, when set, wins.
+fn map_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only changes malloc's tuning; it is called once,
+        // before the runtime starts its threads.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+        }
+    }
+}
+
 /// Runs `vcid serve`.
 pub(crate) fn run(args: ServeArgs) -> Result<(), CliError> {
     let settings = args.validate()?;
     init_logging(settings.log_format, settings.log_filter);
+    map_large_allocations();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("vcid")

@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ndarray::Array2;
 use prost::Message;
 use tokio::sync::broadcast;
 
@@ -27,7 +26,7 @@ use crate::stats::{Accumulator, Par};
 
 use super::clock::{now_unix_ms, utc_timestamp};
 use super::config::Limits;
-use super::decode::{self, StreamKey};
+use super::decode::{self, StreamKey, WireRows};
 use super::error::ServerError;
 use super::export::Telemetry;
 use super::state::{
@@ -39,7 +38,7 @@ use super::store::{EpochCheckpoint, EpochKey, Store, WriterCheckpoint};
 /// off (it can re-read `GetHistory`).
 const WATCH_CAPACITY: usize = 1024;
 
-/// A validated, decoded batch, not yet applied (see
+/// A validated batch (still in its wire encoding), not yet applied (see
 /// [`Daemon::prepare_batch`]).
 #[derive(Debug)]
 pub struct PreparedBatch {
@@ -63,8 +62,8 @@ impl PreparedBatch {
 /// What a batch brings, owned until it is folded.
 #[derive(Debug)]
 enum Input {
-    /// Decoded rows `rows × d` and their labels, checked.
-    Rows(Array2<f64>, Vec<u32>),
+    /// Rows `rows × d` in their wire encoding and their labels, checked.
+    Rows(WireRows, Vec<u32>),
     /// A `PushStats` block, validated.
     Stats(Accumulator),
 }
@@ -84,10 +83,7 @@ impl ApplyJob {
     /// or the O(d²) merge).
     fn apply(&self) -> Result<Applied, ServerError> {
         let batch = match &self.input {
-            Input::Rows(features, labels) => Contribution::Rows {
-                features: features.view(),
-                labels,
-            },
+            Input::Rows(features, labels) => Contribution::Rows { features, labels },
             Input::Stats(acc) => Contribution::Stats(acc),
         };
         self.run
@@ -443,8 +439,8 @@ impl Daemon {
         Ok(())
     }
 
-    /// The lock-free half of ingesting a batch: validation and decoding, on
-    /// the blocking pool. Changes nothing, so several batches of one stream
+    /// The lock-free half of ingesting a batch: validation (names, shape,
+    /// labels, finiteness of the encoded values), on the blocking pool. Changes nothing, so several batches of one stream
     /// may be prepared concurrently and then applied in order.
     pub async fn prepare_batch(&self, batch: FeatureBatch) -> Result<PreparedBatch, ServerError> {
         self.telemetry.ingest_bytes(batch.encoded_len());
@@ -463,7 +459,8 @@ impl Daemon {
         let max_rows = self.limits.max_batch_rows;
         let decoded = blocking(move || {
             let decoded = decode::decode_batch(batch, d, max_rows)?;
-            Accumulator::check_batch(decoded.features.view(), &decoded.labels, k as usize)?;
+            Accumulator::check_labels(&decoded.labels, k as usize)?;
+            decoded.features.check_finite()?;
             Ok::<_, ServerError>(decoded)
         })
         .await??;
@@ -780,12 +777,15 @@ impl Daemon {
         let mut epochs = Vec::new();
         let mut taken = Vec::new();
         for run in self.state.list() {
-            let snapshots = run.snapshot_changed();
+            let mut snapshots = run.snapshot_changed();
             if snapshots.is_empty() {
                 continue;
             }
             records.push((Self::run_record(&run), run.info.uid));
-            for snap in &snapshots {
+            for snap in &mut snapshots {
+                let Some(acc) = snap.acc.take() else {
+                    continue;
+                };
                 let key = EpochKey {
                     run_id: run.info.run_id.clone(),
                     split: snap.key.split.clone(),
@@ -798,7 +798,7 @@ impl Daemon {
                         split: key.split.clone(),
                         layer: key.layer.clone(),
                         epoch: key.epoch,
-                        ..StatsBlock::from(snap.acc.to_parts())
+                        ..StatsBlock::from(acc.into_parts())
                     }),
                     writers: writer_checkpoints(&snap.writers),
                     generation: snap.generation,
@@ -812,7 +812,7 @@ impl Daemon {
             return Ok(0);
         }
         let started = Instant::now();
-        let written = self.store.write_round(&records, &epochs)?;
+        let written = self.store.write_round(&records, epochs)?;
         for (run, snapshots) in &taken {
             run.mark_durable(snapshots, now);
         }

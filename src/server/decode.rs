@@ -1,18 +1,20 @@
 //! Turns wire messages into validated values: names (README "API"), the
-//! `FeatureBatch` bytes into an f64 matrix, a `StatsBlock` into
+//! `FeatureBatch` bytes into checked [`WireRows`] (widened to f64 only when
+//! folded, into the folding shard's reused buffer), a `StatsBlock` into
 //! [`AccumulatorParts`].
 //!
 //! Pure functions without locks or I/O, so they run outside any lock (and
 //! off the async runtime). Every error names the field, the expected and the
 //! received value. Checks that need the statistics themselves (labels below
-//! K, NaN/Inf, a consistent `StatsBlock`) are the math core's
-//! (`Accumulator::from_batch` / `from_parts`), not repeated here.
+//! K, a consistent `StatsBlock`) are the math core's
+//! (`Accumulator::check_labels` / `from_parts`), not repeated here.
 
+use bytes::Bytes;
 use half::{bf16, f16};
-use ndarray::Array2;
+use ndarray::ArrayView2;
 
 use crate::proto::{Encoding, FeatureBatch, StatsBlock};
-use crate::stats::AccumulatorParts;
+use crate::stats::{AccumulatorParts, StatsError};
 
 use super::config::Limits;
 use super::error::{shown, ServerError};
@@ -167,21 +169,137 @@ pub fn encoding_width(encoding: Encoding) -> usize {
     }
 }
 
-/// A `FeatureBatch` whose shape has been checked, with its features decoded
-/// to f64; labels are still unchecked against K (the math core does that).
+/// The features of a checked `FeatureBatch`: `rows × d` little-endian
+/// values of one encoding, still the received bytes (prost's `bytes`
+/// option makes them a slice of the receive buffer, not a copy).
+/// [`WireRows::widen_into`] writes them as f64 into a buffer the caller
+/// reuses, so a batch allocates nothing of size rows × d once that buffer
+/// has grown to the batches' size.
+#[derive(Clone, Debug)]
+pub struct WireRows {
+    bytes: Bytes,
+    encoding: Encoding,
+    rows: usize,
+    dim: usize,
+}
+
+impl WireRows {
+    /// `bytes` as `rows × dim` values of `encoding`; the error names the
+    /// `features` field when the length is not `rows·dim·width`.
+    pub fn new(
+        bytes: Bytes,
+        encoding: Encoding,
+        rows: usize,
+        dim: usize,
+    ) -> Result<WireRows, ServerError> {
+        let width = encoding_width(encoding);
+        // rows and d fit in u32 on the wire, so this cannot overflow u128;
+        // it can exceed usize on 32-bit targets, which the comparison handles.
+        let expected_len = rows as u128 * dim as u128 * width as u128;
+        if expected_len != bytes.len() as u128 {
+            return Err(ServerError::invalid(
+                "features",
+                format!(
+                    "rows·feature_dim·{width} = {rows}·{dim}·{width} = {expected_len} bytes of {}",
+                    encoding.as_str_name()
+                ),
+                format!("{} bytes", bytes.len()),
+            ));
+        }
+        Ok(WireRows {
+            bytes,
+            encoding,
+            rows,
+            dim,
+        })
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The values as a `rows × d` f64 matrix (row-major) in `buffer`,
+    /// which is overwritten and grows only when it is too small.
+    pub fn widen_into<'b>(
+        &self,
+        buffer: &'b mut Vec<f64>,
+    ) -> Result<ArrayView2<'b, f64>, ServerError> {
+        buffer.clear();
+        let b = &self.bytes;
+        match self.encoding {
+            Encoding::Float32 => buffer.extend(
+                b.chunks_exact(4)
+                    .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            ),
+            Encoding::Float16 => buffer.extend(
+                b.chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f64()),
+            ),
+            Encoding::Bfloat16 => buffer.extend(
+                b.chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f64()),
+            ),
+        }
+        ArrayView2::from_shape((self.rows, self.dim), buffer.as_slice()).map_err(|err| {
+            ServerError::Internal(format!(
+                "features of {}x{} do not fit a matrix: {err}",
+                self.rows, self.dim
+            ))
+        })
+    }
+
+    /// Refuses the batch at its first NaN or infinite value (in row
+    /// order), with the error the math core gives, without widening it.
+    pub fn check_finite(&self) -> Result<(), StatsError> {
+        let b = &self.bytes;
+        let bad = match self.encoding {
+            Encoding::Float32 => b
+                .chunks_exact(4)
+                .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+            Encoding::Float16 => b
+                .chunks_exact(2)
+                .position(|b| !f16::from_le_bytes([b[0], b[1]]).is_finite()),
+            Encoding::Bfloat16 => b
+                .chunks_exact(2)
+                .position(|b| !bf16::from_le_bytes([b[0], b[1]]).is_finite()),
+        };
+        match bad {
+            None => Ok(()),
+            Some(i) => {
+                let width = encoding_width(self.encoding);
+                let mut one = Vec::with_capacity(1);
+                let value = WireRows {
+                    bytes: self.bytes.slice(i * width..(i + 1) * width),
+                    encoding: self.encoding,
+                    rows: 1,
+                    dim: 1,
+                }
+                .widen_into(&mut one)
+                .map_or(f64::NAN, |v| v[(0, 0)]);
+                Err(StatsError::NonFinite {
+                    row: i / self.dim,
+                    column: i % self.dim,
+                    value,
+                })
+            }
+        }
+    }
+}
+
+/// A `FeatureBatch` whose names and shape have been checked; labels are
+/// still unchecked against K and values against NaN/Inf.
 #[derive(Debug)]
 pub struct DecodedBatch {
     pub key: StreamKey,
     pub epoch: u64,
-    /// `rows × d`.
-    pub features: Array2<f64>,
+    pub features: WireRows,
     pub labels: Vec<u32>,
     pub dedup: Option<(String, u64)>,
 }
 
-/// Validates a batch's names and shape against its run (`num_classes` is
-/// only used by the caller; `feature_dim` fixes the byte length) and decodes
-/// the little-endian features to f64.
+/// Validates a batch's names and shape against its run (`feature_dim`
+/// fixes the byte length); the features stay in their encoding.
 pub fn decode_batch(
     batch: FeatureBatch,
     feature_dim: u32,
@@ -206,21 +324,7 @@ pub fn decode_batch(
         )
     })?;
     let rows = batch.rows as usize;
-    let d = feature_dim as usize;
-    let width = encoding_width(encoding);
-    // rows ≤ max_rows and d ≤ u32::MAX, so this cannot overflow u128; it can
-    // exceed usize on 32-bit targets, which the comparison handles.
-    let expected_len = rows as u128 * d as u128 * width as u128;
-    if expected_len != batch.features.len() as u128 {
-        return Err(ServerError::invalid(
-            "features",
-            format!(
-                "rows·feature_dim·{width} = {rows}·{d}·{width} = {expected_len} bytes of {}",
-                encoding.as_str_name()
-            ),
-            format!("{} bytes", batch.features.len()),
-        ));
-    }
+    let features = WireRows::new(batch.features, encoding, rows, feature_dim as usize)?;
     if batch.labels.len() != rows {
         return Err(ServerError::invalid(
             "labels",
@@ -228,10 +332,6 @@ pub fn decode_batch(
             format!("{} labels", batch.labels.len()),
         ));
     }
-    let values = decode_values(&batch.features, encoding);
-    let features = Array2::from_shape_vec((rows, d), values).map_err(|err| {
-        ServerError::Internal(format!("features of {rows}x{d} do not fit a matrix: {err}"))
-    })?;
     Ok(DecodedBatch {
         key,
         epoch: batch.epoch,
@@ -239,25 +339,6 @@ pub fn decode_batch(
         labels: batch.labels,
         dedup,
     })
-}
-
-/// Little-endian values of `encoding` to f64; `bytes.len()` is a multiple of
-/// the width (checked by the caller).
-fn decode_values(bytes: &[u8], encoding: Encoding) -> Vec<f64> {
-    match encoding {
-        Encoding::Float32 => bytes
-            .chunks_exact(4)
-            .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-            .collect(),
-        Encoding::Float16 => bytes
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f64())
-            .collect(),
-        Encoding::Bfloat16 => bytes
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f64())
-            .collect(),
-    }
 }
 
 /// A `StatsBlock` with checked names, as parts of the run's shape (the
@@ -337,14 +418,54 @@ mod tests {
             let batch = FeatureBatch {
                 run_id: "r".into(),
                 rows: 2,
-                features: bytes,
+                features: bytes.into(),
                 encoding: enc as i32,
                 labels: vec![0, 1],
                 ..Default::default()
             };
             let out = decode_batch(batch, 2, 10).unwrap();
-            let got: Vec<f64> = out.features.iter().copied().collect();
+            let mut buffer = vec![7.0; 9];
+            let got = out.features.widen_into(&mut buffer).unwrap();
+            assert_eq!(got.shape(), [2, 2]);
+            let got: Vec<f64> = got.iter().copied().collect();
             assert_eq!(got, vec![1.5, -2.25, 0.0, 1024.0], "{enc:?}");
+            assert!(out.features.check_finite().is_ok());
+        }
+    }
+
+    #[test]
+    fn the_first_non_finite_value_is_named_in_every_encoding() {
+        let vals = [1.0f32, 2.0, f32::INFINITY, f32::NAN];
+        let encoded: [(Encoding, Vec<u8>); 3] = [
+            (
+                Encoding::Float32,
+                vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            (
+                Encoding::Float16,
+                vals.iter()
+                    .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                    .collect(),
+            ),
+            (
+                Encoding::Bfloat16,
+                vals.iter()
+                    .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+            ),
+        ];
+        for (enc, bytes) in encoded {
+            let rows = WireRows::new(bytes.into(), enc, 2, 2).unwrap();
+            match rows.check_finite() {
+                Err(StatsError::NonFinite {
+                    row: 1,
+                    column: 0,
+                    value,
+                }) => {
+                    assert_eq!(value, f64::INFINITY, "{enc:?}")
+                }
+                other => panic!("{enc:?}: {other:?}"),
+            }
         }
     }
 
@@ -353,13 +474,13 @@ mod tests {
         let base = FeatureBatch {
             run_id: "r".into(),
             rows: 2,
-            features: vec![0; 16],
+            features: vec![0; 16].into(),
             labels: vec![0, 1],
             ..Default::default()
         };
         let err = decode_batch(
             FeatureBatch {
-                features: vec![0; 15],
+                features: vec![0; 15].into(),
                 ..base.clone()
             },
             2,

@@ -3,9 +3,9 @@
 //! `From<ServerError> for Status`).
 //!
 //! Owns streaming behaviour. A `Push` stream is a small in-order pipeline:
-//! up to [`PUSH_PIPELINE_DEPTH`] received batches are prepared (validated,
-//! decoded, their statistics computed: no state touched) concurrently on the
-//! blocking pool while the oldest is applied, strictly in arrival order.
+//! up to [`PUSH_PIPELINE_DEPTH`] received batches are prepared (validated:
+//! no state touched) concurrently on the blocking pool while the oldest is
+//! applied (widened to f64 and folded), strictly in arrival order.
 //! Each received batch keeps its message's in-flight bytes (the
 //! `deadline::Permits` of the request, one per message in order) until it
 //! is applied or refused; `PushStats` and `CreateRun` keep theirs until
@@ -194,7 +194,7 @@ impl VciMonitor for VciService {
         let mut writer: Option<(String, String)> = None;
         // Batches of this stream applied or skipped so far, in order.
         let mut index: u64 = 0;
-        // Batches received and being prepared (decode + statistics) on the
+        // Batches received and being prepared (validation) on the
         // blocking pool, each with its message's in-flight bytes (returned
         // once it is applied or refused); applied strictly in arrival order.
         let mut pending: VecDeque<(Prepared, Option<InflightPermit>)> = VecDeque::new();

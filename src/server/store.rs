@@ -66,6 +66,12 @@ use crate::proto::{EpochResult, Run, StatsBlock};
 
 use super::state::SeqSet;
 
+/// redb's page cache (its default is 1 GiB). The daemon reads the store at
+/// start-up and writes it afterwards (its history is served from memory),
+/// so a cache that kept every checkpointed page would only grow the
+/// daemon's memory by up to its size.
+const CACHE_BYTES: usize = 32 << 20;
+
 const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
 const RUN_UIDS: TableDefinition<&str, u64> = TableDefinition::new("run_uids");
 const RESULTS: TableDefinition<(&str, &str, &str, u64), &[u8]> =
@@ -211,10 +217,13 @@ impl Store {
             source,
         })?;
         let path = data_dir.join("vcid.redb");
-        let db = Database::create(&path).map_err(|e| StoreError::Db {
-            path: path.clone(),
-            source: e.into(),
-        })?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| StoreError::Db {
+                path: path.clone(),
+                source: e.into(),
+            })?;
         let store = Store {
             db: Arc::new(db),
             path: Arc::new(path),
@@ -586,7 +595,7 @@ impl Store {
     pub fn write_round(
         &self,
         runs: &[(Run, u64)],
-        epochs: &[(EpochKey, u64, EpochCheckpoint, Vec<String>)],
+        epochs: Vec<(EpochKey, u64, EpochCheckpoint, Vec<String>)>,
     ) -> Result<usize, StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
         let mut written = 0;
@@ -617,13 +626,18 @@ impl Store {
                     .get(key.as_tuple())
                     .map_err(|e| self.db_err(e))?
                     .is_some();
-                if !current.contains(&(key.run_id.as_str(), *uid)) || closed {
+                if !current.contains(&(key.run_id.as_str(), uid)) || closed {
                     continue;
                 }
+                // Encoded one epoch at a time, each checkpoint freed once
+                // written, so the round never holds two copies of them all.
+                let generation = checkpoint.generation;
+                let bytes = checkpoint.encode_to_vec();
+                drop(checkpoint);
                 table
-                    .insert(key.as_tuple(), checkpoint.encode_to_vec().as_slice())
+                    .insert(key.as_tuple(), bytes.as_slice())
                     .map_err(|e| self.db_err(e))?;
-                covered.insert(key.clone(), (checkpoint.generation, keep));
+                covered.insert(key, (generation, keep));
                 written += 1;
             }
             if !covered.is_empty() {
@@ -718,7 +732,7 @@ mod tests {
             store
                 .write_round(
                     &[(run("a"), U)],
-                    &[(key("a", 5), U, checkpoint(5, 1, vec![1, 9]), vec![])]
+                    vec![(key("a", 5), U, checkpoint(5, 1, vec![1, 9]), vec![])]
                 )
                 .unwrap(),
             1
@@ -757,7 +771,7 @@ mod tests {
             store
                 .write_round(
                     &[(run("a"), U)],
-                    &[(key("a", 4), U, checkpoint(4, 2, vec![]), vec![])]
+                    vec![(key("a", 4), U, checkpoint(4, 2, vec![]), vec![])]
                 )
                 .unwrap(),
             0
@@ -786,7 +800,7 @@ mod tests {
         store
             .write_round(
                 &[(run("a"), U)],
-                &[(key("a", 1), U, checkpoint(1, 1, vec![]), vec![])],
+                vec![(key("a", 1), U, checkpoint(1, 1, vec![]), vec![])],
             )
             .unwrap();
         assert_eq!(dirty(&store), vec![(1, "w".into(), 1), (2, "w".into(), 0)]);
@@ -794,7 +808,7 @@ mod tests {
         store
             .write_round(
                 &[(run("a"), U)],
-                &[(key("a", 1), U, checkpoint(1, 2, vec![]), vec!["w".into()])],
+                vec![(key("a", 1), U, checkpoint(1, 2, vec![]), vec!["w".into()])],
             )
             .unwrap();
         assert_eq!(dirty(&store), vec![(1, "w".into(), 1), (2, "w".into(), 0)]);
@@ -827,7 +841,7 @@ mod tests {
             store
                 .write_round(
                     &[(run("a"), old)],
-                    &[(key("a", 0), old, checkpoint(0, 1, vec![1, 2]), vec![])]
+                    vec![(key("a", 0), old, checkpoint(0, 1, vec![1, 2]), vec![])]
                 )
                 .unwrap(),
             0

@@ -175,30 +175,22 @@ impl Accumulator {
         Ok(acc)
     }
 
-    /// Checks a batch without folding it: what [`Accumulator::fold_batch_with`]
-    /// would refuse (shape, label count, a label outside `[0, num_classes)`,
-    /// the first NaN or infinite value), with the same error. Lets a caller
-    /// refuse a batch before it changes any state of its own.
-    pub fn check_batch(
-        features: ArrayView2<'_, f64>,
-        labels: &[u32],
-        num_classes: usize,
-    ) -> Result<(), StatsError> {
-        validate_batch(features, labels, num_classes)?;
-        for (row, values) in features.outer_iter().enumerate() {
-            let bad = match values.as_slice() {
-                Some(values) => simd::poison(values).is_nan(),
-                None => values.iter().any(|v| !v.is_finite()),
-            };
-            if let Some(column) = bad
-                .then(|| values.iter().position(|v| !v.is_finite()))
-                .flatten()
-            {
-                let value = values[column];
-                return Err(StatsError::NonFinite { row, column, value });
-            }
+    /// Refuses the first label outside `[0, num_classes)`, with the error
+    /// [`Accumulator::fold_batch_with`] gives (for a caller that checks a
+    /// batch's values itself, before decoding them).
+    pub fn check_labels(labels: &[u32], num_classes: usize) -> Result<(), StatsError> {
+        match labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= num_classes)
+        {
+            Some((row, &label)) => Err(StatsError::LabelOutOfRange {
+                row,
+                label,
+                num_classes,
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// [`Accumulator::fold_batch_with`] with scratch buffers of its own
@@ -395,6 +387,23 @@ impl Accumulator {
     /// The statistics as plain vectors (the scatter as a full symmetric
     /// matrix), e.g. for the wire or a checkpoint.
     pub fn to_parts(&self) -> AccumulatorParts {
+        let scatter = self.full_scatter();
+        let classes = &self.classes;
+        AccumulatorParts {
+            num_classes: self.num_classes(),
+            feature_dim: self.feature_dim(),
+            class_counts: classes.counts.clone(),
+            class_means: classes.means.clone(),
+            scatter,
+            within_trace: classes.within_trace.clone(),
+            unit_sum: classes.unit_sum.clone(),
+            unit_count: classes.unit_count.clone(),
+            unit_within_trace: classes.unit_within_trace.clone(),
+        }
+    }
+
+    /// The scatter as a full row-major d × d matrix (both triangles).
+    fn full_scatter(&self) -> Vec<f64> {
         let d = self.feature_dim();
         let mut scatter = vec![0.0; d * d];
         for j in 0..d {
@@ -404,17 +413,27 @@ impl Accumulator {
                 scatter[j * d + i] = value;
             }
         }
-        let classes = &self.classes;
+        scatter
+    }
+
+    /// [`Accumulator::to_parts`] consuming the accumulator: the class
+    /// tables are moved, not copied, and the scatter's storage is freed as
+    /// soon as its full d × d copy is made.
+    pub fn into_parts(self) -> AccumulatorParts {
+        let (num_classes, feature_dim) = (self.num_classes(), self.feature_dim());
+        let scatter = self.full_scatter();
+        drop(self.scatter);
+        let classes = self.classes;
         AccumulatorParts {
-            num_classes: self.num_classes(),
-            feature_dim: d,
-            class_counts: classes.counts.clone(),
-            class_means: classes.means.clone(),
+            num_classes,
+            feature_dim,
+            class_counts: classes.counts,
+            class_means: classes.means,
             scatter,
-            within_trace: classes.within_trace.clone(),
-            unit_sum: classes.unit_sum.clone(),
-            unit_count: classes.unit_count.clone(),
-            unit_within_trace: classes.unit_within_trace.clone(),
+            within_trace: classes.within_trace,
+            unit_sum: classes.unit_sum,
+            unit_count: classes.unit_count,
+            unit_within_trace: classes.unit_within_trace,
         }
     }
 
@@ -503,18 +522,7 @@ fn validate_batch(
             received: labels.len(),
         });
     }
-    if let Some((row, &label)) = labels
-        .iter()
-        .enumerate()
-        .find(|(_, &l)| l as usize >= num_classes)
-    {
-        return Err(StatsError::LabelOutOfRange {
-            row,
-            label,
-            num_classes,
-        });
-    }
-    Ok(())
+    Accumulator::check_labels(labels, num_classes)
 }
 
 fn invalid(

@@ -156,20 +156,6 @@ kernels! {
         )
     }
 
-    /// The sum of `src · 0`: NaN exactly when `src` holds a NaN or an
-    /// infinity.
-    pub(crate) fn poison(src: &[f64]) -> f64 {
-        let mut poison = [0.0; LANES];
-        let n = src.len() - src.len() % LANES;
-        for ss in src[..n].chunks_exact(LANES) {
-            for lane in 0..LANES {
-                poison[lane] += ss[lane] * 0.0;
-            }
-        }
-        let rest: f64 = src[n..].iter().map(|&s| s * 0.0).sum();
-        poison.iter().sum::<f64>() + rest
-    }
-
     /// `Σ_i (a·x_i − b·y_i)²`.
     pub(crate) fn squared_difference(x: &[f64], a: f64, y: &[f64], b: f64) -> f64 {
         let mut partial = [0.0; LANES];
@@ -409,7 +395,6 @@ mod tests {
         let mut sum = vec![0.0; 11];
         let finite: Vec<f64> = (0..11).map(|i| i as f64 * 1e300).collect();
         assert_eq!(add_assign_checked(&mut sum, &finite).0, 0.0);
-        assert_eq!(poison(&finite), 0.0);
         for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
             for at in [0, 7, 10] {
                 let mut row = finite.clone();

@@ -140,7 +140,7 @@ pub fn batch(
         layer: String::new(),
         epoch,
         rows: (end - start) as u32,
-        features: bytes,
+        features: bytes.into(),
         encoding: 0,
         labels: labels[start..end].to_vec(),
         writer_id: String::new(),

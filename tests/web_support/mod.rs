@@ -232,7 +232,11 @@ pub fn batch(run: &str, split: &str, epoch: u64, features: &[f32], labels: &[u32
         split: split.into(),
         epoch,
         rows: labels.len() as u32,
-        features: features.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        features: features
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into(),
         labels: labels.to_vec(),
         ..Default::default()
     }

@@ -20,10 +20,10 @@
 //! deleting the run releases everything. Opening an epoch beyond
 //! `--max-accumulator-bytes` fails with RESOURCE_EXHAUSTED before anything
 //! is created, and `CreateRun` refuses a run whose single accumulator could
-//! never fit. Between folds a shard keeps fold scratch of at most an eighth
-//! of its reservation (`run`'s `SCRATCH_KEEP_DIVISOR`); a larger scratch,
-//! grown by a large batch while that batch's in-flight bytes were held,
-//! is freed after the fold.
+//! never fit. The buffers a shard's folds reuse (the rows widened to f64,
+//! the fold's scratch) are reserved here too once a fold has grown them,
+//! and freed after that fold instead when the budget has no room (while a
+//! batch folds, its message's in-flight bytes cover them).
 //!
 //! # In-flight budget
 //!

@@ -51,11 +51,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
-use ndarray::ArrayView2;
-
 use crate::proto::{EpochResult, OpenEpoch};
 use crate::server::clock::utc_timestamp;
-use crate::server::decode::StreamKey;
+use crate::server::decode::{StreamKey, WireRows};
 use crate::server::error::ServerError;
 use crate::stats::{Accumulator, FoldScratch, Par};
 
@@ -97,21 +95,30 @@ enum Phase {
     Frozen,
 }
 
-/// Between folds a shard keeps fold scratch of at most
-/// 1/`SCRATCH_KEEP_DIVISOR` of its accumulator's reserved bytes: a fold's
-/// scratch is O(rows·d), charged to its batch's in-flight bytes while it
-/// folds (`server::deadline`), and a larger one is freed after the fold, so
-/// what shards keep between folds is at most an eighth of the accumulator
-/// budget.
-const SCRATCH_KEEP_DIVISOR: u64 = 8;
-
-/// One accumulator of an open epoch with the scratch its folds reuse (so a
-/// batch allocates nothing of size d × d, nor of size d × rows once it has
-/// grown, as long as the scratch stays within its bound).
+/// One accumulator of an open epoch with the scratch its folds reuse, so a
+/// batch allocates nothing of size d × d, nor of size d × rows once the
+/// scratch has grown to the batches' size. The scratch a shard keeps
+/// between folds is reserved from the accumulator [`Budget`] like the
+/// accumulator itself (`scratch_reserved` of the slot's `reserved`); when
+/// the budget has no room for what a batch grew, the scratch is freed
+/// after that fold (while a batch folds, its scratch is charged to its
+/// message's in-flight bytes, `server::deadline`).
 #[derive(Debug)]
 struct Shard {
     acc: Accumulator,
+    /// The fold's working memory.
     scratch: FoldScratch,
+    /// A batch's rows widened to f64 (`rows × d`, row-major).
+    rows: Vec<f64>,
+    /// Bytes of `scratch` and `rows` reserved from the budget.
+    scratch_reserved: u64,
+}
+
+impl Shard {
+    /// Bytes held by the buffers a fold reuses.
+    fn scratch_bytes(&self) -> u64 {
+        (self.scratch.memory_bytes() + 8 * self.rows.capacity()) as u64
+    }
 }
 
 type ShardCell = Arc<Mutex<Shard>>;
@@ -120,16 +127,18 @@ fn new_shard(acc: Accumulator) -> ShardCell {
     Arc::new(Mutex::new(Shard {
         acc,
         scratch: FoldScratch::new(),
+        rows: Vec::new(),
+        scratch_reserved: 0,
     }))
 }
 
 /// What a batch brings to an epoch.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Contribution<'a> {
-    /// Decoded rows (already checked with `Accumulator::check_batch`),
-    /// folded in place.
+    /// Rows in their wire encoding (labels and values already checked),
+    /// widened into the shard's buffer and folded in place.
     Rows {
-        features: ArrayView2<'a, f64>,
+        features: &'a WireRows,
         labels: &'a [u32],
     },
     /// Statistics from outside (`PushStats`), merged.
@@ -139,26 +148,43 @@ pub(crate) enum Contribution<'a> {
 impl Contribution<'_> {
     fn samples(&self) -> u64 {
         match self {
-            Contribution::Rows { labels, .. } => labels.len() as u64,
+            Contribution::Rows { features, .. } => features.rows() as u64,
             Contribution::Stats(acc) => acc.samples(),
         }
     }
 
     /// Folds into `shard` with the triangular product's parallelism
-    /// `par`; on error the shard is unchanged.
-    fn fold_into(&self, shard: &mut Shard, par: Par) -> Result<(), ServerError> {
+    /// `par`; on error the shard is unchanged. Then keeps the shard's
+    /// scratch if `budget` has room for what it grew (added to the slot's
+    /// `reserved`), else frees it.
+    fn fold_into(
+        &self,
+        shard: &mut Shard,
+        par: Par,
+        budget: &Budget,
+        reserved: &AtomicU64,
+    ) -> Result<(), ServerError> {
         match *self {
             Contribution::Rows { features, labels } => {
-                let Shard { acc, scratch } = shard;
-                let folded = acc.fold_batch_with(features, labels, scratch, par);
-                // What a large batch grew is freed (see SCRATCH_KEEP_DIVISOR).
-                let reserved = Accumulator::estimated_bytes(
-                    acc.num_classes() as u64,
-                    acc.feature_dim() as u64,
-                );
-                let keep = reserved.unwrap_or(0) / SCRATCH_KEEP_DIVISOR;
-                if scratch.memory_bytes() as u64 > keep {
-                    *scratch = FoldScratch::new();
+                let Shard {
+                    acc, scratch, rows, ..
+                } = shard;
+                let folded = features
+                    .widen_into(rows)
+                    .and_then(|view| Ok(acc.fold_batch_with(view, labels, scratch, par)?));
+                let held = shard.scratch_bytes();
+                if held > shard.scratch_reserved {
+                    let more = held - shard.scratch_reserved;
+                    if budget.try_reserve(more).is_ok() {
+                        reserved.fetch_add(more, Ordering::AcqRel);
+                        shard.scratch_reserved = held;
+                    } else {
+                        shard.scratch = FoldScratch::new();
+                        shard.rows = Vec::new();
+                        budget.release(shard.scratch_reserved);
+                        reserved.fetch_sub(shard.scratch_reserved, Ordering::AcqRel);
+                        shard.scratch_reserved = 0;
+                    }
                 }
                 folded?;
             }
@@ -248,7 +274,11 @@ pub(crate) struct RestoredEpoch {
 pub(crate) struct EpochSnapshot {
     pub(crate) key: StreamKey,
     pub(crate) epoch: u64,
-    pub(crate) acc: Accumulator,
+    /// The combined statistics, until the checkpoint that writes them
+    /// takes them (so a round holds each epoch's statistics once).
+    pub(crate) acc: Option<Accumulator>,
+    /// Samples in `acc`.
+    pub(crate) samples: u64,
     pub(crate) writers: Vec<(String, SeqSet)>,
     /// Dirty-writer markers below it are covered by this snapshot.
     pub(crate) generation: u64,
@@ -266,7 +296,8 @@ struct EpochSlot {
     phase: RwLock<Phase>,
     /// At least one shard while open; grows up to the run's shard limit.
     shards: Mutex<Vec<ShardCell>>,
-    /// Bytes reserved from the [`Budget`]: one accumulator per shard.
+    /// Bytes reserved from the [`Budget`]: one accumulator per shard and
+    /// the scratch the shards keep.
     reserved: AtomicU64,
     /// Rows folded in, rows in the last durable checkpoint and its unix
     /// ms (0: none): read by `GetRun` on a runtime thread, which must not
@@ -325,7 +356,8 @@ impl EpochSlot {
         Some(EpochSnapshot {
             key,
             epoch,
-            acc,
+            samples: acc.samples(),
+            acc: Some(acc),
             writers: g
                 .writers
                 .iter()
@@ -390,15 +422,15 @@ impl EpochSlot {
                 Err(TryLockError::WouldBlock) => None,
             };
             if let Some(mut shard) = guard {
-                return batch.fold_into(&mut shard, par);
+                return batch.fold_into(&mut shard, par, budget, &self.reserved);
             }
         }
         if let Some(cell) = self.add_shard(info, max_shards, budget, &shards) {
-            return batch.fold_into(&mut lock(&cell), Par::Seq);
+            return batch.fold_into(&mut lock(&cell), Par::Seq, budget, &self.reserved);
         }
         let i = self.waits.fetch_add(1, Ordering::Relaxed) % shards.len().max(1);
         match shards.get(i) {
-            Some(cell) => batch.fold_into(&mut lock(cell), par),
+            Some(cell) => batch.fold_into(&mut lock(cell), par, budget, &self.reserved),
             None => Err(ServerError::Internal("an open epoch without shards".into())),
         }
     }
@@ -448,6 +480,38 @@ fn combined(shards: &[ShardCell]) -> Result<Accumulator, ServerError> {
     let mut total = lock(first).acc.clone();
     for cell in cells {
         total.merge(&lock(cell).acc)?;
+    }
+    Ok(total)
+}
+
+/// [`combined`] for a close, which drops the shards: their accumulators
+/// are moved into the total instead of copied (no fold or snapshot holds a
+/// shard while the phase lock is exclusive). On an error `shards` holds
+/// the same statistics as before: the partial total, then the shards not
+/// yet merged.
+fn take_combined(shards: &mut Vec<ShardCell>) -> Result<Accumulator, ServerError> {
+    let into_acc = |cell: ShardCell| match Arc::try_unwrap(cell) {
+        Ok(shard) => {
+            shard
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .acc
+        }
+        Err(cell) => lock(&cell).acc.clone(),
+    };
+    let mut cells = std::mem::take(shards).into_iter();
+    let first = cells
+        .next()
+        .ok_or_else(|| ServerError::Internal("an open epoch without shards".into()))?;
+    let mut total = into_acc(first);
+    while let Some(cell) = cells.next() {
+        let merged = total.merge(&lock(&cell).acc);
+        if let Err(err) = merged {
+            shards.push(new_shard(total));
+            shards.push(cell);
+            shards.extend(cells);
+            return Err(err.into());
+        }
     }
     Ok(total)
 }
@@ -873,11 +937,9 @@ impl RunState {
             let mut phase = slot.phase_mut();
             if *phase == Phase::Open {
                 *phase = Phase::Closing;
-                let mut shards = lock(&slot.shards);
-                let acc = combined(&shards);
+                let acc = take_combined(&mut lock(&slot.shards));
                 if acc.is_ok() {
                     // The combined accumulator stands for the shards.
-                    shards.clear();
                     let per_shard = self.info.accumulator_bytes();
                     let extra = slot
                         .reserved
@@ -1040,7 +1102,7 @@ impl RunState {
             g.durable_version = g.durable_version.max(snap.version);
             snap.slot
                 .durable_samples
-                .store(snap.acc.samples(), Ordering::Relaxed);
+                .store(snap.samples, Ordering::Relaxed);
             snap.slot.durable_unix_ms.store(unix_ms, Ordering::Relaxed);
         }
         let mut inner = lock(&self.inner);
@@ -1190,6 +1252,7 @@ impl RunState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::Encoding;
 
     /// A run of K = 2, d = 1 with a 1 MiB budget (returned to inspect it).
     fn tiny_run(max_gaps: u64) -> (RunState, Arc<Budget>) {
@@ -1421,11 +1484,21 @@ mod tests {
         Arc::clone(&lock(&run.inner).streams[key].open[&epoch])
     }
 
-    fn rows<'a>(features: &'a ndarray::Array2<f64>, labels: &'a [u32]) -> Contribution<'a> {
-        Contribution::Rows {
-            features: features.view(),
-            labels,
-        }
+    /// `x` as float32 wire rows; every value must be exact in f32 (so
+    /// references folded from `x` see the same numbers).
+    fn wire(x: &ndarray::Array2<f64>) -> WireRows {
+        let bytes: Vec<u8> = x
+            .iter()
+            .flat_map(|&v| {
+                assert_eq!(f64::from(v as f32), v, "not exact in f32");
+                (v as f32).to_le_bytes()
+            })
+            .collect();
+        WireRows::new(bytes.into(), Encoding::Float32, x.nrows(), x.ncols()).unwrap()
+    }
+
+    fn rows<'a>(features: &'a WireRows, labels: &'a [u32]) -> Contribution<'a> {
+        Contribution::Rows { features, labels }
     }
 
     /// Applies `batch` from another thread while this one holds every
@@ -1473,7 +1546,7 @@ mod tests {
     }
 
     #[test]
-    fn a_shard_keeps_small_fold_scratch_and_frees_what_a_large_batch_grew() {
+    fn a_shard_keeps_its_scratch_within_the_budget_and_frees_what_does_not_fit() {
         let info = RunInfo {
             run_id: "scratch".into(),
             uid: 1,
@@ -1482,30 +1555,59 @@ mod tests {
             metadata: BTreeMap::new(),
             created_unix_ms: 0,
         };
-        let keep = info.accumulator_bytes() / SCRATCH_KEEP_DIVISOR;
-        let budget = Arc::new(Budget::new(info.accumulator_bytes()));
-        let run = RunState::new(info, 0, budget, 64, 1);
-        let key = train();
-        let scratch = |run: &RunState| {
-            let slot = open_slot(run, &key, 0);
-            let cells = lock(&slot.shards).clone();
-            let bytes = lock(&cells[0]).scratch.memory_bytes() as u64;
-            bytes
-        };
         let batch = |n: usize| {
             let x = ndarray::Array2::from_shape_fn((n, 64), |(i, j)| (i + 2 * j) as f64 * 0.25);
             let y: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
             (x, y)
         };
+        // The scratch a 1-row and a 100-row batch grow, measured outside
+        // (an epoch's only shard folds with every core).
+        let grown = |n: usize| {
+            let (x, y) = batch(n);
+            let mut scratch = FoldScratch::new();
+            let mut acc = Accumulator::new(3, 64);
+            acc.fold_batch_with(x.view(), &y, &mut scratch, Par::rayon(0))
+                .unwrap();
+            // The fold's scratch and the rows widened to f64.
+            (scratch.memory_bytes() + 8 * x.len()) as u64
+        };
+        let (small, large) = (grown(1), grown(100));
+        assert!(small < large);
+        let acc_bytes = info.accumulator_bytes();
+        let scratch = |run: &RunState| {
+            let slot = open_slot(run, &train(), 0);
+            let cells = lock(&slot.shards).clone();
+            let bytes = lock(&cells[0]).scratch_bytes();
+            (bytes, slot.reserved.load(Ordering::Acquire))
+        };
+        // Room for the small scratch only: the large one is freed after
+        // its fold and its reservation returned.
+        let budget = Arc::new(Budget::new(acc_bytes + small));
+        let run = RunState::new(info.clone(), 0, Arc::clone(&budget), 64, 1);
         let (x, y) = batch(1);
-        apply_marked_rows(&run, &key, &x, &y);
-        let small = scratch(&run);
-        assert!(0 < small && small <= keep, "{small} of {keep}");
-        // 100 rows grow the centred copy to 64 × 101 values: freed after.
+        apply_marked_rows(&run, &train(), &x, &y);
+        assert_eq!(scratch(&run), (small, acc_bytes + small));
+        assert_eq!(budget.used(), acc_bytes + small);
         let (x, y) = batch(100);
-        apply_marked_rows(&run, &key, &x, &y);
-        assert_eq!(scratch(&run), 0);
+        apply_marked_rows(&run, &train(), &x, &y);
+        assert_eq!(scratch(&run), (0, acc_bytes));
+        assert_eq!(budget.used(), acc_bytes);
         assert_eq!(run.rows_ingested(), 101);
+
+        // With room, the large scratch is kept and reserved, and the close
+        // returns every byte.
+        let budget = Arc::new(Budget::new(8 * acc_bytes));
+        let run = RunState::new(info, 0, Arc::clone(&budget), 64, 1);
+        for n in [1, 100, 1] {
+            let (x, y) = batch(n);
+            apply_marked_rows(&run, &train(), &x, &y);
+        }
+        assert_eq!(scratch(&run), (large, acc_bytes + large));
+        assert_eq!(budget.used(), acc_bytes + large);
+        let closing = run.begin_close(&train(), 0).unwrap();
+        assert_eq!(budget.used(), acc_bytes);
+        run.finish_close(closing, Arc::new(EpochResult::default()));
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]
@@ -1522,13 +1624,13 @@ mod tests {
         let slot = open_slot(&run, &key, 0);
         assert_eq!((slot.shard_count(), budget.used()), (1, per));
         // A batch finding the shard busy gets a second one, reserved.
-        apply_into(&run, &key, rows(&x, &y), 1);
+        apply_into(&run, &key, rows(&wire(&x), &y), 1);
         assert_eq!((slot.shard_count(), budget.used()), (2, 2 * per));
         // Both busy and no room for a third: the batch waits for one.
         let cells = lock(&slot.shards).clone();
         let held: Vec<_> = cells.iter().map(|cell| lock(cell)).collect();
         std::thread::scope(|scope| {
-            let waiting = scope.spawn(|| run.apply(&key, 0, rows(&x, &y), None));
+            let waiting = scope.spawn(|| run.apply(&key, 0, rows(&wire(&x), &y), None));
             std::thread::sleep(std::time::Duration::from_millis(100));
             assert!(!waiting.is_finished());
             assert_eq!((slot.shard_count(), budget.used()), (2, 2 * per));
@@ -1558,7 +1660,7 @@ mod tests {
         let x = ndarray::Array2::from_shape_fn((6, 4), |(i, j)| (i * 4 + j) as f64 * 0.5 + 1.0);
         let y = [0, 1, 2, 0, 1, 2];
         apply_marked_rows(&run, &key, &x, &y);
-        apply_into(&run, &key, rows(&x, &y), 1);
+        apply_into(&run, &key, rows(&wire(&x), &y), 1);
         assert_eq!(budget.used(), 2 * per);
         let before = run.open_epochs();
 
@@ -1589,12 +1691,12 @@ mod tests {
         ));
         assert_eq!(samples_of(&run), 18);
         assert!(matches!(
-            run.apply(&key, 0, rows(&x, &y), None),
+            run.apply(&key, 0, rows(&wire(&x), &y), None),
             Err(ServerError::ShuttingDown(_))
         ));
         let snapshots = run.snapshot_changed();
         assert_eq!(snapshots.len(), 1);
-        assert_eq!(snapshots[0].acc.samples(), 18);
+        assert_eq!(snapshots[0].samples, 18);
         assert_eq!(budget.used(), per);
 
         // Deleted while closing: the abort frees it.
@@ -1625,9 +1727,12 @@ mod tests {
         ) {
             let key = train();
             let mut reference = Accumulator::new(3, 4);
-            let runs = [shard_run(shards, 8.0).0, shard_run(shards, 8.0).0];
+            // Room for 4 shards and the fold scratch each keeps.
+            let runs = [shard_run(shards, 16.0).0, shard_run(shards, 16.0).0];
             for (i, (n, values, target)) in batches.iter().enumerate() {
-                let x = ndarray::Array2::from_shape_fn((*n, 4), |(r, c)| values[r * 4 + c] + offset);
+                let x = ndarray::Array2::from_shape_fn((*n, 4), |(r, c)| {
+                    f64::from((values[r * 4 + c] + offset) as f32)
+                });
                 let y: Vec<u32> = (0..*n).map(|r| ((r + i) % 3) as u32).collect();
                 reference.fold_batch(x.view(), &y, Par::Seq).unwrap();
                 for run in &runs {
@@ -1638,7 +1743,7 @@ mod tests {
                         // while fewer than `shards` exist.
                         let count = open_slot(run, &key, 0).shard_count();
                         let target = (*target).min(count).min(shards - 1);
-                        apply_into(run, &key, rows(&x, &y), target);
+                        apply_into(run, &key, rows(&wire(&x), &y), target);
                     }
                 }
             }
@@ -1646,10 +1751,10 @@ mod tests {
             proptest::prop_assert!(count <= shards);
             let closed = runs[0].begin_close(&key, 0).unwrap().acc;
             runs[1].freeze();
-            let frozen = runs[1].snapshot_changed().remove(0).acc;
+            let frozen = runs[1].snapshot_changed().remove(0).acc.unwrap();
             assert_parts_close(&closed, &reference, 1e-12);
             proptest::prop_assert_eq!(closed.to_parts(), frozen.to_parts());
-            let (restored, _) = shard_run(shards, 8.0);
+            let (restored, _) = shard_run(shards, 16.0);
             let acc = Accumulator::from_parts(frozen.to_parts()).unwrap();
             restored.restore_open(key.clone(), 0, RestoredEpoch {
                 acc,
@@ -1666,7 +1771,7 @@ mod tests {
 
     fn apply_marked_rows(run: &RunState, key: &StreamKey, x: &ndarray::Array2<f64>, y: &[u32]) {
         loop {
-            match run.apply(key, 0, rows(x, y), None).unwrap() {
+            match run.apply(key, 0, rows(&wire(x), y), None).unwrap() {
                 Applied::NeedsMarker(m) | Applied::NeedsWriterMarker { marker: m, .. } => {
                     futures::executor::block_on(
                         m.write_once(|| async { Ok::<(), ServerError>(()) }),
