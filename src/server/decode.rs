@@ -268,15 +268,12 @@ impl WireRows {
             None => Ok(()),
             Some(i) => {
                 let width = encoding_width(self.encoding);
-                let mut one = Vec::with_capacity(1);
-                let value = WireRows {
-                    bytes: self.bytes.slice(i * width..(i + 1) * width),
-                    encoding: self.encoding,
-                    rows: 1,
-                    dim: 1,
-                }
-                .widen_into(&mut one)
-                .map_or(f64::NAN, |v| v[(0, 0)]);
+                let b = &self.bytes[i * width..(i + 1) * width];
+                let value = match self.encoding {
+                    Encoding::Float32 => f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    Encoding::Float16 => f16::from_le_bytes([b[0], b[1]]).to_f64(),
+                    Encoding::Bfloat16 => bf16::from_le_bytes([b[0], b[1]]).to_f64(),
+                };
                 Err(StatsError::NonFinite {
                     row: i / self.dim,
                     column: i % self.dim,

@@ -268,7 +268,7 @@ const RUNS: StateSeries = StateSeries {
 };
 const ACCUMULATOR_BYTES: StateSeries = StateSeries {
     name: "vcid_accumulator_bytes",
-    help: "Bytes reserved by open accumulators.",
+    help: "Bytes reserved by open accumulators and the fold buffers their shards keep.",
     kind: MetricType::GAUGE,
     labels: &[],
 };
