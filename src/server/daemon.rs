@@ -440,8 +440,9 @@ impl Daemon {
     }
 
     /// The lock-free half of ingesting a batch: validation (names, shape,
-    /// labels, finiteness of the encoded values), on the blocking pool. Changes nothing, so several batches of one stream
-    /// may be prepared concurrently and then applied in order.
+    /// labels, finiteness of the encoded values), on the blocking pool.
+    /// Changes nothing, so several batches of one stream may be prepared
+    /// concurrently and then applied in order.
     pub async fn prepare_batch(&self, batch: FeatureBatch) -> Result<PreparedBatch, ServerError> {
         self.telemetry.ingest_bytes(batch.encoded_len());
         let run = self.state.get(&batch.run_id)?;
