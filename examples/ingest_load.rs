@@ -54,8 +54,9 @@
 //! data pool; with `--child`, the client's, and the daemon's own beside
 //! the budget) are printed at the end. The data
 //! pool (16 distinct batches) is generated before timing starts; each sent
-//! message is a clone of a pool batch (a 512 KiB memcpy, included in the
-//! client's cost).
+//! message is a clone of a pool batch (its features are a shared
+//! `bytes::Bytes`, not copied); encoding it into tonic's buffer is the
+//! client's cost.
 //!
 //! Performance numbers belong to BENCHMARKS.md, not to tests; this example
 //! is the command behind them.
@@ -281,8 +282,8 @@ async fn streaming(
     let mut tasks = Vec::new();
     for w in 0..writers {
         let mut client = clients[w].clone();
-        // Messages are cloned lazily as tonic pulls them, so memory holds
-        // about one batch per writer, not the whole phase.
+        // Messages are made lazily as tonic pulls them (a clone shares the
+        // pool batch's feature bytes).
         let source: Vec<FeatureBatch> = pool.to_vec();
         let stream = futures::stream::iter((0..per_writer).map(move |i| {
             let mut b = source[(w * 7 + i) % source.len()].clone();
