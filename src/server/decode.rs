@@ -253,33 +253,30 @@ impl WireRows {
     /// order), with the error the math core gives, without widening it.
     pub fn check_finite(&self) -> Result<(), StatsError> {
         let b = &self.bytes;
-        let bad = match self.encoding {
+        // The value last looked at: the bad one when the search stops.
+        let mut value = 0.0;
+        let mut bad = |v: f64| {
+            value = v;
+            !v.is_finite()
+        };
+        let at = match self.encoding {
             Encoding::Float32 => b
                 .chunks_exact(4)
-                .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+                .position(|b| bad(f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))),
             Encoding::Float16 => b
                 .chunks_exact(2)
-                .position(|b| !f16::from_le_bytes([b[0], b[1]]).is_finite()),
+                .position(|b| bad(f16::from_le_bytes([b[0], b[1]]).to_f64())),
             Encoding::Bfloat16 => b
                 .chunks_exact(2)
-                .position(|b| !bf16::from_le_bytes([b[0], b[1]]).is_finite()),
+                .position(|b| bad(bf16::from_le_bytes([b[0], b[1]]).to_f64())),
         };
-        match bad {
+        match at {
             None => Ok(()),
-            Some(i) => {
-                let width = encoding_width(self.encoding);
-                let b = &self.bytes[i * width..(i + 1) * width];
-                let value = match self.encoding {
-                    Encoding::Float32 => f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                    Encoding::Float16 => f16::from_le_bytes([b[0], b[1]]).to_f64(),
-                    Encoding::Bfloat16 => bf16::from_le_bytes([b[0], b[1]]).to_f64(),
-                };
-                Err(StatsError::NonFinite {
-                    row: i / self.dim,
-                    column: i % self.dim,
-                    value,
-                })
-            }
+            Some(i) => Err(StatsError::NonFinite {
+                row: i / self.dim,
+                column: i % self.dim,
+                value,
+            }),
         }
     }
 }

@@ -119,6 +119,27 @@ impl Shard {
     fn scratch_bytes(&self) -> u64 {
         (self.scratch.memory_bytes() + 8 * self.rows.capacity()) as u64
     }
+
+    /// After a fold: reserves what the buffers grew from `budget` (adding
+    /// it to the slot's `reserved`), or, when the budget has no room,
+    /// frees the buffers and returns their whole reservation.
+    fn keep_or_free_buffers(&mut self, budget: &Budget, reserved: &AtomicU64) {
+        let held = self.scratch_bytes();
+        if held <= self.scratch_reserved {
+            return;
+        }
+        let more = held - self.scratch_reserved;
+        if budget.try_reserve(more).is_ok() {
+            reserved.fetch_add(more, Ordering::AcqRel);
+            self.scratch_reserved = held;
+        } else {
+            self.scratch = FoldScratch::new();
+            self.rows = Vec::new();
+            budget.release(self.scratch_reserved);
+            reserved.fetch_sub(self.scratch_reserved, Ordering::AcqRel);
+            self.scratch_reserved = 0;
+        }
+    }
 }
 
 type ShardCell = Arc<Mutex<Shard>>;
@@ -154,9 +175,8 @@ impl Contribution<'_> {
     }
 
     /// Folds into `shard` with the triangular product's parallelism
-    /// `par`; on error the shard is unchanged. Then keeps the shard's
-    /// scratch if `budget` has room for what it grew (added to the slot's
-    /// `reserved`), else frees it.
+    /// `par`; on error the shard's statistics are unchanged. Then
+    /// [`Shard::keep_or_free_buffers`].
     fn fold_into(
         &self,
         shard: &mut Shard,
@@ -172,20 +192,7 @@ impl Contribution<'_> {
                 let folded = features
                     .widen_into(rows)
                     .and_then(|view| Ok(acc.fold_batch_with(view, labels, scratch, par)?));
-                let held = shard.scratch_bytes();
-                if held > shard.scratch_reserved {
-                    let more = held - shard.scratch_reserved;
-                    if budget.try_reserve(more).is_ok() {
-                        reserved.fetch_add(more, Ordering::AcqRel);
-                        shard.scratch_reserved = held;
-                    } else {
-                        shard.scratch = FoldScratch::new();
-                        shard.rows = Vec::new();
-                        budget.release(shard.scratch_reserved);
-                        reserved.fetch_sub(shard.scratch_reserved, Ordering::AcqRel);
-                        shard.scratch_reserved = 0;
-                    }
-                }
+                shard.keep_or_free_buffers(budget, reserved);
                 folded?;
             }
             Contribution::Stats(stats) => shard.acc.merge(stats)?,
