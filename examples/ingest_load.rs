@@ -49,7 +49,7 @@
 //! Each phase writes a fresh epoch, which is then closed and its sample
 //! count checked, so a silently dropped batch would fail the run. Before
 //! the close, the daemon's `vcid_accumulator_bytes` (its budget in use: one
-//! accumulator per shard) is read from `/metrics`; the slowest close and
+//! accumulator per shard and the fold buffers the shards keep) is read from `/metrics`; the slowest close and
 //! the process's peak RSS (`VmHWM`: daemon and client together, with the
 //! data pool; with `--child`, the client's, and the daemon's own beside
 //! the budget) are printed at the end. The data
@@ -440,8 +440,6 @@ async fn main() -> Result<(), BoxError> {
     let pool = pool();
     // The parallelism of the daemon's fold into an epoch's only shard.
     let par = Par::rayon(0);
-    let per_accumulator = Accumulator::estimated_bytes(classes() as u64, dim() as u64)
-        .ok_or("accumulator size overflows")?;
     println!(
         "ingest_load: {ROWS} x {} float32 batches ({} KiB), K={}, {} batches per phase, best of {} rounds, server at {addr}",
         dim(),
@@ -462,7 +460,6 @@ async fn main() -> Result<(), BoxError> {
     let mut best_inproc2 = 0f64;
     let mut best_steps = [0f64; 2];
     let mut slowest_close = Duration::ZERO;
-    let mut most_shards = 0u64;
     let mut most_budget = 0u64;
     let mut best_stream = vec![0f64; opts.writers.len()];
     let mut best_calls = vec![(0f64, Duration::ZERO, Duration::ZERO); opts.writers.len()];
@@ -489,8 +486,6 @@ async fn main() -> Result<(), BoxError> {
             let rate = streaming(&writers_clients, &pool, writers, opts.batches, epoch).await?;
             let budget = accumulator_bytes(http)?;
             most_budget = most_budget.max(budget);
-            let shards = budget / per_accumulator;
-            most_shards = most_shards.max(shards);
             let close = close_and_check(
                 &client,
                 epoch,
@@ -511,8 +506,9 @@ async fn main() -> Result<(), BoxError> {
                 best_calls[i] = (call_rate, p50, p99);
             }
             println!(
-                "round {round}: {writers} stream(s) {rate:.0} rows/s ({:.0}% of this round's ceiling, {shards} shard(s)); one-batch calls {call_rate:.0} rows/s, p50 {:.2} ms, p99 {:.2} ms",
+                "round {round}: {writers} stream(s) {rate:.0} rows/s ({:.0}% of this round's ceiling, {:.0} MiB of the budget in use); one-batch calls {call_rate:.0} rows/s, p50 {:.2} ms, p99 {:.2} ms",
                 100.0 * rate / measured.1,
+                budget as f64 / MIB,
                 p50.as_secs_f64() * 1e3,
                 p99.as_secs_f64() * 1e3
             );
@@ -562,9 +558,8 @@ async fn main() -> Result<(), BoxError> {
         best_steps[0], best_steps[1]
     );
     println!(
-        "slowest close: {:.3} s; most shards of an epoch: {most_shards} ({} bytes each); peak RSS of this process ({}client + data pool): {}",
+        "slowest close: {:.3} s; peak RSS of this process ({}client + data pool): {}",
         slowest_close.as_secs_f64(),
-        per_accumulator,
         if child.is_some() { "" } else { "daemon + " },
         daemon::status_bytes(std::process::id(), "VmHWM")
             .map_or("unknown".into(), |b| format!("{:.0} MiB", b as f64 / MIB)),

@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 
 import numpy as np
 
@@ -98,22 +99,31 @@ def main() -> None:
         a_monitor = monitor(address, run)
         thread = threading.Thread(target=writer_b)
         thread.start()
-        with a_monitor as mon:
-            ready()
-            for epoch in range(epochs):
-                hold_last(epoch)
-                for split in SPLITS:
-                    for part in range(0, BATCHES, 2):
-                        mon.push(*data(epoch, split, part), epoch=epoch, split=split)
-                        time.sleep(pace)
-                mon.flush()
-                barrier.wait()
-                for split in SPLITS:
-                    results.append(mon.close_epoch(epoch, split=split).to_dict())
-                barrier.wait()
-        thread.join()
+        try:
+            with a_monitor as mon:
+                ready()
+                for epoch in range(epochs):
+                    hold_last(epoch)
+                    for split in SPLITS:
+                        for part in range(0, BATCHES, 2):
+                            mon.push(*data(epoch, split, part), epoch=epoch, split=split)
+                            time.sleep(pace)
+                    mon.flush()
+                    barrier.wait()
+                    for split in SPLITS:
+                        results.append(mon.close_epoch(epoch, split=split).to_dict())
+                    barrier.wait()
+        except BaseException:
+            barrier.abort()
+            raise
+        finally:
+            thread.join()
+            # Whichever writer failed first, show its own traceback: the
+            # other one only sees the broken barrier.
+            for err in errors:
+                traceback.print_exception(err, file=sys.stderr)
         if errors:
-            raise errors[0]
+            raise SystemExit("writer B failed (traceback above)")
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     with open(out, "w") as f:

@@ -14,7 +14,7 @@ use half::{bf16, f16};
 use ndarray::ArrayView2;
 
 use crate::proto::{Encoding, FeatureBatch, StatsBlock};
-use crate::stats::{AccumulatorParts, StatsError};
+use crate::stats::{simd, AccumulatorParts, StatsError};
 
 use super::config::Limits;
 use super::error::{shown, ServerError};
@@ -220,28 +220,27 @@ impl WireRows {
     }
 
     /// The values as a `rows × d` f64 matrix (row-major) in `buffer`,
-    /// which is overwritten and grows only when it is too small.
+    /// which grows only when it is too small (its values are overwritten,
+    /// never cleared first).
     pub fn widen_into<'b>(
         &self,
         buffer: &'b mut Vec<f64>,
     ) -> Result<ArrayView2<'b, f64>, ServerError> {
-        buffer.clear();
-        let b = &self.bytes;
-        match self.encoding {
-            Encoding::Float32 => buffer.extend(
-                b.chunks_exact(4)
-                    .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-            ),
-            Encoding::Float16 => buffer.extend(
-                b.chunks_exact(2)
-                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f64()),
-            ),
-            Encoding::Bfloat16 => buffer.extend(
-                b.chunks_exact(2)
-                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f64()),
-            ),
+        let len = self.rows * self.dim;
+        if buffer.len() < len {
+            buffer.resize(len, 0.0);
         }
-        ArrayView2::from_shape((self.rows, self.dim), buffer.as_slice()).map_err(|err| {
+        let (out, b) = (&mut buffer[..len], &self.bytes[..]);
+        match self.encoding {
+            Encoding::Float32 => simd::widen_f32(out, b),
+            Encoding::Bfloat16 => simd::widen_bf16(out, b),
+            Encoding::Float16 => {
+                for (d, b) in out.iter_mut().zip(b.chunks_exact(2)) {
+                    *d = f16::from_le_bytes([b[0], b[1]]).to_f64();
+                }
+            }
+        }
+        ArrayView2::from_shape((self.rows, self.dim), &buffer[..len]).map_err(|err| {
             ServerError::Internal(format!(
                 "features of {}x{} do not fit a matrix: {err}",
                 self.rows, self.dim
@@ -250,9 +249,20 @@ impl WireRows {
     }
 
     /// Refuses the batch at its first NaN or infinite value (in row
-    /// order), with the error the math core gives, without widening it.
+    /// order), with the error the math core gives, without widening it: a
+    /// value is NaN or infinite exactly when its exponent bits are all
+    /// ones, which one vectorised pass over the bytes looks for; only a
+    /// batch that has one is searched value by value for the first.
     pub fn check_finite(&self) -> Result<(), StatsError> {
-        let b = &self.bytes;
+        let b = &self.bytes[..];
+        let all_ones = match self.encoding {
+            Encoding::Float32 => simd::max_masked_u32(b, F32_EXPONENT) == F32_EXPONENT,
+            Encoding::Float16 => simd::max_masked_u16(b, F16_EXPONENT) == F16_EXPONENT,
+            Encoding::Bfloat16 => simd::max_masked_u16(b, BF16_EXPONENT) == BF16_EXPONENT,
+        };
+        if !all_ones {
+            return Ok(());
+        }
         // The value last looked at: the bad one when the search stops.
         let mut value = 0.0;
         let mut bad = |v: f64| {
@@ -280,6 +290,12 @@ impl WireRows {
         }
     }
 }
+
+/// The exponent bits of IEEE binary32, float16 and bfloat16: all ones
+/// exactly for NaN and ±∞.
+const F32_EXPONENT: u32 = 0x7f80_0000;
+const F16_EXPONENT: u16 = 0x7c00;
+const BF16_EXPONENT: u16 = 0x7f80;
 
 /// A `FeatureBatch` whose names and shape have been checked; labels are
 /// still unchecked against K and values against NaN/Inf.
@@ -457,6 +473,51 @@ mod tests {
                     value,
                 }) => {
                     assert_eq!(value, f64::INFINITY, "{enc:?}")
+                }
+                other => panic!("{enc:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_largest_finite_values_pass_and_a_last_non_finite_one_is_found() {
+        // The largest finite value of each encoding has every exponent bit
+        // but the lowest set; a NaN with any payload or ±∞ has them all.
+        let cases: [(Encoding, Vec<u8>, Vec<u8>); 3] = [
+            (
+                Encoding::Float32,
+                f32::MAX.to_le_bytes().to_vec(),
+                f32::from_bits(0xffc0_1234).to_le_bytes().to_vec(),
+            ),
+            (
+                Encoding::Float16,
+                f16::MAX.to_le_bytes().to_vec(),
+                f16::NEG_INFINITY.to_le_bytes().to_vec(),
+            ),
+            (
+                Encoding::Bfloat16,
+                bf16::MIN.to_le_bytes().to_vec(),
+                bf16::from_bits(0x7f81).to_le_bytes().to_vec(),
+            ),
+        ];
+        for (enc, largest, bad) in cases {
+            let dim = 37;
+            let finite: Vec<u8> = largest.repeat(3 * dim);
+            let rows = WireRows::new(finite.clone().into(), enc, 3, dim).unwrap();
+            assert!(rows.check_finite().is_ok(), "{enc:?}");
+            let mut last_bad = finite;
+            let width = bad.len();
+            let at = last_bad.len() - width;
+            last_bad[at..].copy_from_slice(&bad);
+            let rows = WireRows::new(last_bad.into(), enc, 3, dim).unwrap();
+            match rows.check_finite() {
+                Err(StatsError::NonFinite {
+                    row: 2,
+                    column,
+                    value,
+                }) => {
+                    assert_eq!(column, dim - 1, "{enc:?}");
+                    assert!(!value.is_finite(), "{enc:?}");
                 }
                 other => panic!("{enc:?}: {other:?}"),
             }

@@ -25,8 +25,8 @@ use faer::MatRef;
 
 use super::classes::{ClassStats, RowsMut};
 use super::simd::{
-    self, add_assign_checked, add_scaled, difference, residual_pass, residual_unit_pass,
-    shift_mean, squared_difference,
+    self, add_assign_checked, add_scaled, copy_checked, difference, residual_pass,
+    residual_unit_pass, scaled_copy, shift_mean, squared_difference,
 };
 use super::{Par, StatsError};
 
@@ -279,12 +279,15 @@ impl SlotGroup<'_> {
         let base = self.start[0];
         let positions = self.start[slot] - base..self.start[slot + 1] - base;
         let order = &self.order[self.start[slot]..self.start[slot + 1]];
+        let rows = self.rows;
+        let row = |i: u32| &rows[i as usize * dim..(i as usize + 1) * dim];
+        if let [i] = *order {
+            return self.single_row_slot(slot, row(i), positions.start);
+        }
         let norms = &mut self.norms[positions];
         let residual = &mut self.residual[..dim];
         let mean = &mut self.stats.means[slot * dim..(slot + 1) * dim];
         let unit = &mut self.stats.unit_sum[slot * dim..(slot + 1) * dim];
-        let rows = self.rows;
-        let row = |i: u32| &rows[i as usize * dim..(i as usize + 1) * dim];
         let count = order.len();
 
         // 1. Class sum (which also catches NaN and ±Inf) and row norms.
@@ -342,6 +345,34 @@ impl SlotGroup<'_> {
         self.stats.within_trace[slot] = within;
         self.stats.unit_count[slot] = unit_count;
         self.stats.unit_within_trace[slot] = unit_within;
+        0.0
+    }
+
+    /// [`slot`](Self::slot) for a class with one row `h` in the batch (most
+    /// classes of a batch when K is large): its mean is `h`, its unit sum
+    /// `h/‖h‖`, both spreads 0. Writes the bits the general passes give
+    /// (they add into zeros) without clearing the rows first.
+    fn single_row_slot(&mut self, slot: usize, h: &[f64], position: usize) -> f64 {
+        let dim = self.stats.dim;
+        let mean = &mut self.stats.means[slot * dim..(slot + 1) * dim];
+        let unit = &mut self.stats.unit_sum[slot * dim..(slot + 1) * dim];
+        let (poison, squares) = copy_checked(mean, h);
+        if poison.is_nan() {
+            return poison;
+        }
+        let n = simd::norm_from_squares(squares, h);
+        self.norms[position] = n;
+        if n > 0.0 {
+            // From the mean just written (in cache; the bits of `h` up to
+            // the sign of zero, which the `+ 0` of the copy erases).
+            scaled_copy(unit, mean, 1.0 / n);
+        } else {
+            unit.fill(0.0);
+        }
+        self.stats.counts[slot] = 1;
+        self.stats.within_trace[slot] = 0.0;
+        self.stats.unit_count[slot] = u64::from(n > 0.0);
+        self.stats.unit_within_trace[slot] = 0.0;
         0.0
     }
 }

@@ -36,7 +36,7 @@
 mod batch;
 mod classes;
 pub mod reduce;
-mod simd;
+pub(crate) mod simd;
 
 use faer::linalg::matmul::triangular::{matmul, BlockStructure};
 use faer::{Accum, Mat};

@@ -2,7 +2,9 @@
 //! vector width.
 //!
 //! Owns every loop over a row of d values that the statistics run per row or
-//! per class. Each kernel is compiled three times, for AVX-512F, for AVX2
+//! per class, and the two loops over a batch's encoded bytes that the
+//! server's decoder runs (exact widening to f64 and the masked maximum that
+//! finds a NaN or infinity without decoding). Each kernel is compiled three times, for AVX-512F, for AVX2
 //! and for baseline x86-64, and every call runs the widest variant the CPU
 //! supports (detected once at run time), so the binary stays built for the
 //! baseline target and runs anywhere.
@@ -111,6 +113,14 @@ kernels! {
         }
     }
 
+    /// `dst = a · src + 0` (the `+ 0` makes a −0 product +0, so the result
+    /// has the bits of [`add_scaled`] into zeros).
+    pub(crate) fn scaled_copy(dst: &mut [f64], src: &[f64], a: f64) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = a * s + 0.0;
+        }
+    }
+
     /// `dst += src + a · v` (one column of a scatter merge).
     pub(crate) fn add_with_scaled(dst: &mut [f64], src: &[f64], v: &[f64], a: f64) {
         for ((d, &s), &x) in dst.iter_mut().zip(src).zip(v) {
@@ -147,6 +157,34 @@ kernels! {
         let (mut rest, mut rest_squares) = (0.0, 0.0);
         for (d, &s) in dst[n..].iter_mut().zip(&src[n..]) {
             *d += s;
+            rest += s * 0.0;
+            rest_squares += s * s;
+        }
+        (
+            poison.iter().sum::<f64>() + rest,
+            squares.iter().sum::<f64>() + rest_squares,
+        )
+    }
+
+    /// `dst = src + 0` with the sums of [`add_assign_checked`]: the bits
+    /// that kernel gives into zeros, without reading `dst`.
+    pub(crate) fn copy_checked(dst: &mut [f64], src: &[f64]) -> (f64, f64) {
+        let mut poison = [0.0; LANES];
+        let mut squares = [0.0; LANES];
+        let n = src.len() - src.len() % LANES;
+        for (ds, ss) in dst[..n]
+            .chunks_exact_mut(LANES)
+            .zip(src[..n].chunks_exact(LANES))
+        {
+            for lane in 0..LANES {
+                ds[lane] = ss[lane] + 0.0;
+                poison[lane] += ss[lane] * 0.0;
+                squares[lane] += ss[lane] * ss[lane];
+            }
+        }
+        let (mut rest, mut rest_squares) = (0.0, 0.0);
+        for (d, &s) in dst[n..].iter_mut().zip(&src[n..]) {
+            *d = s + 0.0;
             rest += s * 0.0;
             rest_squares += s * s;
         }
@@ -283,6 +321,38 @@ kernels! {
         }
         partial.iter().sum::<f64>() + rest
     }
+
+    /// `dst[i]` = the little-endian IEEE binary32 value in
+    /// `src[4i..4i + 4]`, widened exactly.
+    pub(crate) fn widen_f32(dst: &mut [f64], src: &[u8]) {
+        for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
+            *d = f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        }
+    }
+
+    /// `dst[i]` = the little-endian bfloat16 value in `src[2i..2i + 2]`,
+    /// widened exactly (its bits are the high half of a binary32).
+    pub(crate) fn widen_bf16(dst: &mut [f64], src: &[u8]) {
+        for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+            *d = f64::from(f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16));
+        }
+    }
+
+    /// The largest `w & mask` over the little-endian 32-bit words of `src`
+    /// (0 if there are none).
+    pub(crate) fn max_masked_u32(src: &[u8], mask: u32) -> u32 {
+        src.chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & mask)
+            .fold(0, u32::max)
+    }
+
+    /// The largest `w & mask` over the little-endian 16-bit words of `src`
+    /// (0 if there are none).
+    pub(crate) fn max_masked_u16(src: &[u8], mask: u16) -> u16 {
+        src.chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) & mask)
+            .fold(0, u16::max)
+    }
 }
 
 /// `‖x‖₂` of `values` given `squared`, their plain sum of squares as
@@ -388,6 +458,63 @@ mod tests {
             spread.to_bits()
         );
         assert_eq!((r1, u1), (r2, u2));
+        // The copies give the bits of adding into zeros, −0 included.
+        let signed: Vec<f64> = x.iter().map(|&v| if v < 0.0 { -0.0 } else { v }).collect();
+        for values in [&x, &signed] {
+            let (mut added, mut copied) = (vec![0.0; x.len()], vec![9.0; x.len()]);
+            let sums = add_assign_checked(&mut added, values);
+            let copied_sums = copy_checked(&mut copied, values);
+            assert_eq!(sums.0.to_bits(), copied_sums.0.to_bits());
+            assert_eq!(sums.1.to_bits(), copied_sums.1.to_bits());
+            let bits = |v: &[f64]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&added), bits(&copied));
+            for a in [1.5, -0.5] {
+                added.fill(0.0);
+                add_scaled(&mut added, values, a);
+                scaled_copy(&mut copied, values, a);
+                assert_eq!(bits(&added), bits(&copied));
+            }
+        }
+    }
+
+    #[test]
+    fn wire_kernels_agree_with_scalar_decoding_at_every_level() {
+        let specials = [0.0f32, -0.0, 1.5, -2.0e-40, f32::MAX, f32::MIN_POSITIVE];
+        let values: Vec<f32> = (0..1001)
+            .map(|i| specials[i % specials.len()] * (1.0 + i as f32 / 7.0))
+            .collect();
+        let f32_bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bf16_bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
+        let detected = level();
+        for forced in [Level::Baseline, Level::Avx2, Level::Avx512] {
+            if forced as u8 > detected as u8 {
+                continue;
+            }
+            LEVEL.store(forced as u8, Ordering::Relaxed);
+            let mut out = vec![0.0; values.len()];
+            widen_f32(&mut out, &f32_bytes);
+            assert!(out
+                .iter()
+                .zip(&values)
+                .all(|(&o, &v)| o.to_bits() == f64::from(v).to_bits()));
+            widen_bf16(&mut out, &bf16_bytes);
+            for (&o, v) in out.iter().zip(&values) {
+                let truncated = f32::from_bits(v.to_bits() & 0xffff_0000);
+                assert_eq!(o.to_bits(), f64::from(truncated).to_bits());
+            }
+            let most = values.iter().map(|v| v.to_bits() & 0x7f80_0000).max();
+            assert_eq!(Some(max_masked_u32(&f32_bytes, 0x7f80_0000)), most);
+            let most16 = values
+                .iter()
+                .map(|v| (v.to_bits() >> 16) as u16 & 0x7f80)
+                .max();
+            assert_eq!(Some(max_masked_u16(&bf16_bytes, 0x7f80)), most16);
+            assert_eq!(max_masked_u32(&[], 0x7f80_0000), 0);
+        }
+        LEVEL.store(detected as u8, Ordering::Relaxed);
     }
 
     #[test]
