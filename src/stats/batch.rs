@@ -6,9 +6,10 @@
 //! sums and counts (which double as the finiteness check) with the row
 //! norms in the same pass; residuals about the provisional class mean
 //! with the unit-vector sums in one more; the unit vectors' spread about
-//! their class direction. Class means and within-class traces use the
-//! corrected two-pass algorithm (exact to rounding even with a large common
-//! offset). A last pass writes the batch centred on its own mean, column
+//! their class direction. A class with a single row in the batch (most of
+//! them when K is large) skips these: its mean is the row, copied. Class
+//! means and within-class traces use the corrected two-pass algorithm
+//! (exact to rounding even with a large common offset). A last pass writes the batch centred on its own mean, column
 //! by column, as the operand of the scatter's triangular product. Class
 //! statistics are kept only for the classes present in the batch, one
 //! compact row ("slot") each, so a batch costs O(rows · d) whatever K is.

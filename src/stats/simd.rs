@@ -2,12 +2,12 @@
 //! vector width.
 //!
 //! Owns every loop over a row of d values that the statistics run per row or
-//! per class, and the two loops over a batch's encoded bytes that the
-//! server's decoder runs (exact widening to f64 and the masked maximum that
-//! finds a NaN or infinity without decoding). Each kernel is compiled three times, for AVX-512F, for AVX2
-//! and for baseline x86-64, and every call runs the widest variant the CPU
-//! supports (detected once at run time), so the binary stays built for the
-//! baseline target and runs anywhere.
+//! per class, and the loops over a batch's encoded bytes that the server's
+//! decoder runs (exact widening to f64, and the masked maximum that finds a
+//! NaN or infinity without decoding). Each kernel is compiled three times,
+//! for AVX-512F, for AVX2 and for baseline x86-64, and every call runs the
+//! widest variant the CPU supports (detected once at run time), so the
+//! binary stays built for the baseline target and runs anywhere.
 //!
 //! The kernels are plain loops that vectorise at any width with the same
 //! result: element-wise updates, and sums with eight fixed partial sums
