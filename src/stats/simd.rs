@@ -135,63 +135,19 @@ kernels! {
         }
     }
 
-    /// `dst += src`; returns the sum of `src · 0`, NaN exactly when `src`
+    /// `dst += src`; returns the sum of `src − src`, NaN exactly when `src`
     /// holds a NaN or an infinity (the class sums double as the finiteness
     /// check), and `Σ src²` with the partial sums of
     /// [`squared_difference`]`(src, 1, src, 0)` (the same bits for finite
     /// values).
     pub(crate) fn add_assign_checked(dst: &mut [f64], src: &[f64]) -> (f64, f64) {
-        let mut poison = [0.0; LANES];
-        let mut squares = [0.0; LANES];
-        let n = src.len() - src.len() % LANES;
-        for (ds, ss) in dst[..n]
-            .chunks_exact_mut(LANES)
-            .zip(src[..n].chunks_exact(LANES))
-        {
-            for lane in 0..LANES {
-                ds[lane] += ss[lane];
-                poison[lane] += ss[lane] * 0.0;
-                squares[lane] += ss[lane] * ss[lane];
-            }
-        }
-        let (mut rest, mut rest_squares) = (0.0, 0.0);
-        for (d, &s) in dst[n..].iter_mut().zip(&src[n..]) {
-            *d += s;
-            rest += s * 0.0;
-            rest_squares += s * s;
-        }
-        (
-            poison.iter().sum::<f64>() + rest,
-            squares.iter().sum::<f64>() + rest_squares,
-        )
+        checked_pass(dst, src, |d, s| *d += s)
     }
 
     /// `dst = src + 0` with the sums of [`add_assign_checked`]: the bits
     /// that kernel gives into zeros, without reading `dst`.
     pub(crate) fn copy_checked(dst: &mut [f64], src: &[f64]) -> (f64, f64) {
-        let mut poison = [0.0; LANES];
-        let mut squares = [0.0; LANES];
-        let n = src.len() - src.len() % LANES;
-        for (ds, ss) in dst[..n]
-            .chunks_exact_mut(LANES)
-            .zip(src[..n].chunks_exact(LANES))
-        {
-            for lane in 0..LANES {
-                ds[lane] = ss[lane] + 0.0;
-                poison[lane] += ss[lane] * 0.0;
-                squares[lane] += ss[lane] * ss[lane];
-            }
-        }
-        let (mut rest, mut rest_squares) = (0.0, 0.0);
-        for (d, &s) in dst[n..].iter_mut().zip(&src[n..]) {
-            *d = s + 0.0;
-            rest += s * 0.0;
-            rest_squares += s * s;
-        }
-        (
-            poison.iter().sum::<f64>() + rest,
-            squares.iter().sum::<f64>() + rest_squares,
-        )
+        checked_pass(dst, src, |d, s| *d = s + 0.0)
     }
 
     /// `Σ_i (a·x_i − b·y_i)²`.
@@ -353,6 +309,39 @@ kernels! {
             .map(|b| u16::from_le_bytes([b[0], b[1]]) & mask)
             .fold(0, u16::max)
     }
+}
+
+/// The loop of [`add_assign_checked`] and [`copy_checked`]: `store` per
+/// element, with the sum of `src − src` and `Σ src²` in [`LANES`] fixed
+/// partial sums. Inlined into each level's variant of those kernels.
+/// (`src − src` rather than `src · 0`, which is NaN for the same values:
+/// with the product LLVM pairs the two sums into 128-bit vectors when the
+/// store does not read `dst`.)
+#[inline(always)]
+fn checked_pass(dst: &mut [f64], src: &[f64], store: impl Fn(&mut f64, f64)) -> (f64, f64) {
+    let mut poison = [0.0; LANES];
+    let mut squares = [0.0; LANES];
+    let n = src.len() - src.len() % LANES;
+    for (ds, ss) in dst[..n]
+        .chunks_exact_mut(LANES)
+        .zip(src[..n].chunks_exact(LANES))
+    {
+        for lane in 0..LANES {
+            store(&mut ds[lane], ss[lane]);
+            poison[lane] += ss[lane] - ss[lane];
+            squares[lane] += ss[lane] * ss[lane];
+        }
+    }
+    let (mut rest, mut rest_squares) = (0.0, 0.0);
+    for (d, &s) in dst[n..].iter_mut().zip(&src[n..]) {
+        store(d, s);
+        rest += s - s;
+        rest_squares += s * s;
+    }
+    (
+        poison.iter().sum::<f64>() + rest,
+        squares.iter().sum::<f64>() + rest_squares,
+    )
 }
 
 /// `‖x‖₂` of `values` given `squared`, their plain sum of squares as
