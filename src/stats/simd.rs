@@ -318,6 +318,10 @@ kernels! {
 /// with the product LLVM pairs the two sums into 128-bit vectors when the
 /// store does not read `dst`.)
 #[inline(always)]
+#[allow(
+    clippy::eq_op,
+    reason = "x − x is the finiteness test: NaN exactly for NaN and ±∞"
+)]
 fn checked_pass(dst: &mut [f64], src: &[f64], store: impl Fn(&mut f64, f64)) -> (f64, f64) {
     let mut poison = [0.0; LANES];
     let mut squares = [0.0; LANES];
