@@ -5,7 +5,9 @@
 //! Owns streaming behaviour. A `Push` stream is a small in-order pipeline:
 //! up to [`PUSH_PIPELINE_DEPTH`] received batches are prepared (validated:
 //! no state touched) concurrently on the blocking pool while the oldest is
-//! applied (widened to f64 and folded), strictly in arrival order.
+//! applied (widened to f64 and folded), strictly in arrival order. The
+//! stream is read ahead before the oldest batch is applied, so the next
+//! one is already received and prepared when a fold ends.
 //! Each received batch keeps its message's in-flight bytes (the
 //! `deadline::Permits` of the request, one per message in order) until it
 //! is applied or refused; `PushStats` and `CreateRun` keep theirs until
@@ -211,6 +213,26 @@ impl VciMonitor for VciService {
                     reading = false;
                     stop = Some(Stop::Shutdown);
                 }
+                // Read ahead first (up to the pipeline's depth): the next
+                // batch is then received and prepared while the oldest is
+                // folded, and HTTP/2 flow control lets the client send on.
+                next = stream.message(), if reading && pending.len() < PUSH_PIPELINE_DEPTH => {
+                    match next {
+                        Ok(Some(batch)) => {
+                            let permit = permits.pop();
+                            let daemon = Arc::clone(&self.daemon);
+                            let handle = tokio::spawn(async move {
+                                daemon.prepare_batch(batch).await
+                            });
+                            pending.push_back((handle, permit));
+                        }
+                        Ok(None) => reading = false,
+                        Err(status) => {
+                            reading = false;
+                            stop = Some(Stop::Stream(status));
+                        }
+                    }
+                }
                 joined = async {
                     match pending.front_mut() {
                         Some((handle, _)) => handle.await,
@@ -245,23 +267,6 @@ impl VciMonitor for VciService {
                         }
                     }
                     index += 1;
-                }
-                next = stream.message(), if reading && pending.len() < PUSH_PIPELINE_DEPTH => {
-                    match next {
-                        Ok(Some(batch)) => {
-                            let permit = permits.pop();
-                            let daemon = Arc::clone(&self.daemon);
-                            let handle = tokio::spawn(async move {
-                                daemon.prepare_batch(batch).await
-                            });
-                            pending.push_back((handle, permit));
-                        }
-                        Ok(None) => reading = false,
-                        Err(status) => {
-                            reading = false;
-                            stop = Some(Stop::Stream(status));
-                        }
-                    }
                 }
             }
         }
