@@ -49,11 +49,11 @@
 //! Each phase writes a fresh epoch, which is then closed and its sample
 //! count checked, so a silently dropped batch would fail the run. Before
 //! the close, the daemon's `vcid_accumulator_bytes` (its budget in use: one
-//! accumulator per shard and the fold buffers the shards keep) is read from `/metrics`; the slowest close and
-//! the process's peak RSS (`VmHWM`: daemon and client together, with the
-//! data pool; with `--child`, the client's, and the daemon's own beside
-//! the budget) are printed at the end. The data
-//! pool (16 distinct batches) is generated before timing starts; each sent
+//! accumulator per shard and the fold buffers the shards keep) is read
+//! from `/metrics`; the slowest close and the process's peak RSS (`VmHWM`:
+//! daemon and client together, with the data pool; with `--child`, the
+//! client's, and the daemon's own beside the budget) are printed at the
+//! end. The data pool (16 distinct batches) is generated before timing starts; each sent
 //! message is a clone of a pool batch (its features are a shared
 //! `bytes::Bytes`, not copied); encoding it into tonic's buffer is the
 //! client's cost.

@@ -236,7 +236,7 @@ impl WireRows {
             Encoding::Bfloat16 => simd::widen_bf16(out, b),
             Encoding::Float16 => {
                 for (d, b) in out.iter_mut().zip(b.chunks_exact(2)) {
-                    *d = f16::from_le_bytes([b[0], b[1]]).to_f64();
+                    *d = widen_one(Encoding::Float16, b);
                 }
             }
         }
@@ -263,31 +263,30 @@ impl WireRows {
         if !all_ones {
             return Ok(());
         }
-        // The value last looked at: the bad one when the search stops.
-        let mut value = 0.0;
-        let mut bad = |v: f64| {
-            value = v;
-            !v.is_finite()
-        };
-        let at = match self.encoding {
-            Encoding::Float32 => b
-                .chunks_exact(4)
-                .position(|b| bad(f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))),
-            Encoding::Float16 => b
-                .chunks_exact(2)
-                .position(|b| bad(f16::from_le_bytes([b[0], b[1]]).to_f64())),
-            Encoding::Bfloat16 => b
-                .chunks_exact(2)
-                .position(|b| bad(bf16::from_le_bytes([b[0], b[1]]).to_f64())),
-        };
-        match at {
+        let first_bad = self
+            .bytes
+            .chunks_exact(encoding_width(self.encoding))
+            .map(|value| widen_one(self.encoding, value))
+            .enumerate()
+            .find(|(_, value)| !value.is_finite());
+        match first_bad {
             None => Ok(()),
-            Some(i) => Err(StatsError::NonFinite {
+            Some((i, value)) => Err(StatsError::NonFinite {
                 row: i / self.dim,
                 column: i % self.dim,
                 value,
             }),
         }
+    }
+}
+
+/// One value of `encoding` (its `encoding_width` little-endian bytes),
+/// widened exactly.
+fn widen_one(encoding: Encoding, b: &[u8]) -> f64 {
+    match encoding {
+        Encoding::Float32 => f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        Encoding::Float16 => f16::from_le_bytes([b[0], b[1]]).to_f64(),
+        Encoding::Bfloat16 => bf16::from_le_bytes([b[0], b[1]]).to_f64(),
     }
 }
 

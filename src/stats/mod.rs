@@ -387,19 +387,16 @@ impl Accumulator {
     /// The statistics as plain vectors (the scatter as a full symmetric
     /// matrix), e.g. for the wire or a checkpoint.
     pub fn to_parts(&self) -> AccumulatorParts {
+        parts(self.full_scatter(), self.classes.clone())
+    }
+
+    /// [`Accumulator::to_parts`] consuming the accumulator: the class
+    /// tables are moved, not copied, and the scatter's storage is freed as
+    /// soon as its full d × d copy is made.
+    pub fn into_parts(self) -> AccumulatorParts {
         let scatter = self.full_scatter();
-        let classes = &self.classes;
-        AccumulatorParts {
-            num_classes: self.num_classes(),
-            feature_dim: self.feature_dim(),
-            class_counts: classes.counts.clone(),
-            class_means: classes.means.clone(),
-            scatter,
-            within_trace: classes.within_trace.clone(),
-            unit_sum: classes.unit_sum.clone(),
-            unit_count: classes.unit_count.clone(),
-            unit_within_trace: classes.unit_within_trace.clone(),
-        }
+        drop(self.scatter);
+        parts(scatter, self.classes)
     }
 
     /// The scatter as a full row-major d × d matrix (both triangles).
@@ -414,27 +411,6 @@ impl Accumulator {
             }
         }
         scatter
-    }
-
-    /// [`Accumulator::to_parts`] consuming the accumulator: the class
-    /// tables are moved, not copied, and the scatter's storage is freed as
-    /// soon as its full d × d copy is made.
-    pub fn into_parts(self) -> AccumulatorParts {
-        let (num_classes, feature_dim) = (self.num_classes(), self.feature_dim());
-        let scatter = self.full_scatter();
-        drop(self.scatter);
-        let classes = self.classes;
-        AccumulatorParts {
-            num_classes,
-            feature_dim,
-            class_counts: classes.counts,
-            class_means: classes.means,
-            scatter,
-            within_trace: classes.within_trace,
-            unit_sum: classes.unit_sum,
-            unit_count: classes.unit_count,
-            unit_within_trace: classes.unit_within_trace,
-        }
     }
 
     /// Rebuilds an accumulator from parts computed elsewhere, after checking
@@ -523,6 +499,22 @@ fn validate_batch(
         });
     }
     Accumulator::check_labels(labels, num_classes)
+}
+
+/// [`AccumulatorParts`] from a full d × d `scatter` and the class tables
+/// (K rows of d: they give the shape).
+fn parts(scatter: Vec<f64>, classes: ClassStats) -> AccumulatorParts {
+    AccumulatorParts {
+        num_classes: classes.counts.len(),
+        feature_dim: classes.feature_dim,
+        class_counts: classes.counts,
+        class_means: classes.means,
+        scatter,
+        within_trace: classes.within_trace,
+        unit_sum: classes.unit_sum,
+        unit_count: classes.unit_count,
+        unit_within_trace: classes.unit_within_trace,
+    }
 }
 
 fn invalid(
