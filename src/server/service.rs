@@ -2,12 +2,13 @@
 //! [`Daemon`] calls and `ServerError`s into statuses (through the one
 //! `From<ServerError> for Status`).
 //!
-//! Owns streaming behaviour. A `Push` stream is a small in-order pipeline:
-//! up to [`PUSH_PIPELINE_DEPTH`] received batches are prepared (validated:
-//! no state touched) concurrently on the blocking pool while the oldest is
-//! applied (widened to f64 and folded), strictly in arrival order. The
-//! stream is read ahead before the oldest batch is applied, so the next
-//! one is already received and prepared when a fold ends.
+//! Owns streaming behaviour. A `Push` stream is a small in-order pipeline
+//! holding up to [`PUSH_PIPELINE_DEPTH`] received batches: the oldest is
+//! applied (widened to f64 and folded) in a task of its own, strictly in
+//! arrival order, while the stream goes on being read and the next batch
+//! is prepared (validated: no state touched) on the blocking pool. A fold
+//! starts as soon as the previous one has ended and its batch is prepared:
+//! it never waits for the stream to be read.
 //! Each received batch keeps its message's in-flight bytes (the
 //! `deadline::Permits` of the request, one per message in order) until it
 //! is applied or refused; `PushStats` and `CreateRun` keep theirs until
@@ -46,6 +47,8 @@ use super::state::InflightPermit;
 
 /// A batch being prepared on the blocking pool.
 type Prepared = JoinHandle<Result<PreparedBatch, ServerError>>;
+/// A prepared batch being applied.
+type Applying = JoinHandle<Result<Ingested, ServerError>>;
 
 /// The service object handed to tonic.
 #[derive(Clone, Debug)]
@@ -61,8 +64,8 @@ impl VciService {
     }
 }
 
-/// Batches of one `Push` stream prepared concurrently (decode and
-/// statistics of the next batch overlap the merge of the current one).
+/// Batches one `Push` stream holds: the one being applied and the next,
+/// received and prepared meanwhile.
 const PUSH_PIPELINE_DEPTH: usize = 2;
 
 /// Why a `Push` stream stopped reading before its end.
@@ -72,8 +75,18 @@ enum Stop {
 }
 
 impl VciService {
-    /// The error ending a `Push` stream at batch `index`; counts it.
-    fn abort_push(&self, index: u64, summary: &PushSummary, source: ServerError) -> Status {
+    /// The error ending a `Push` stream at batch `index`; counts it. The
+    /// batches after it were only prepared: they are dropped.
+    fn abort_push(
+        &self,
+        index: u64,
+        summary: &PushSummary,
+        pending: &mut VecDeque<(Prepared, Option<InflightPermit>)>,
+        source: ServerError,
+    ) -> Status {
+        for (handle, _) in pending.drain(..) {
+            handle.abort();
+        }
         self.daemon.telemetry().reject(&source);
         ServerError::PushAborted {
             index,
@@ -83,6 +96,13 @@ impl VciService {
         }
         .into()
     }
+}
+
+/// The outcome of a batch task.
+fn joined<T>(
+    outcome: Result<Result<T, ServerError>, tokio::task::JoinError>,
+) -> Result<T, ServerError> {
+    outcome.unwrap_or_else(|err| Err(ServerError::Internal(format!("batch task failed: {err}"))))
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<EpochResult, Status>> + Send + 'static>>;
@@ -200,10 +220,13 @@ impl VciMonitor for VciService {
         // blocking pool, each with its message's in-flight bytes (returned
         // once it is applied or refused); applied strictly in arrival order.
         let mut pending: VecDeque<(Prepared, Option<InflightPermit>)> = VecDeque::new();
+        // The batch being applied (its own task, so the stream is read
+        // and the next batches prepared during its fold).
+        let mut applying: Option<(Applying, Option<InflightPermit>)> = None;
         let mut reading = true;
         let mut stop: Option<Stop> = None;
         loop {
-            if pending.is_empty() && !reading {
+            if pending.is_empty() && applying.is_none() && !reading {
                 break;
             }
             tokio::select! {
@@ -213,10 +236,50 @@ impl VciMonitor for VciService {
                     reading = false;
                     stop = Some(Stop::Shutdown);
                 }
-                // Read ahead first (up to the pipeline's depth): the next
-                // batch is then received and prepared while the oldest is
-                // folded, and HTTP/2 flow control lets the client send on.
-                next = stream.message(), if reading && pending.len() < PUSH_PIPELINE_DEPTH => {
+                outcome = async {
+                    match applying.as_mut() {
+                        Some((handle, _)) => handle.await,
+                        None => std::future::pending().await,
+                    }
+                }, if applying.is_some() => {
+                    applying = None;
+                    match joined(outcome) {
+                        Ok(Ingested::Applied(rows)) => {
+                            summary.batches_applied += 1;
+                            summary.rows_applied += rows;
+                        }
+                        Ok(Ingested::Duplicate) => summary.duplicates += 1,
+                        Err(source) => {
+                            return Err(self.abort_push(index, &summary, &mut pending, source));
+                        }
+                    }
+                    index += 1;
+                }
+                // The next fold starts as soon as the previous one ends and
+                // its batch is prepared: folds are the stream's critical path.
+                prepared = async {
+                    match pending.front_mut() {
+                        Some((handle, _)) => handle.await,
+                        None => std::future::pending().await,
+                    }
+                }, if applying.is_none() && !pending.is_empty() => {
+                    let permit = pending.pop_front().and_then(|(_, permit)| permit);
+                    let prepared = match joined(prepared) {
+                        Ok(prepared) => prepared,
+                        Err(source) => {
+                            return Err(self.abort_push(index, &summary, &mut pending, source));
+                        }
+                    };
+                    if let Some((run, w)) = prepared.writer() {
+                        if writer.as_ref().is_none_or(|(r, x)| r != run || x != w) {
+                            writer = Some((run.to_owned(), w.to_owned()));
+                        }
+                    }
+                    let daemon = Arc::clone(&self.daemon);
+                    let handle = tokio::spawn(async move { daemon.apply_prepared(prepared).await });
+                    applying = Some((handle, permit));
+                }
+                next = stream.message(), if reading && pending.len() + usize::from(applying.is_some()) < PUSH_PIPELINE_DEPTH => {
                     match next {
                         Ok(Some(batch)) => {
                             let permit = permits.pop();
@@ -233,41 +296,6 @@ impl VciMonitor for VciService {
                         }
                     }
                 }
-                joined = async {
-                    match pending.front_mut() {
-                        Some((handle, _)) => handle.await,
-                        None => std::future::pending().await,
-                    }
-                }, if !pending.is_empty() => {
-                    let _permit = pending.pop_front().and_then(|(_, permit)| permit);
-                    let outcome = match joined {
-                        Ok(Ok(prepared)) => {
-                            if let Some((run, w)) = prepared.writer() {
-                                if writer.as_ref().is_none_or(|(r, x)| r != run || x != w) {
-                                    writer = Some((run.to_owned(), w.to_owned()));
-                                }
-                            }
-                            self.daemon.apply_prepared(prepared).await
-                        }
-                        Ok(Err(err)) => Err(err),
-                        Err(err) => Err(ServerError::Internal(format!("batch task failed: {err}"))),
-                    };
-                    match outcome {
-                        Ok(Ingested::Applied(rows)) => {
-                            summary.batches_applied += 1;
-                            summary.rows_applied += rows;
-                        }
-                        Ok(Ingested::Duplicate) => summary.duplicates += 1,
-                        Err(source) => {
-                            // Later batches were only prepared: drop them.
-                            for (handle, _) in pending.drain(..) {
-                                handle.abort();
-                            }
-                            return Err(self.abort_push(index, &summary, source));
-                        }
-                    }
-                    index += 1;
-                }
             }
         }
         if let Some((run, w)) = &writer {
@@ -281,7 +309,7 @@ impl VciMonitor for VciService {
             ))
             .into()),
             Some(Stop::Stream(status)) => match ServerError::from_oversized(&status, max) {
-                Some(err) => Err(self.abort_push(index, &summary, err)),
+                Some(err) => Err(self.abort_push(index, &summary, &mut pending, err)),
                 None => Err(status),
             },
         }
