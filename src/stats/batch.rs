@@ -6,13 +6,16 @@
 //! sums and counts (which double as the finiteness check) with the row
 //! norms in the same pass; residuals about the provisional class mean
 //! with the unit-vector sums in one more; the unit vectors' spread about
-//! their class direction. A class with a single row in the batch (most of
-//! them when K is large) skips these: its mean is the row, copied. Class
-//! means and within-class traces use the corrected two-pass algorithm
-//! (exact to rounding even with a large common offset). A last pass writes the batch centred on its own mean, column
-//! by column, as the operand of the scatter's triangular product. Class
-//! statistics are kept only for the classes present in the batch, one
-//! compact row ("slot") each, so a batch costs O(rows · d) whatever K is.
+//! their class direction. Class means and within-class traces use the
+//! corrected two-pass algorithm (exact to rounding even with a large
+//! common offset). A class with a single row in the batch (most of them
+//! when K is large) skips these: one read-only pass checks the row and
+//! takes its norm, and its slot stands for the row itself
+//! ([`SingleRows`]), which the merge reads once. A last pass writes the
+//! batch centred on its own mean, column by column, as the operand of the
+//! scatter's triangular product. Class statistics are kept only for the
+//! classes present in the batch, one compact row ("slot") each, so a batch
+//! costs O(rows · d) whatever K is.
 //! Every loop over a row is a `simd` kernel (the machine's vector width).
 //! With `Par::Rayon(n)` the classes are split into n groups of about equal
 //! rows and the centring pass into n ranges of rows, run in parallel;
@@ -26,8 +29,8 @@ use faer::MatRef;
 
 use super::classes::{ClassStats, RowsMut};
 use super::simd::{
-    self, add_assign_checked, add_scaled, copy_checked, difference, residual_pass,
-    residual_unit_pass, scaled_copy, shift_mean, squared_difference,
+    self, add_assign_checked, add_scaled, checked_sums, difference, residual_pass,
+    residual_unit_pass, shift_mean, squared_difference,
 };
 use super::{Par, StatsError};
 
@@ -190,9 +193,46 @@ impl FoldScratch {
         if groups.run(threads).is_nan() {
             return false;
         }
-        self.classes.global_mean_into(&mut self.mean);
+        self.batch_mean(rows);
         centre(&mut self.centred[..n * dim], rows, &self.mean, threads);
         true
+    }
+
+    /// μ_b = Σ_s n_s·μ_s / n over the slots, in slot order (a single-row
+    /// slot's mean is its row).
+    fn batch_mean(&mut self, rows: &[f64]) {
+        let (n, dim) = self.shape;
+        let single = SingleRows {
+            rows,
+            dim,
+            order: &self.order,
+            start: &self.start,
+            norms: &self.norms,
+        };
+        self.mean.fill(0.0);
+        for (slot, &count) in self.classes.counts.iter().enumerate() {
+            let weight = count as f64 / n as f64;
+            match single.get(slot) {
+                Some((h, _)) => add_scaled(&mut self.mean, h, weight),
+                None => add_scaled(
+                    &mut self.mean,
+                    &self.classes.means[slot * dim..(slot + 1) * dim],
+                    weight,
+                ),
+            }
+        }
+    }
+
+    /// The slots of the last batch that stand for one row of `rows` (the
+    /// rows passed to [`compute`](Self::compute)).
+    pub(super) fn single_rows<'a>(&'a self, rows: &'a [f64]) -> SingleRows<'a> {
+        SingleRows {
+            rows,
+            dim: self.shape.1,
+            order: &self.order,
+            start: &self.start,
+            norms: &self.norms,
+        }
     }
 
     /// The operand `C` of the scatter update `M2 += C·Cᵀ`: the centred rows
@@ -350,31 +390,48 @@ impl SlotGroup<'_> {
     }
 
     /// [`slot`](Self::slot) for a class with one row `h` in the batch (most
-    /// classes of a batch when K is large): its mean is `h`, its unit sum
-    /// `h/‖h‖`, both spreads 0. Writes the bits the general passes give
-    /// (they add into zeros) without clearing the rows first.
+    /// classes of a batch when K is large): the finiteness check and the
+    /// row's norm only. Its mean (`h`) and unit sum (`h/‖h‖`) are not
+    /// written: the merge reads the row itself ([`SingleRows`]); both
+    /// spreads are 0.
     fn single_row_slot(&mut self, slot: usize, h: &[f64], position: usize) -> f64 {
-        let dim = self.stats.dim;
-        let mean = &mut self.stats.means[slot * dim..(slot + 1) * dim];
-        let unit = &mut self.stats.unit_sum[slot * dim..(slot + 1) * dim];
-        let (poison, squares) = copy_checked(mean, h);
+        let (poison, squares) = checked_sums(h);
         if poison.is_nan() {
             return poison;
         }
         let n = simd::norm_from_squares(squares, h);
         self.norms[position] = n;
-        if n > 0.0 {
-            // From the mean just written (in cache; the bits of `h` up to
-            // the sign of zero, which the `+ 0` of the copy erases).
-            scaled_copy(unit, mean, 1.0 / n);
-        } else {
-            unit.fill(0.0);
-        }
         self.stats.counts[slot] = 1;
         self.stats.within_trace[slot] = 0.0;
         self.stats.unit_count[slot] = u64::from(n > 0.0);
         self.stats.unit_within_trace[slot] = 0.0;
         0.0
+    }
+}
+
+/// The slots of a batch's compact table that stand for a single row (see
+/// [`SlotGroup::single_row_slot`]): their table rows of means and unit
+/// sums are not written, and the merge reads the batch row instead.
+#[derive(Clone, Copy)]
+pub(super) struct SingleRows<'a> {
+    rows: &'a [f64],
+    dim: usize,
+    order: &'a [u32],
+    start: &'a [usize],
+    norms: &'a [f64],
+}
+
+impl<'a> SingleRows<'a> {
+    /// The row of `slot` and its norm, if the slot has exactly one row.
+    pub(super) fn get(&self, slot: usize) -> Option<(&'a [f64], f64)> {
+        let (begin, end) = (self.start[slot], self.start[slot + 1]);
+        (end - begin == 1).then(|| {
+            let i = self.order[begin] as usize;
+            (
+                &self.rows[i * self.dim..(i + 1) * self.dim],
+                self.norms[begin],
+            )
+        })
     }
 }
 

@@ -5,11 +5,15 @@
 //! and as one batch's compact table with a row ("slot") per class present
 //! in the batch. [`ClassStats::merge_slots`] folds a compact table into a
 //! dense one touching only the classes it holds, so merging a batch costs
-//! O(classes in the batch · d), not O(K · d).
+//! O(classes in the batch · d), not O(K · d). A slot that stands for a
+//! single row of the batch ([`SingleRows`]) is merged from that row in one
+//! pass, with the bits the slot's own copy of it would give.
 //!
-//! Must not: know about the scatter, batches of rows, or validation.
+//! Must not: know about the scatter or validation, or see a batch beyond
+//! the single rows it is handed.
 
-use super::simd::{add_assign, add_scaled, move_mean, squared_difference};
+use super::batch::SingleRows;
+use super::simd::{self, add_assign, add_scaled, move_mean, squared_difference};
 
 /// Per-class statistics; rows of the `· × d` tables are contiguous slices.
 #[derive(Clone, Debug, Default)]
@@ -102,9 +106,17 @@ impl ClassStats {
     /// (ascending). With `threads > 1` the slots are split into that many
     /// groups merged in parallel (each class is one independent row, so the
     /// result does not depend on the split).
-    pub(super) fn merge_slots(&mut self, classes: &[u32], other: &ClassStats, threads: usize) {
+    /// The slots in `single` stand for one batch row each: their rows of
+    /// `other.means` and `other.unit_sum` are not read.
+    pub(super) fn merge_slots(
+        &mut self,
+        classes: &[u32],
+        other: &ClassStats,
+        single: SingleRows<'_>,
+        threads: usize,
+    ) {
         self.rows_mut()
-            .merge_slots(classes, 0, other, threads.max(1));
+            .merge_slots(classes, 0, other, single, threads.max(1));
     }
 
     /// The statistics of every class as disjoint mutable slices.
@@ -176,21 +188,70 @@ impl<'a> RowsMut<'a> {
 
     /// [`ClassStats::merge_slots`] of the slots `slot0..slot0 + classes.len()`
     /// of `other`, whose classes all lie in these rows.
-    fn merge_slots(mut self, classes: &[u32], slot0: usize, other: &ClassStats, threads: usize) {
+    fn merge_slots(
+        mut self,
+        classes: &[u32],
+        slot0: usize,
+        other: &ClassStats,
+        single: SingleRows<'_>,
+        threads: usize,
+    ) {
         if threads > 1 && classes.len() > 1 {
             let half = classes.len() / 2;
             let at = classes[half] as usize - self.first;
             let (mine_a, mine_b) = self.split_at(at);
             let left = threads / 2;
             rayon::join(
-                || mine_a.merge_slots(&classes[..half], slot0, other, left),
-                || mine_b.merge_slots(&classes[half..], slot0 + half, other, threads - left),
+                || mine_a.merge_slots(&classes[..half], slot0, other, single, left),
+                || {
+                    let rest = &classes[half..];
+                    mine_b.merge_slots(rest, slot0 + half, other, single, threads - left)
+                },
             );
             return;
         }
         for (i, &class) in classes.iter().enumerate() {
-            self.merge_class(class as usize - self.first, other, slot0 + i);
+            let (k, slot) = (class as usize - self.first, slot0 + i);
+            match single.get(slot) {
+                Some((h, norm)) => self.merge_row(k, h, norm),
+                None => self.merge_class(k, other, slot),
+            }
         }
+    }
+
+    /// [`merge_class`](Self::merge_class) of a slot that is one row `h`
+    /// (norm `norm`): the same bits, in one pass over the class's rows
+    /// ([`simd::merge_row`]) and without the slot's copies of `h` and
+    /// `h/‖h‖`. Such a slot has a within trace and a unit spread of 0.
+    fn merge_row(&mut self, k: usize, h: &[f64], norm: f64) {
+        let na = self.counts[k];
+        let n = na + 1;
+        let mine = k * self.dim..(k + 1) * self.dim;
+        let (ca, cb) = (self.unit_count[k], u64::from(norm > 0.0));
+        let a = if cb > 0 { 1.0 / norm } else { 0.0 };
+        let b = if ca > 0 { 1.0 / ca as f64 } else { 0.0 };
+        if na == 0 {
+            // A step of 1 from zeros makes the mean the row (its copy).
+            self.means[mine.clone()].fill(0.0);
+        }
+        let (delta_squared, unit_delta_squared) = simd::merge_row(
+            &mut self.means[mine.clone()],
+            &mut self.unit_sum[mine],
+            h,
+            1.0 / n as f64,
+            a,
+            b,
+        );
+        if na == 0 {
+            self.within_trace[k] = 0.0;
+        } else {
+            self.within_trace[k] += delta_squared * (na as f64 / n as f64);
+        }
+        self.counts[k] = n;
+        if ca > 0 && cb > 0 {
+            self.unit_within_trace[k] += unit_delta_squared * (ca as f64 / (ca + cb) as f64);
+        }
+        self.unit_count[k] += cb;
     }
 
     /// Chan merge of row `slot` of `other` into row `k`: counts add, the

@@ -257,8 +257,9 @@ impl Accumulator {
             par,
         );
         simd::move_mean(&mut self.mean, &scratch.mean, n_b as f64 / n as f64);
+        let single = scratch.single_rows(values);
         self.classes
-            .merge_slots(&scratch.present, &scratch.classes, par.degree());
+            .merge_slots(&scratch.present, &scratch.classes, single, par.degree());
         Ok(())
     }
 
@@ -933,6 +934,54 @@ mod tests {
             .fold_batch(array![[1.0, 2.0]].view(), &[7], Par::Seq)
             .is_err());
         assert_eq!(folded.to_parts(), before);
+    }
+
+    /// Classes with one row in a batch are merged from the row itself
+    /// (`classes::RowsMut::merge_row`); classes with several go through a
+    /// compact slot. Merging the batch's own statistics (`from_batch`, then
+    /// `merge`) goes through the general slot merge for every class, so
+    /// the class tables must agree bit for bit, zero rows and −0 included.
+    #[test]
+    fn single_row_classes_merge_with_the_bits_of_the_general_merge() {
+        let (k, d) = (40, 19);
+        let value = |i: usize, j: usize| ((i * 31 + j * 7) as f64 * 0.37).sin() * 10.0;
+        let rows = |n: usize, shift: usize, zero: usize| {
+            Array2::from_shape_fn((n, d), |(i, j)| match i {
+                _ if i == zero => 0.0,
+                _ if (i + j) % 5 == 0 => -0.0,
+                _ => value(i + shift, j),
+            })
+        };
+        // Classes 0..10 seen before; class 3 only as a zero row (no unit
+        // vector yet); classes 10..40 new in the second batch.
+        let first = rows(12, 0, 4);
+        let mut first_labels: Vec<u32> = (0..12).map(|i| (i % 10) as u32).collect();
+        first_labels[4] = 3;
+        first_labels[3] = 4;
+        let second = rows(36, 100, 7);
+        let mut second_labels: Vec<u32> = (0..36)
+            .map(|i| if i < 4 { 1 } else { (i + 3) as u32 })
+            .collect();
+        second_labels[5] = 3;
+        let mut folded = Accumulator::from_batch(first.view(), &first_labels, k, Par::Seq).unwrap();
+        let mut merged = folded.clone();
+        folded
+            .fold_batch(second.view(), &second_labels, Par::Seq)
+            .unwrap();
+        let other = Accumulator::from_batch(second.view(), &second_labels, k, Par::Seq).unwrap();
+        merged.merge(&other).unwrap();
+        let (a, b) = (folded.to_parts(), merged.to_parts());
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(a.class_counts, b.class_counts);
+        assert_eq!(a.unit_count, b.unit_count);
+        assert_eq!(bits(&a.class_means), bits(&b.class_means));
+        assert_eq!(bits(&a.within_trace), bits(&b.within_trace));
+        assert_eq!(bits(&a.unit_sum), bits(&b.unit_sum));
+        assert_eq!(bits(&a.unit_within_trace), bits(&b.unit_within_trace));
+        // The batch did exercise both paths and both kinds of class.
+        let counts = &b.class_counts;
+        assert!(counts.iter().filter(|&&c| c == 1).count() > 20);
+        assert!(counts[1] > 2 && counts[3] == 2);
     }
 
     #[test]

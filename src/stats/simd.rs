@@ -113,14 +113,6 @@ kernels! {
         }
     }
 
-    /// `dst = a · src + 0` (the `+ 0` makes a −0 product +0, so the result
-    /// has the bits of [`add_scaled`] into zeros).
-    pub(crate) fn scaled_copy(dst: &mut [f64], src: &[f64], a: f64) {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = a * s + 0.0;
-        }
-    }
-
     /// `dst += src + a · v` (one column of a scatter merge).
     pub(crate) fn add_with_scaled(dst: &mut [f64], src: &[f64], v: &[f64], a: f64) {
         for ((d, &s), &x) in dst.iter_mut().zip(src).zip(v) {
@@ -141,13 +133,105 @@ kernels! {
     /// [`squared_difference`]`(src, 1, src, 0)` (the same bits for finite
     /// values).
     pub(crate) fn add_assign_checked(dst: &mut [f64], src: &[f64]) -> (f64, f64) {
-        checked_pass(dst, src, |d, s| *d += s)
+        let mut poison = [0.0; LANES];
+        let mut squares = [0.0; LANES];
+        let n = src.len() - src.len() % LANES;
+        for (ds, ss) in dst[..n]
+            .chunks_exact_mut(LANES)
+            .zip(src[..n].chunks_exact(LANES))
+        {
+            for lane in 0..LANES {
+                ds[lane] += ss[lane];
+                poison[lane] += finiteness(ss[lane]);
+                squares[lane] += ss[lane] * ss[lane];
+            }
+        }
+        let (mut rest, mut rest_squares) = (0.0, 0.0);
+        for (d, &s) in dst[n..].iter_mut().zip(&src[n..]) {
+            *d += s;
+            rest += finiteness(s);
+            rest_squares += s * s;
+        }
+        (
+            poison.iter().sum::<f64>() + rest,
+            squares.iter().sum::<f64>() + rest_squares,
+        )
     }
 
-    /// `dst = src + 0` with the sums of [`add_assign_checked`]: the bits
-    /// that kernel gives into zeros, without reading `dst`.
-    pub(crate) fn copy_checked(dst: &mut [f64], src: &[f64]) -> (f64, f64) {
-        checked_pass(dst, src, |d, s| *d = s + 0.0)
+    /// The sums of [`add_assign_checked`] without the addition: the sum of
+    /// `src − src` (NaN exactly when `src` holds a NaN or an infinity) and
+    /// `Σ src²`, with the same bits.
+    pub(crate) fn checked_sums(src: &[f64]) -> (f64, f64) {
+        let mut poison = [0.0; LANES];
+        let mut squares = [0.0; LANES];
+        let n = src.len() - src.len() % LANES;
+        for ss in src[..n].chunks_exact(LANES) {
+            for lane in 0..LANES {
+                poison[lane] += finiteness(ss[lane]);
+                squares[lane] += ss[lane] * ss[lane];
+            }
+        }
+        let (mut rest, mut rest_squares) = (0.0, 0.0);
+        for &s in &src[n..] {
+            rest += finiteness(s);
+            rest_squares += s * s;
+        }
+        (
+            poison.iter().sum::<f64>() + rest,
+            squares.iter().sum::<f64>() + rest_squares,
+        )
+    }
+
+    /// The Chan merge of a class's only row `h` of a batch into the class's
+    /// running mean and unit-vector sum, in one pass: `mean += (x − mean) ·
+    /// step` and `unit += a·x + 0`, where `x = h + 0`. Returns `‖x − mean‖²`
+    /// and `Σ (a·x + 0 − b·unit)²`, both before the update. These are the
+    /// bits of [`move_mean`], [`squared_difference`] (with 1 for the row's
+    /// weight) and [`add_assign`] on a compact slot holding the mean `x` and
+    /// the unit sum `a·x + 0` (the `+ 0`s make −0 into +0, as adding into
+    /// zeros does).
+    pub(crate) fn merge_row(
+        mean: &mut [f64],
+        unit: &mut [f64],
+        h: &[f64],
+        step: f64,
+        a: f64,
+        b: f64,
+    ) -> (f64, f64) {
+        let mut moved = [0.0; LANES];
+        let mut spread = [0.0; LANES];
+        let n = h.len() - h.len() % LANES;
+        for ((ms, us), hs) in mean[..n]
+            .chunks_exact_mut(LANES)
+            .zip(unit[..n].chunks_exact_mut(LANES))
+            .zip(h[..n].chunks_exact(LANES))
+        {
+            for lane in 0..LANES {
+                let x = hs[lane] + 0.0;
+                let d = x - ms[lane];
+                moved[lane] += d * d;
+                ms[lane] += d * step;
+                let u = a * x + 0.0;
+                let e = 1.0 * u - b * us[lane];
+                spread[lane] += e * e;
+                us[lane] += u;
+            }
+        }
+        let (mut rest_moved, mut rest_spread) = (0.0, 0.0);
+        for ((m, u_sum), &x) in mean[n..].iter_mut().zip(&mut unit[n..]).zip(&h[n..]) {
+            let x = x + 0.0;
+            let d = x - *m;
+            rest_moved += d * d;
+            *m += d * step;
+            let u = a * x + 0.0;
+            let e = 1.0 * u - b * *u_sum;
+            rest_spread += e * e;
+            *u_sum += u;
+        }
+        (
+            moved.iter().sum::<f64>() + rest_moved,
+            spread.iter().sum::<f64>() + rest_spread,
+        )
     }
 
     /// `Σ_i (a·x_i − b·y_i)²`.
@@ -311,41 +395,16 @@ kernels! {
     }
 }
 
-/// The loop of [`add_assign_checked`] and [`copy_checked`]: `store` per
-/// element, with the sum of `src − src` and `Σ src²` in [`LANES`] fixed
-/// partial sums. Inlined into each level's variant of those kernels.
-/// (`src − src` rather than `src · 0`, which is NaN for the same values:
-/// with the product LLVM pairs the two sums into 128-bit vectors when the
-/// store does not read `dst`.)
+/// `x − x`: NaN exactly for NaN and ±∞, else 0 (the finiteness term of
+/// the checked sums). Not `x · 0`, which is NaN for the same values: with
+/// the product LLVM paired the two sums into 128-bit vectors.
 #[inline(always)]
 #[allow(
     clippy::eq_op,
     reason = "x − x is the finiteness test: NaN exactly for NaN and ±∞"
 )]
-fn checked_pass(dst: &mut [f64], src: &[f64], store: impl Fn(&mut f64, f64)) -> (f64, f64) {
-    let mut poison = [0.0; LANES];
-    let mut squares = [0.0; LANES];
-    let n = src.len() - src.len() % LANES;
-    for (ds, ss) in dst[..n]
-        .chunks_exact_mut(LANES)
-        .zip(src[..n].chunks_exact(LANES))
-    {
-        for lane in 0..LANES {
-            store(&mut ds[lane], ss[lane]);
-            poison[lane] += ss[lane] - ss[lane];
-            squares[lane] += ss[lane] * ss[lane];
-        }
-    }
-    let (mut rest, mut rest_squares) = (0.0, 0.0);
-    for (d, &s) in dst[n..].iter_mut().zip(&src[n..]) {
-        store(d, s);
-        rest += s - s;
-        rest_squares += s * s;
-    }
-    (
-        poison.iter().sum::<f64>() + rest,
-        squares.iter().sum::<f64>() + rest_squares,
-    )
+fn finiteness(x: f64) -> f64 {
+    x - x
 }
 
 /// `‖x‖₂` of `values` given `squared`, their plain sum of squares as
@@ -386,7 +445,13 @@ mod tests {
         let spread = residual_pass(&mut residual, x, y);
         let shifted = shift_mean(&mut out, &residual, 0.01);
         let moved = move_mean(&mut out, x, 0.25);
+        let (merged, merged_spread) = merge_row(&mut out, &mut unit, y, 0.5, 0.3, 0.2);
+        let (checked, checked_squares) = checked_sums(&out);
         let scalars = [
+            merged,
+            merged_spread,
+            checked,
+            checked_squares,
             poison,
             squares,
             fused,
@@ -451,21 +516,33 @@ mod tests {
             spread.to_bits()
         );
         assert_eq!((r1, u1), (r2, u2));
-        // The copies give the bits of adding into zeros, −0 included.
+        // The row merge gives the bits of the slot kernels it replaces on
+        // a slot holding the row added into zeros, −0 included.
         let signed: Vec<f64> = x.iter().map(|&v| if v < 0.0 { -0.0 } else { v }).collect();
+        let bits = |v: &[f64]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         for values in [&x, &signed] {
-            let (mut added, mut copied) = (vec![0.0; x.len()], vec![9.0; x.len()]);
-            let sums = add_assign_checked(&mut added, values);
-            let copied_sums = copy_checked(&mut copied, values);
-            assert_eq!(sums.0.to_bits(), copied_sums.0.to_bits());
-            assert_eq!(sums.1.to_bits(), copied_sums.1.to_bits());
-            let bits = |v: &[f64]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&added), bits(&copied));
-            for a in [1.5, -0.5] {
-                added.fill(0.0);
-                add_scaled(&mut added, values, a);
-                scaled_copy(&mut copied, values, a);
-                assert_eq!(bits(&added), bits(&copied));
+            let mut slot_mean = vec![0.0; x.len()];
+            let sums = add_assign_checked(&mut slot_mean, values);
+            let only_sums = checked_sums(values);
+            assert_eq!(sums.0.to_bits(), only_sums.0.to_bits());
+            assert_eq!(sums.1.to_bits(), only_sums.1.to_bits());
+            for (a, b) in [(1.5, 0.25), (-0.5, 1.0)] {
+                let mut slot_unit = vec![0.0; x.len()];
+                add_scaled(&mut slot_unit, &slot_mean, a);
+                let (mut mean, mut unit) = (y.clone(), x.clone());
+                let moved = move_mean(&mut mean, &slot_mean, 0.125);
+                let spread = squared_difference(&slot_unit, 1.0, &unit, b);
+                add_assign(&mut unit, &slot_unit);
+                let (mut fused_mean, mut fused_unit) = (y.clone(), x.clone());
+                let fused = merge_row(&mut fused_mean, &mut fused_unit, values, 0.125, a, b);
+                assert_eq!(
+                    (bits(&mean), bits(&unit)),
+                    (bits(&fused_mean), bits(&fused_unit))
+                );
+                assert_eq!(
+                    (moved.to_bits(), spread.to_bits()),
+                    (fused.0.to_bits(), fused.1.to_bits())
+                );
             }
         }
     }
