@@ -20,9 +20,9 @@
 //!
 //! What is measured (printed again as a Markdown table at the end):
 //!
-//! - **in-process**: decode the same float32 bytes to f64 (as the server
-//!   does) and fold them in place into one accumulator
-//!   (`Accumulator::fold_batch_with`, one reused `FoldScratch`) with all
+//! - **in-process**: fold the same float32 bytes, read where they lie as
+//!   the server reads them, into one accumulator
+//!   (`Accumulator::fold_values_with`, one reused `FoldScratch`) with all
 //!   cores in the product, as the daemon folds into an epoch's only shard.
 //!   This is the baseline of the "vs in-process" column.
 //! - **in-process, 2 threads**: the same on two threads with one
@@ -66,7 +66,6 @@ use std::time::{Duration, Instant};
 
 use faer::linalg::matmul::triangular::{matmul, BlockStructure};
 use faer::{Accum, Mat};
-use ndarray::Array2;
 use vcid::proto::vci_monitor_client::VciMonitorClient;
 use vcid::proto::{CloseEpochRequest, CreateRunRequest, FeatureBatch};
 use vcid::stats::{Accumulator, FoldScratch, Par};
@@ -176,43 +175,25 @@ fn pool() -> Vec<FeatureBatch> {
         .collect()
 }
 
-/// Decode as the server does: little-endian f32 to an f64 row-major matrix.
-fn decode(batch: &FeatureBatch) -> Array2<f64> {
-    let values: Vec<f64> = batch
-        .features
-        .chunks_exact(4)
-        .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-        .collect();
-    Array2::from_shape_vec((ROWS, dim()), values).expect("pool batches are 256 x d")
+/// The float32 values of a pool batch, where they lie (as the server
+/// folds them).
+fn values(batch: &FeatureBatch) -> &[[u8; 4]] {
+    batch.features.as_chunks::<4>().0
 }
 
-/// Rows per second of decode + fold into one accumulator, with `par` in
-/// the fold's product; and the time per batch of each step.
-fn in_process(
-    pool: &[FeatureBatch],
-    batches: usize,
-    par: Par,
-) -> Result<(f64, [f64; 2]), BoxError> {
+/// Rows per second of the fold into one accumulator, with `par` in the
+/// fold's product; and the time per batch.
+fn in_process(pool: &[FeatureBatch], batches: usize, par: Par) -> Result<(f64, f64), BoxError> {
     let mut acc = Accumulator::new(classes(), dim());
     let mut scratch = FoldScratch::new();
-    // Time per step, to show where a batch's cost lies (three clock reads
-    // per batch are negligible next to milliseconds of work).
-    let mut steps = [Duration::ZERO; 2];
     let start = Instant::now();
     for i in 0..batches {
         let batch = &pool[i % pool.len()];
-        let t0 = Instant::now();
-        let features = decode(batch);
-        let t1 = Instant::now();
-        acc.fold_batch_with(features.view(), &batch.labels, &mut scratch, par)?;
-        let t2 = Instant::now();
-        steps[0] += t1 - t0;
-        steps[1] += t2 - t1;
+        acc.fold_values_with(values(batch), &batch.labels, &mut scratch, par)?;
     }
     let secs = start.elapsed().as_secs_f64();
     assert_eq!(acc.samples(), (batches * ROWS) as u64);
-    let per_batch_ms = steps.map(|d| d.as_secs_f64() * 1e3 / batches as f64);
-    Ok(((batches * ROWS) as f64 / secs, per_batch_ms))
+    Ok(((batches * ROWS) as f64 / secs, secs * 1e3 / batches as f64))
 }
 
 /// Rows per second of the same work on `threads` threads, each folding
@@ -233,8 +214,7 @@ fn in_process_parallel(
                     let mut scratch = FoldScratch::new();
                     for i in 0..per_thread {
                         let batch = &pool[(t * 7 + i) % pool.len()];
-                        let features = decode(batch);
-                        acc.fold_batch_with(features.view(), &batch.labels, &mut scratch, Par::Seq)
+                        acc.fold_values_with(values(batch), &batch.labels, &mut scratch, Par::Seq)
                             .map_err(|e| e.to_string())?;
                     }
                     Ok(acc)
@@ -458,7 +438,7 @@ async fn main() -> Result<(), BoxError> {
 
     let mut best_inproc = 0f64;
     let mut best_inproc2 = 0f64;
-    let mut best_steps = [0f64; 2];
+    let mut best_fold_ms = 0f64;
     let mut slowest_close = Duration::ZERO;
     let mut most_budget = 0u64;
     let mut best_stream = vec![0f64; opts.writers.len()];
@@ -473,10 +453,11 @@ async fn main() -> Result<(), BoxError> {
             "round {round}: f64 syrk ceiling {:.0} rows/s ({:.1} GFLOP/s)",
             measured.1, measured.0
         );
-        let (inproc, steps) = tokio::task::block_in_place(|| in_process(&pool, opts.batches, par))?;
+        let (inproc, fold_ms) =
+            tokio::task::block_in_place(|| in_process(&pool, opts.batches, par))?;
         if inproc > best_inproc {
             best_inproc = inproc;
-            best_steps = steps;
+            best_fold_ms = fold_ms;
         }
         let inproc2 = tokio::task::block_in_place(|| in_process_parallel(&pool, opts.batches, 2))?;
         best_inproc2 = best_inproc2.max(inproc2);
@@ -524,7 +505,7 @@ async fn main() -> Result<(), BoxError> {
     println!("| mode | writers | rows/s | MB/s | vs in-process | vs syrk ceiling (rows/s) | p50 batch latency | p99 batch latency |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| in-process decode + fold (one shard) | 1 stream | {best_inproc:.0} | {:.1} | 100% | {} | | |",
+        "| in-process fold (one shard) | 1 stream | {best_inproc:.0} | {:.1} | 100% | {} | | |",
         mb_per_s(best_inproc),
         of_ceiling(best_inproc)
     );
@@ -553,10 +534,7 @@ async fn main() -> Result<(), BoxError> {
         );
     }
     println!();
-    println!(
-        "in-process time per batch (best round): decode {:.3} ms, fold {:.3} ms",
-        best_steps[0], best_steps[1]
-    );
+    println!("in-process time per batch (best round): fold {best_fold_ms:.3} ms");
     println!(
         "slowest close: {:.3} s; peak RSS of this process ({}client + data pool): {}",
         slowest_close.as_secs_f64(),

@@ -40,14 +40,14 @@ use super::state::{Inflight, InflightPermit};
 use crate::proto::vci_monitor_server::SERVICE_NAME;
 
 /// How many times its encoded size a `Push` message may hold: the
-/// received bytes (not copied: prost's `bytes` field is a slice of them),
-/// the rows widened to f64 in the shard's buffer and the fold's centred
-/// copy (2× a float32 value each), and the batch's class tables (16 bytes
-/// per value of each class present: at most 4× a float32 batch), 9× in
-/// all for float32. Only the first fold that grows a shard's buffers
-/// allocates them (they are then reserved in the accumulator budget); a
-/// float16 batch with a distinct class on most rows can briefly hold up to
-/// 17× then (README "Limits").
+/// received bytes (not copied: prost's `bytes` field is a slice of them,
+/// and the fold reads float32 values there), the fold's centred f64 copy
+/// (2× a float32 value), and the batch's class tables (16 bytes per value
+/// of each class present: at most 4× a float32 batch), 7× in all for
+/// float32. Only the first fold that grows a shard's buffers allocates
+/// them (they are then reserved in the accumulator budget); a float16
+/// batch, widened to f64 in the shard's buffer first, with a distinct
+/// class on most rows can briefly hold up to 17× then (README "Limits").
 const PUSH_CHARGE: u64 = 10;
 /// A `PushStats` block: the received bytes, the decoded block, the
 /// accumulator built from it.

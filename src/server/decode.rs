@@ -171,10 +171,11 @@ pub fn encoding_width(encoding: Encoding) -> usize {
 
 /// The features of a checked `FeatureBatch`: `rows × d` little-endian
 /// values of one encoding, still the received bytes (prost's `bytes`
-/// option makes them a slice of the receive buffer, not a copy).
-/// [`WireRows::widen_into`] writes them as f64 into a buffer the caller
-/// reuses, so a batch allocates nothing of size rows × d once that buffer
-/// has grown to the batches' size.
+/// option makes them a slice of the receive buffer, not a copy). Float32
+/// values are folded where they lie ([`WireRows::float32`]); the 16-bit
+/// encodings are widened by [`WireRows::widen_into`] into a buffer the
+/// caller reuses, so a batch allocates nothing of size rows × d once that
+/// buffer has grown to the batches' size.
 #[derive(Clone, Debug)]
 pub struct WireRows {
     bytes: Bytes,
@@ -217,6 +218,13 @@ impl WireRows {
     /// Number of rows.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// The values where they lie when they are float32: the fold reads
+    /// them in place (`stats::Value` for `[u8; 4]`); `None` for the 16-bit
+    /// encodings, which [`WireRows::widen_into`] widens first.
+    pub fn float32(&self) -> Option<&[[u8; 4]]> {
+        (self.encoding == Encoding::Float32).then(|| self.bytes.as_chunks::<4>().0)
     }
 
     /// The values as a `rows × d` f64 matrix (row-major) in `buffer`,
@@ -390,6 +398,7 @@ pub fn decode_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::Value;
 
     #[test]
     fn names_follow_the_spec() {
@@ -439,6 +448,13 @@ mod tests {
             let got: Vec<f64> = got.iter().copied().collect();
             assert_eq!(got, vec![1.5, -2.25, 0.0, 1024.0], "{enc:?}");
             assert!(out.features.check_finite().is_ok());
+            // Float32 is also read in place, as the same values.
+            let in_place = out
+                .features
+                .float32()
+                .map(|v| v.iter().map(|&b| b.wide()).collect());
+            let expected = (enc == Encoding::Float32).then_some(got);
+            assert_eq!(in_place, expected, "{enc:?}");
         }
     }
 

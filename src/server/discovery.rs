@@ -1,5 +1,5 @@
 //! How a daemon on this machine is found: `<data-dir>/daemon.json`, which
-//! [`crate::server::serve`] writes once both listeners are bound (process
+//! [`crate::server::run`] writes once both listeners are bound (process
 //! id, bound addresses, version) and removes when it stops, and the
 //! per-user data directory in which clients start a daemon by themselves
 //! (the Python `vcid.Monitor` with no address; `vcid stop` by default).

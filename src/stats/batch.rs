@@ -30,7 +30,7 @@ use faer::MatRef;
 use super::classes::{ClassStats, RowsMut};
 use super::simd::{
     self, add_assign_checked, add_scaled, checked_sums, difference, residual_pass,
-    residual_unit_pass, shift_mean, squared_difference,
+    residual_unit_pass, shift_mean, squared_difference, Value,
 };
 use super::{Par, StatsError};
 
@@ -96,9 +96,9 @@ impl FoldScratch {
     /// The statistics of one batch: `rows` holds `labels.len()` rows of
     /// `dim` values, row-major; every label is below `num_classes`. Fails
     /// (naming the first one) if a value is NaN or infinite.
-    pub(super) fn compute(
+    pub(super) fn compute<T: Value>(
         &mut self,
-        rows: &[f64],
+        rows: &[T],
         dim: usize,
         labels: &[u32],
         num_classes: usize,
@@ -127,8 +127,8 @@ impl FoldScratch {
         }
         let (row, column, value) = rows
             .iter()
-            .position(|v| !v.is_finite())
-            .map(|i| (i / dim, i % dim, rows[i]))
+            .position(|v| !v.wide().is_finite())
+            .map(|i| (i / dim, i % dim, rows[i].wide()))
             .unwrap_or((0, 0, f64::NAN));
         Err(StatsError::NonFinite { row, column, value })
     }
@@ -180,7 +180,7 @@ impl FoldScratch {
 
     /// The passes over the rows; false if a value is not finite (the
     /// buffers then hold garbage, which the next `compute` overwrites).
-    fn passes(&mut self, rows: &[f64], threads: usize) -> bool {
+    fn passes<T: Value>(&mut self, rows: &[T], threads: usize) -> bool {
         let (n, dim) = self.shape;
         let groups = SlotGroup {
             rows,
@@ -200,7 +200,7 @@ impl FoldScratch {
 
     /// μ_b = Σ_s n_s·μ_s / n over the slots, in slot order (a single-row
     /// slot's mean is its row).
-    fn batch_mean(&mut self, rows: &[f64]) {
+    fn batch_mean<T: Value>(&mut self, rows: &[T]) {
         let (n, dim) = self.shape;
         let single = SingleRows {
             rows,
@@ -225,7 +225,7 @@ impl FoldScratch {
 
     /// The slots of the last batch that stand for one row of `rows` (the
     /// rows passed to [`compute`](Self::compute)).
-    pub(super) fn single_rows<'a>(&'a self, rows: &'a [f64]) -> SingleRows<'a> {
+    pub(super) fn single_rows<'a, T: Value>(&'a self, rows: &'a [T]) -> SingleRows<'a, T> {
         SingleRows {
             rows,
             dim: self.shape.1,
@@ -255,9 +255,9 @@ impl FoldScratch {
 }
 
 /// Consecutive slots of a batch, with the parts of the outputs they own.
-struct SlotGroup<'a> {
+struct SlotGroup<'a, T> {
     /// The whole batch, row-major.
-    rows: &'a [f64],
+    rows: &'a [T],
     /// The whole grouped order.
     order: &'a [u32],
     /// `start` of these slots and of the one after them.
@@ -270,7 +270,7 @@ struct SlotGroup<'a> {
     stats: RowsMut<'a>,
 }
 
-impl SlotGroup<'_> {
+impl<T: Value> SlotGroup<'_, T> {
     /// Works through every slot, in `threads` groups of about equal rows
     /// run in parallel; returns NaN if a value is not finite (else 0).
     fn run(mut self, threads: usize) -> f64 {
@@ -394,7 +394,7 @@ impl SlotGroup<'_> {
     /// row's norm only. Its mean (`h`) and unit sum (`h/‖h‖`) are not
     /// written: the merge reads the row itself ([`SingleRows`]); both
     /// spreads are 0.
-    fn single_row_slot(&mut self, slot: usize, h: &[f64], position: usize) -> f64 {
+    fn single_row_slot(&mut self, slot: usize, h: &[T], position: usize) -> f64 {
         let (poison, squares) = checked_sums(h);
         if poison.is_nan() {
             return poison;
@@ -412,18 +412,25 @@ impl SlotGroup<'_> {
 /// The slots of a batch's compact table that stand for a single row (see
 /// [`SlotGroup::single_row_slot`]): their table rows of means and unit
 /// sums are not written, and the merge reads the batch row instead.
-#[derive(Clone, Copy)]
-pub(super) struct SingleRows<'a> {
-    rows: &'a [f64],
+pub(super) struct SingleRows<'a, T> {
+    rows: &'a [T],
     dim: usize,
     order: &'a [u32],
     start: &'a [usize],
     norms: &'a [f64],
 }
 
-impl<'a> SingleRows<'a> {
+// Not derived: a derive would require `T: Copy` of the rows' type only.
+impl<T> Clone for SingleRows<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SingleRows<'_, T> {}
+
+impl<'a, T> SingleRows<'a, T> {
     /// The row of `slot` and its norm, if the slot has exactly one row.
-    pub(super) fn get(&self, slot: usize) -> Option<(&'a [f64], f64)> {
+    pub(super) fn get(&self, slot: usize) -> Option<(&'a [T], f64)> {
         let (begin, end) = (self.start[slot], self.start[slot + 1]);
         (end - begin == 1).then(|| {
             let i = self.order[begin] as usize;
@@ -437,7 +444,7 @@ impl<'a> SingleRows<'a> {
 
 /// Column `i` of `centred` (d values) = row `i` of `rows` − `mean`, in
 /// `threads` ranges of rows run in parallel.
-fn centre(centred: &mut [f64], rows: &[f64], mean: &[f64], threads: usize) {
+fn centre<T: Value>(centred: &mut [f64], rows: &[T], mean: &[f64], threads: usize) {
     let dim = mean.len();
     let n = rows.len() / dim;
     if threads > 1 && n > 1 {

@@ -13,7 +13,7 @@
 //! the single rows it is handed.
 
 use super::batch::SingleRows;
-use super::simd::{self, add_assign, add_scaled, move_mean, squared_difference};
+use super::simd::{self, add_assign, add_scaled, move_mean, squared_difference, Value};
 
 /// Per-class statistics; rows of the `· × d` tables are contiguous slices.
 #[derive(Clone, Debug, Default)]
@@ -108,11 +108,11 @@ impl ClassStats {
     /// result does not depend on the split).
     /// The slots in `single` stand for one batch row each: their rows of
     /// `other.means` and `other.unit_sum` are not read.
-    pub(super) fn merge_slots(
+    pub(super) fn merge_slots<T: Value>(
         &mut self,
         classes: &[u32],
         other: &ClassStats,
-        single: SingleRows<'_>,
+        single: SingleRows<'_, T>,
         threads: usize,
     ) {
         self.rows_mut()
@@ -188,12 +188,12 @@ impl<'a> RowsMut<'a> {
 
     /// [`ClassStats::merge_slots`] of the slots `slot0..slot0 + classes.len()`
     /// of `other`, whose classes all lie in these rows.
-    fn merge_slots(
+    fn merge_slots<T: Value>(
         mut self,
         classes: &[u32],
         slot0: usize,
         other: &ClassStats,
-        single: SingleRows<'_>,
+        single: SingleRows<'_, T>,
         threads: usize,
     ) {
         if threads > 1 && classes.len() > 1 {
@@ -223,7 +223,7 @@ impl<'a> RowsMut<'a> {
     /// (norm `norm`): the same bits, in one pass over the class's rows
     /// ([`simd::merge_row`]) and without the slot's copies of `h` and
     /// `h/‖h‖`. Such a slot has a within trace and a unit spread of 0.
-    fn merge_row(&mut self, k: usize, h: &[f64], norm: f64) {
+    fn merge_row<T: Value>(&mut self, k: usize, h: &[T], norm: f64) {
         let na = self.counts[k];
         let n = na + 1;
         let mine = k * self.dim..(k + 1) * self.dim;

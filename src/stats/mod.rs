@@ -4,7 +4,9 @@
 //! Owns [`Accumulator`]: per-class counts and means, the total scatter about
 //! the global mean, per-class within-class traces, unit-vector sums and the
 //! within-class trace of the unit vectors (see below). A batch is folded in
-//! place ([`Accumulator::fold_batch_with`]): its statistics about its own
+//! place ([`Accumulator::fold_batch_with`], or
+//! [`Accumulator::fold_values_with`] for rows of any [`Value`] type, such
+//! as float32 bytes read where they were received): its statistics about its own
 //! means are computed in a reusable [`FoldScratch`] (`batch`), and merged
 //! with the parallel formula of Chan, Golub & LeVeque: the batch's scatter
 //! and the correction `δδᵀ·n_a·n_b/n` enter the accumulator's scatter as one
@@ -14,7 +16,8 @@
 //! a stream was split into batches or shards changes the result only by
 //! rounding.
 //!
-//! Pure computation in f64: no I/O, no locking, no knowledge of runs or
+//! Pure computation in f64 (inputs are widened exactly where read): no
+//! I/O, no locking, no knowledge of runs or
 //! epochs. It must never use the naive `Σx² − N·x̄²` form, which loses every
 //! digit when features share a large offset.
 //!
@@ -44,6 +47,7 @@ use ndarray::ArrayView2;
 
 pub use batch::FoldScratch;
 pub use faer::Par;
+pub use simd::Value;
 
 use classes::ClassStats;
 
@@ -239,6 +243,54 @@ impl Accumulator {
                 &copied
             }
         };
+        self.fold_checked(values, labels, scratch, par)
+    }
+
+    /// [`Accumulator::fold_batch_with`] of rows given as one row-major slice
+    /// of `feature_dim` values per row (one row per label), in any [`Value`]
+    /// type: `[u8; 4]` reads little-endian float32 bytes where they lie (a
+    /// received buffer), with no widened copy of the batch. The result is
+    /// bit for bit that of the same values widened to f64.
+    pub fn fold_values_with<T: Value>(
+        &mut self,
+        values: &[T],
+        labels: &[u32],
+        scratch: &mut FoldScratch,
+        par: Par,
+    ) -> Result<(), StatsError> {
+        let dim = self.feature_dim();
+        if dim == 0 {
+            return Err(StatsError::NoFeatures);
+        }
+        if !values.len().is_multiple_of(dim) {
+            return Err(invalid(
+                "features",
+                format!("whole rows of feature_dim = {dim} values"),
+                format!("{} values", values.len()),
+            ));
+        }
+        let rows = values.len() / dim;
+        if rows == 0 {
+            return Err(StatsError::EmptyBatch);
+        }
+        if labels.len() != rows {
+            return Err(StatsError::LabelCount {
+                expected: rows,
+                received: labels.len(),
+            });
+        }
+        Self::check_labels(labels, self.num_classes())?;
+        self.fold_checked(values, labels, scratch, par)
+    }
+
+    /// The fold of a batch whose shape and labels are checked.
+    fn fold_checked<T: Value>(
+        &mut self,
+        values: &[T],
+        labels: &[u32],
+        scratch: &mut FoldScratch,
+        par: Par,
+    ) -> Result<(), StatsError> {
         scratch.compute(values, self.feature_dim(), labels, self.num_classes(), par)?;
 
         let (n_a, n_b) = (self.samples(), labels.len() as u64);
@@ -982,6 +1034,78 @@ mod tests {
         let counts = &b.class_counts;
         assert!(counts.iter().filter(|&&c| c == 1).count() > 20);
         assert!(counts[1] > 2 && counts[3] == 2);
+    }
+
+    /// Float32 bytes folded where they lie give the bits of the same
+    /// values widened to f64 first, in every statistic; bad input is
+    /// refused with the field named and nothing changed.
+    #[test]
+    fn float32_bytes_fold_with_the_bits_of_widened_rows() {
+        let (k, d, n) = (30, 37, 50);
+        let values: Vec<f32> = (0..n * d)
+            .map(|i| match i % 11 {
+                0 => -0.0,
+                _ if i / d == 9 => 0.0,
+                _ => ((i as f32) * 0.37).sin() * 100.0 + 3.0,
+            })
+            .collect();
+        let labels: Vec<u32> = (0..n).map(|i| ((i * 7) % k) as u32).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let wire = bytes.as_chunks::<4>().0;
+        let widened = Array2::from_shape_fn((n, d), |(i, j)| f64::from(values[i * d + j]));
+        for par in [Par::Seq, Par::rayon(2)] {
+            let mut scratch = FoldScratch::new();
+            let (mut a, mut b) = (Accumulator::new(k, d), Accumulator::new(k, d));
+            for half in [0..n / 2, n / 2..n] {
+                let rows = half.start * d..half.end * d;
+                a.fold_values_with(&wire[rows], &labels[half.clone()], &mut scratch, par)
+                    .unwrap();
+                let view = widened.slice(ndarray::s![half.clone(), ..]);
+                b.fold_batch_with(view, &labels[half], &mut scratch, par)
+                    .unwrap();
+            }
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let (a, b) = (a.to_parts(), b.to_parts());
+            assert_eq!(a.class_counts, b.class_counts);
+            assert_eq!(bits(&a.class_means), bits(&b.class_means));
+            assert_eq!(bits(&a.scatter), bits(&b.scatter));
+            assert_eq!(bits(&a.within_trace), bits(&b.within_trace));
+            assert_eq!(bits(&a.unit_sum), bits(&b.unit_sum));
+            assert_eq!(bits(&a.unit_within_trace), bits(&b.unit_within_trace));
+        }
+
+        let mut acc = Accumulator::new(k, d);
+        let mut scratch = FoldScratch::new();
+        let before = acc.to_parts();
+        let short = acc.fold_values_with(&wire[..d + 1], &labels[..1], &mut scratch, Par::Seq);
+        assert!(matches!(
+            short,
+            Err(StatsError::InvalidPart {
+                field: "features",
+                ..
+            })
+        ));
+        let count = acc.fold_values_with(&wire[..2 * d], &labels[..3], &mut scratch, Par::Seq);
+        assert_eq!(
+            count,
+            Err(StatsError::LabelCount {
+                expected: 2,
+                received: 3
+            })
+        );
+        let mut poisoned = bytes.clone();
+        poisoned[(3 * d + 5) * 4..(3 * d + 6) * 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let poisoned = poisoned.as_chunks::<4>().0;
+        let err = acc.fold_values_with(poisoned, &labels, &mut scratch, Par::Seq);
+        assert!(matches!(
+            err,
+            Err(StatsError::NonFinite {
+                row: 3,
+                column: 5,
+                ..
+            })
+        ));
+        assert_eq!(acc.to_parts(), before);
     }
 
     #[test]

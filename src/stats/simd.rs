@@ -9,6 +9,10 @@
 //! widest variant the CPU supports (detected once at run time), so the
 //! binary stays built for the baseline target and runs anywhere.
 //!
+//! The kernels that read a batch's rows take them as any [`Value`] type
+//! (f64, or little-endian float32 bytes read in place) and widen each
+//! value exactly where it is read, so both give the same bits.
+//!
 //! The kernels are plain loops that vectorise at any width with the same
 //! result: element-wise updates, and sums with eight fixed partial sums
 //! (IEEE rules forbid reordering one running sum). Rust never contracts
@@ -64,25 +68,26 @@ fn detect() -> Level {
 }
 
 /// Defines each kernel as a function that runs the body compiled for the
-/// level [`level`] picks.
+/// level [`level`] picks. A kernel may take one type parameter bounded by
+/// [`Value`] (the rows it reads), monomorphised per level like the rest.
 macro_rules! kernels {
     ($(
         $(#[doc = $doc:literal])*
-        pub(crate) fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
+        pub(crate) fn $name:ident $(<$t:ident: Value>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
     )*) => {$(
         $(#[doc = $doc])*
         #[inline]
-        pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
+        pub(crate) fn $name $(<$t: Value>)? ($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn generic($($arg: $ty),*) $(-> $ret)? $body
+            fn generic $(<$t: Value>)? ($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
-                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                fn avx512 $(<$t: Value>)? ($($arg: $ty),*) $(-> $ret)? {
                     generic($($arg),*)
                 }
                 #[target_feature(enable = "avx2")]
-                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                fn avx2 $(<$t: Value>)? ($($arg: $ty),*) $(-> $ret)? {
                     generic($($arg),*)
                 }
                 match level() {
@@ -98,6 +103,30 @@ macro_rules! kernels {
     )*};
 }
 
+/// A feature value as a batch's rows hold it, read as the f64 it stands
+/// for (exactly: every implementation widens without rounding).
+pub trait Value: Copy + Send + Sync + 'static {
+    /// The value as f64.
+    fn wide(self) -> f64;
+}
+
+impl Value for f64 {
+    #[inline(always)]
+    fn wide(self) -> f64 {
+        self
+    }
+}
+
+/// Four bytes are a little-endian IEEE binary32 value, as a batch arrives
+/// on the wire (no alignment: `bytes.as_chunks::<4>()` reads a received
+/// buffer in place).
+impl Value for [u8; 4] {
+    #[inline(always)]
+    fn wide(self) -> f64 {
+        f64::from(f32::from_le_bytes(self))
+    }
+}
+
 kernels! {
     /// `dst += src`.
     pub(crate) fn add_assign(dst: &mut [f64], src: &[f64]) {
@@ -107,9 +136,9 @@ kernels! {
     }
 
     /// `dst += a · src`.
-    pub(crate) fn add_scaled(dst: &mut [f64], src: &[f64], a: f64) {
+    pub(crate) fn add_scaled<T: Value>(dst: &mut [f64], src: &[T], a: f64) {
         for (d, &s) in dst.iter_mut().zip(src) {
-            *d += a * s;
+            *d += a * s.wide();
         }
     }
 
@@ -121,9 +150,9 @@ kernels! {
     }
 
     /// `dst = x − y`.
-    pub(crate) fn difference(dst: &mut [f64], x: &[f64], y: &[f64]) {
+    pub(crate) fn difference<T: Value>(dst: &mut [f64], x: &[T], y: &[f64]) {
         for ((d, &a), &b) in dst.iter_mut().zip(x).zip(y) {
-            *d = a - b;
+            *d = a.wide() - b;
         }
     }
 
@@ -132,7 +161,7 @@ kernels! {
     /// check), and `Σ src²` with the partial sums of
     /// [`squared_difference`]`(src, 1, src, 0)` (the same bits for finite
     /// values).
-    pub(crate) fn add_assign_checked(dst: &mut [f64], src: &[f64]) -> (f64, f64) {
+    pub(crate) fn add_assign_checked<T: Value>(dst: &mut [f64], src: &[T]) -> (f64, f64) {
         let mut poison = [0.0; LANES];
         let mut squares = [0.0; LANES];
         let n = src.len() - src.len() % LANES;
@@ -141,13 +170,15 @@ kernels! {
             .zip(src[..n].chunks_exact(LANES))
         {
             for lane in 0..LANES {
-                ds[lane] += ss[lane];
-                poison[lane] += finiteness(ss[lane]);
-                squares[lane] += ss[lane] * ss[lane];
+                let s = ss[lane].wide();
+                ds[lane] += s;
+                poison[lane] += finiteness(s);
+                squares[lane] += s * s;
             }
         }
         let (mut rest, mut rest_squares) = (0.0, 0.0);
         for (d, &s) in dst[n..].iter_mut().zip(&src[n..]) {
+            let s = s.wide();
             *d += s;
             rest += finiteness(s);
             rest_squares += s * s;
@@ -161,18 +192,20 @@ kernels! {
     /// The sums of [`add_assign_checked`] without the addition: the sum of
     /// `src − src` (NaN exactly when `src` holds a NaN or an infinity) and
     /// `Σ src²`, with the same bits.
-    pub(crate) fn checked_sums(src: &[f64]) -> (f64, f64) {
+    pub(crate) fn checked_sums<T: Value>(src: &[T]) -> (f64, f64) {
         let mut poison = [0.0; LANES];
         let mut squares = [0.0; LANES];
         let n = src.len() - src.len() % LANES;
         for ss in src[..n].chunks_exact(LANES) {
             for lane in 0..LANES {
-                poison[lane] += finiteness(ss[lane]);
-                squares[lane] += ss[lane] * ss[lane];
+                let s = ss[lane].wide();
+                poison[lane] += finiteness(s);
+                squares[lane] += s * s;
             }
         }
         let (mut rest, mut rest_squares) = (0.0, 0.0);
         for &s in &src[n..] {
+            let s = s.wide();
             rest += finiteness(s);
             rest_squares += s * s;
         }
@@ -190,10 +223,10 @@ kernels! {
     /// weight) and [`add_assign`] on a compact slot holding the mean `x` and
     /// the unit sum `a·x + 0` (the `+ 0`s make −0 into +0, as adding into
     /// zeros does).
-    pub(crate) fn merge_row(
+    pub(crate) fn merge_row<T: Value>(
         mean: &mut [f64],
         unit: &mut [f64],
-        h: &[f64],
+        h: &[T],
         step: f64,
         a: f64,
         b: f64,
@@ -207,7 +240,7 @@ kernels! {
             .zip(h[..n].chunks_exact(LANES))
         {
             for lane in 0..LANES {
-                let x = hs[lane] + 0.0;
+                let x = hs[lane].wide() + 0.0;
                 let d = x - ms[lane];
                 moved[lane] += d * d;
                 ms[lane] += d * step;
@@ -219,7 +252,7 @@ kernels! {
         }
         let (mut rest_moved, mut rest_spread) = (0.0, 0.0);
         for ((m, u_sum), &x) in mean[n..].iter_mut().zip(&mut unit[n..]).zip(&h[n..]) {
-            let x = x + 0.0;
+            let x = x.wide() + 0.0;
             let d = x - *m;
             rest_moved += d * d;
             *m += d * step;
@@ -235,25 +268,39 @@ kernels! {
     }
 
     /// `Σ_i (a·x_i − b·y_i)²`.
-    pub(crate) fn squared_difference(x: &[f64], a: f64, y: &[f64], b: f64) -> f64 {
+    pub(crate) fn squared_difference<T: Value>(x: &[T], a: f64, y: &[f64], b: f64) -> f64 {
         let mut partial = [0.0; LANES];
         let n = x.len() - x.len() % LANES;
         for (xs, ys) in x[..n].chunks_exact(LANES).zip(y[..n].chunks_exact(LANES)) {
             for lane in 0..LANES {
-                let e = a * xs[lane] - b * ys[lane];
+                let e = a * xs[lane].wide() - b * ys[lane];
                 partial[lane] += e * e;
             }
         }
         let rest: f64 = x[n..]
             .iter()
             .zip(&y[n..])
-            .map(|(&x, &y)| (a * x - b * y) * (a * x - b * y))
+            .map(|(&x, &y)| (a * x.wide() - b * y) * (a * x.wide() - b * y))
             .sum();
         partial.iter().sum::<f64>() + rest
     }
 
+    /// `Σ_i (a·x_i)²`: the bits of [`squared_difference`]`(x, a, x, 0)`.
+    pub(crate) fn scaled_squares<T: Value>(x: &[T], a: f64) -> f64 {
+        let mut partial = [0.0; LANES];
+        let n = x.len() - x.len() % LANES;
+        for xs in x[..n].chunks_exact(LANES) {
+            for lane in 0..LANES {
+                let e = a * xs[lane].wide();
+                partial[lane] += e * e;
+            }
+        }
+        let rest: f64 = x[n..].iter().map(|&x| (a * x.wide()) * (a * x.wide())).sum();
+        partial.iter().sum::<f64>() + rest
+    }
+
     /// `residual += h − m`; returns `Σ(h − m)²`.
-    pub(crate) fn residual_pass(residual: &mut [f64], h: &[f64], m: &[f64]) -> f64 {
+    pub(crate) fn residual_pass<T: Value>(residual: &mut [f64], h: &[T], m: &[f64]) -> f64 {
         let mut partial = [0.0; LANES];
         let n = h.len() - h.len() % LANES;
         for ((rs, hs), ms) in residual[..n]
@@ -262,14 +309,14 @@ kernels! {
             .zip(m[..n].chunks_exact(LANES))
         {
             for lane in 0..LANES {
-                let e = hs[lane] - ms[lane];
+                let e = hs[lane].wide() - ms[lane];
                 rs[lane] += e;
                 partial[lane] += e * e;
             }
         }
         let mut rest = 0.0;
         for ((r, &x), &y) in residual[n..].iter_mut().zip(&h[n..]).zip(&m[n..]) {
-            let e = x - y;
+            let e = x.wide() - y;
             *r += e;
             rest += e * e;
         }
@@ -278,10 +325,10 @@ kernels! {
 
     /// [`residual_pass`] and [`add_scaled`]`(unit, h, a)` in one pass over
     /// `h` (the same bits as the two).
-    pub(crate) fn residual_unit_pass(
+    pub(crate) fn residual_unit_pass<T: Value>(
         residual: &mut [f64],
         unit: &mut [f64],
-        h: &[f64],
+        h: &[T],
         m: &[f64],
         a: f64,
     ) -> f64 {
@@ -294,10 +341,11 @@ kernels! {
             .zip(m[..n].chunks_exact(LANES))
         {
             for lane in 0..LANES {
-                let e = hs[lane] - ms[lane];
+                let x = hs[lane].wide();
+                let e = x - ms[lane];
                 rs[lane] += e;
                 partial[lane] += e * e;
-                us[lane] += a * hs[lane];
+                us[lane] += a * x;
             }
         }
         let mut rest = 0.0;
@@ -307,6 +355,7 @@ kernels! {
             .zip(&h[n..])
             .zip(&m[n..])
         {
+            let x = x.wide();
             let e = x - y;
             *r += e;
             rest += e * e;
@@ -411,15 +460,15 @@ fn finiteness(x: f64) -> f64 {
 /// [`squared_difference`]`(values, 1, values, 0)` or
 /// [`add_assign_checked`] computes it; rescaled only when that sum over-
 /// or underflows.
-pub(crate) fn norm_from_squares(squared: f64, values: &[f64]) -> f64 {
+pub(crate) fn norm_from_squares<T: Value>(squared: f64, values: &[T]) -> f64 {
     if squared.is_finite() && squared > f64::MIN_POSITIVE {
         return squared.sqrt();
     }
-    let scale = values.iter().fold(0.0_f64, |m, v| m.max(v.abs()));
+    let scale = values.iter().fold(0.0_f64, |m, v| m.max(v.wide().abs()));
     if scale == 0.0 || !scale.is_finite() {
         return scale;
     }
-    scale * squared_difference(values, 1.0 / scale, values, 0.0).sqrt()
+    scale * scaled_squares(values, 1.0 / scale).sqrt()
 }
 
 #[cfg(test)]

@@ -20,10 +20,11 @@
 //! deleting the run releases everything. Opening an epoch beyond
 //! `--max-accumulator-bytes` fails with RESOURCE_EXHAUSTED before anything
 //! is created, and `CreateRun` refuses a run whose single accumulator could
-//! never fit. The buffers a shard's folds reuse (the rows widened to f64,
-//! the fold's scratch) are reserved here too once a fold has grown them,
-//! and freed after that fold instead when the budget has no room (while a
-//! batch folds, its message's in-flight bytes cover them).
+//! never fit. The buffers a shard's folds reuse (the fold's scratch, and
+//! the rows of 16-bit batches widened to f64) are reserved here too once a
+//! fold has grown them, and freed after that fold instead when the budget
+//! has no room (while a batch folds, its message's in-flight bytes cover
+//! them).
 //!
 //! # In-flight budget
 //!

@@ -108,7 +108,8 @@ struct Shard {
     acc: Accumulator,
     /// The fold's working memory.
     scratch: FoldScratch,
-    /// A batch's rows widened to f64 (`rows × d`, row-major).
+    /// A 16-bit batch's rows widened to f64 (`rows × d`, row-major);
+    /// float32 rows are folded where they lie.
     rows: Vec<f64>,
     /// Bytes of `scratch` and `rows` reserved from the budget.
     scratch_reserved: u64,
@@ -157,7 +158,8 @@ fn new_shard(acc: Accumulator) -> ShardCell {
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Contribution<'a> {
     /// Rows in their wire encoding (labels and values already checked),
-    /// widened into the shard's buffer and folded in place.
+    /// folded in place: float32 as received, 16-bit encodings widened into
+    /// the shard's buffer first.
     Rows {
         features: &'a WireRows,
         labels: &'a [u32],
@@ -189,9 +191,14 @@ impl Contribution<'_> {
                 let Shard {
                     acc, scratch, rows, ..
                 } = shard;
-                let folded = features
-                    .widen_into(rows)
-                    .and_then(|view| Ok(acc.fold_batch_with(view, labels, scratch, par)?));
+                let folded = match features.float32() {
+                    Some(values) => acc
+                        .fold_values_with(values, labels, scratch, par)
+                        .map_err(ServerError::from),
+                    None => features
+                        .widen_into(rows)
+                        .and_then(|view| Ok(acc.fold_batch_with(view, labels, scratch, par)?)),
+                };
                 shard.keep_or_free_buffers(budget, reserved);
                 folded?;
             }
@@ -1575,8 +1582,9 @@ mod tests {
             let mut acc = Accumulator::new(3, 64);
             acc.fold_batch_with(x.view(), &y, &mut scratch, Par::rayon(0))
                 .unwrap();
-            // The fold's scratch and the rows widened to f64.
-            (scratch.memory_bytes() + 8 * x.len()) as u64
+            // The fold's scratch only: the shard reads float32 rows where
+            // they lie, with no widened copy.
+            scratch.memory_bytes() as u64
         };
         let (small, large) = (grown(1), grown(100));
         assert!(small < large);
