@@ -55,10 +55,11 @@ pub struct ComputeArgs {
     /// Number of classes K (default: largest label + 1).
     #[arg(long, value_name = "K")]
     pub num_classes: Option<usize>,
-    /// Rows folded into the statistics per step (at most); any value gives
-    /// the same numbers up to rounding. The default keeps a batch of
-    /// 1,024-wide f64 rows at 16 MiB, where it was fastest (BENCHMARKS.md).
-    #[arg(long, value_name = "R", default_value_t = 2048,
+    /// Rows read and folded into the statistics per step (at most); any
+    /// value gives the same numbers up to rounding. A fold puts at most
+    /// 256 rows through one triangular product, where it is fastest, and
+    /// batches of that size also hold the least memory (BENCHMARKS.md).
+    #[arg(long, value_name = "R", default_value_t = 256,
           value_parser = clap::value_parser!(u64).range(1..=(1 << 24)))]
     pub batch_rows: u64,
     /// Output format.

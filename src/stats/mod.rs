@@ -71,6 +71,13 @@ pub const MAX_ABS_FEATURE: f64 = f32::MAX as f64;
 /// (~1e-16·tr), far inside it.
 pub const PSD_TOLERANCE: f64 = 1e-9;
 
+/// Most rows one triangular product of a fold takes: faer's product of a
+/// d × k operand with itself runs at its best rate for k up to about 300
+/// and slows down beyond (BENCHMARKS.md: at d = 1,024, 2,048-row blocks
+/// took 1.5× the time of 256-row ones), so larger batches are folded in
+/// blocks of this many rows (the result differs only by rounding).
+const FOLD_BLOCK_ROWS: usize = 256;
+
 /// Why statistics could not be built or combined. Every message names the
 /// field, what was expected and what was received.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -213,11 +220,14 @@ impl Accumulator {
     /// `scratch` (reused from batch to batch, so nothing of size d × d or
     /// d × rows is allocated once it has grown), its scatter and the Chan
     /// correction are added to `self`'s scatter by one lower-triangular
-    /// product, and only the classes present in the batch are merged. `par`
+    /// product, and only the classes present in the batch are merged. A
+    /// batch of more than 256 rows is folded in blocks of 256 (one product
+    /// each, where the product is fastest), after a check of every value;
+    /// the bits are those of folding the blocks one call at a time. `par`
     /// applies to the product, the batch's per-class and per-row passes and
-    /// the class merge; the passes' results do not depend on it. Equal, up to rounding, to merging
-    /// [`Accumulator::from_batch`] of the batch. On any error `self` is left
-    /// unchanged.
+    /// the class merge; the passes' results do not depend on it. Equal, up
+    /// to rounding, to merging [`Accumulator::from_batch`] of the batch. On
+    /// any error `self` is left unchanged.
     pub fn fold_batch_with(
         &mut self,
         features: ArrayView2<'_, f64>,
@@ -283,8 +293,42 @@ impl Accumulator {
         self.fold_checked(values, labels, scratch, par)
     }
 
-    /// The fold of a batch whose shape and labels are checked.
+    /// The fold of a batch whose shape and labels are checked, in blocks of
+    /// at most [`FOLD_BLOCK_ROWS`] rows.
     fn fold_checked<T: Value>(
+        &mut self,
+        values: &[T],
+        labels: &[u32],
+        scratch: &mut FoldScratch,
+        par: Par,
+    ) -> Result<(), StatsError> {
+        let dim = self.feature_dim();
+        if labels.len() <= FOLD_BLOCK_ROWS {
+            return self.fold_block(values, labels, scratch, par);
+        }
+        // The blocks are folded one after the other: every value is checked
+        // first, so that an error still leaves `self` unchanged.
+        if simd::checked_sums(values).0.is_nan() {
+            if let Some(i) = values.iter().position(|v| !v.wide().is_finite()) {
+                return Err(StatsError::NonFinite {
+                    row: i / dim,
+                    column: i % dim,
+                    value: values[i].wide(),
+                });
+            }
+        }
+        let blocks = values
+            .chunks(FOLD_BLOCK_ROWS * dim)
+            .zip(labels.chunks(FOLD_BLOCK_ROWS));
+        for (block, block_labels) in blocks {
+            self.fold_block(block, block_labels, scratch, par)?;
+        }
+        Ok(())
+    }
+
+    /// One block of [`Accumulator::fold_checked`]: its statistics, then one
+    /// triangular product and the merge of the classes present.
+    fn fold_block<T: Value>(
         &mut self,
         values: &[T],
         labels: &[u32],
@@ -1106,6 +1150,49 @@ mod tests {
             })
         ));
         assert_eq!(acc.to_parts(), before);
+    }
+
+    /// A batch of more than `FOLD_BLOCK_ROWS` rows is folded block by
+    /// block: the bits of folding its blocks one call at a time. A bad
+    /// value in a late block is named by its row in the whole batch and
+    /// leaves the accumulator unchanged.
+    #[test]
+    fn large_batches_fold_in_blocks_and_fail_whole() {
+        let (k, d, n) = (7, 5, 2 * FOLD_BLOCK_ROWS + 88);
+        let x = Array2::from_shape_fn((n, d), |(i, j)| ((i * d + j) as f64 * 0.61).cos() * 4.0);
+        let y: Vec<u32> = (0..n).map(|i| (i * 3 % k) as u32).collect();
+        let mut whole = Accumulator::new(k, d);
+        whole.fold_batch(x.view(), &y, Par::rayon(2)).unwrap();
+        let mut blocks = Accumulator::new(k, d);
+        for start in (0..n).step_by(FOLD_BLOCK_ROWS) {
+            let end = (start + FOLD_BLOCK_ROWS).min(n);
+            let block = x.slice(ndarray::s![start..end, ..]);
+            blocks
+                .fold_batch(block, &y[start..end], Par::rayon(2))
+                .unwrap();
+        }
+        let bits = |p: AccumulatorParts| {
+            let values = [p.class_means, p.scatter, p.within_trace, p.unit_sum];
+            values
+                .concat()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(whole.to_parts()), bits(blocks.to_parts()));
+
+        let before = whole.to_parts();
+        let mut poisoned = x.clone();
+        poisoned[[n - 3, 2]] = f64::INFINITY;
+        assert_eq!(
+            whole.fold_batch(poisoned.view(), &y, Par::Seq),
+            Err(StatsError::NonFinite {
+                row: n - 3,
+                column: 2,
+                value: f64::INFINITY
+            })
+        );
+        assert_eq!(whole.to_parts(), before);
     }
 
     #[test]
