@@ -180,7 +180,7 @@ impl Accumulator {
         num_classes: usize,
         par: Par,
     ) -> Result<Self, StatsError> {
-        validate_batch(features, labels, num_classes)?;
+        validate_batch(features.dim(), labels, num_classes)?;
         let mut acc = Self::new(num_classes, features.ncols());
         acc.fold_batch_with(features, labels, &mut FoldScratch::new(), par)?;
         Ok(acc)
@@ -242,7 +242,6 @@ impl Accumulator {
                 received: features.ncols(),
             });
         }
-        validate_batch(features, labels, self.num_classes())?;
         // Row-major values as one slice (a copy only for an unusual layout),
         // so every per-row pass runs over plain slices.
         let copied: Vec<f64>;
@@ -253,7 +252,7 @@ impl Accumulator {
                 &copied
             }
         };
-        self.fold_checked(values, labels, scratch, par)
+        self.fold_values_with(values, labels, scratch, par)
     }
 
     /// [`Accumulator::fold_batch_with`] of rows given as one row-major slice
@@ -280,30 +279,8 @@ impl Accumulator {
             ));
         }
         let rows = values.len() / dim;
-        if rows == 0 {
-            return Err(StatsError::EmptyBatch);
-        }
-        if labels.len() != rows {
-            return Err(StatsError::LabelCount {
-                expected: rows,
-                received: labels.len(),
-            });
-        }
-        Self::check_labels(labels, self.num_classes())?;
-        self.fold_checked(values, labels, scratch, par)
-    }
-
-    /// The fold of a batch whose shape and labels are checked, in blocks of
-    /// at most [`FOLD_BLOCK_ROWS`] rows.
-    fn fold_checked<T: Value>(
-        &mut self,
-        values: &[T],
-        labels: &[u32],
-        scratch: &mut FoldScratch,
-        par: Par,
-    ) -> Result<(), StatsError> {
-        let dim = self.feature_dim();
-        if labels.len() <= FOLD_BLOCK_ROWS {
+        validate_batch((rows, dim), labels, self.num_classes())?;
+        if rows <= FOLD_BLOCK_ROWS {
             return self.fold_block(values, labels, scratch, par);
         }
         // The blocks are folded one after the other: every value is checked
@@ -326,7 +303,7 @@ impl Accumulator {
         Ok(())
     }
 
-    /// One block of [`Accumulator::fold_checked`]: its statistics, then one
+    /// One block of [`Accumulator::fold_values_with`]: its statistics, then one
     /// triangular product and the merge of the classes present.
     fn fold_block<T: Value>(
         &mut self,
@@ -575,14 +552,14 @@ fn derived_unit_within_trace(parts: &AccumulatorParts) -> Vec<f64> {
         .collect()
 }
 
-/// Shapes and labels. Finiteness is checked by the first pass over the
-/// values (`FoldScratch`), which reads them anyway.
+/// The shape (rows, d) of a batch and its labels. Finiteness is checked
+/// by the first pass over the values (`FoldScratch`), which reads them
+/// anyway.
 fn validate_batch(
-    features: ArrayView2<'_, f64>,
+    (rows, dim): (usize, usize),
     labels: &[u32],
     num_classes: usize,
 ) -> Result<(), StatsError> {
-    let (rows, dim) = features.dim();
     if rows == 0 {
         return Err(StatsError::EmptyBatch);
     }
