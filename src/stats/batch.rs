@@ -412,6 +412,7 @@ impl<T: Value> SlotGroup<'_, T> {
 /// The slots of a batch's compact table that stand for a single row (see
 /// [`SlotGroup::single_row_slot`]): their table rows of means and unit
 /// sums are not written, and the merge reads the batch row instead.
+#[derive(Clone, Copy)]
 pub(super) struct SingleRows<'a, T> {
     rows: &'a [T],
     dim: usize,
@@ -419,14 +420,6 @@ pub(super) struct SingleRows<'a, T> {
     start: &'a [usize],
     norms: &'a [f64],
 }
-
-// Not derived: a derive would require `T: Copy` of the rows' type only.
-impl<T> Clone for SingleRows<'_, T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<T> Copy for SingleRows<'_, T> {}
 
 impl<'a, T> SingleRows<'a, T> {
     /// The row of `slot` and its norm, if the slot has exactly one row.
