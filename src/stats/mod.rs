@@ -1026,7 +1026,7 @@ mod tests {
             })
         };
         // Classes 0..10 seen before; class 3 only as a zero row (no unit
-        // vector yet); classes 10..40 new in the second batch.
+        // vector yet); classes 10..=38 new in the second batch.
         let first = rows(12, 0, 4);
         let mut first_labels: Vec<u32> = (0..12).map(|i| (i % 10) as u32).collect();
         first_labels[4] = 3;
