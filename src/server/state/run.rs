@@ -1501,14 +1501,27 @@ mod tests {
     /// `x` as float32 wire rows; every value must be exact in f32 (so
     /// references folded from `x` see the same numbers).
     fn wire(x: &ndarray::Array2<f64>) -> WireRows {
-        let bytes: Vec<u8> = x
-            .iter()
-            .flat_map(|&v| {
-                assert_eq!(f64::from(v as f32), v, "not exact in f32");
-                (v as f32).to_le_bytes()
-            })
-            .collect();
-        WireRows::new(bytes.into(), Encoding::Float32, x.nrows(), x.ncols()).unwrap()
+        wire_as(x, Encoding::Float32)
+    }
+
+    /// `x` as wire rows of `encoding` (float32 or bfloat16); every value
+    /// must be exact in it.
+    fn wire_as(x: &ndarray::Array2<f64>, encoding: Encoding) -> WireRows {
+        let mut bytes = Vec::new();
+        for &v in x {
+            let single = v as f32;
+            assert_eq!(f64::from(single), v, "not exact in f32");
+            match encoding {
+                Encoding::Float32 => bytes.extend(single.to_le_bytes()),
+                Encoding::Bfloat16 => {
+                    let high = (single.to_bits() >> 16) as u16;
+                    assert_eq!(single.to_bits() & 0xffff, 0, "not exact in bfloat16");
+                    bytes.extend(high.to_le_bytes());
+                }
+                Encoding::Float16 => panic!("float16 wire rows are not needed here"),
+            }
+        }
+        WireRows::new(bytes.into(), encoding, x.nrows(), x.ncols()).unwrap()
     }
 
     fn rows<'a>(features: &'a WireRows, labels: &'a [u32]) -> Contribution<'a> {
@@ -1559,8 +1572,16 @@ mod tests {
         }
     }
 
+    /// Float32 rows are folded where they lie; bfloat16 rows are widened
+    /// into the shard's buffer first, which the budget counts too.
     #[test]
     fn a_shard_keeps_its_scratch_within_the_budget_and_frees_what_does_not_fit() {
+        for encoding in [Encoding::Float32, Encoding::Bfloat16] {
+            shard_scratch_within_budget(encoding);
+        }
+    }
+
+    fn shard_scratch_within_budget(encoding: Encoding) {
         let info = RunInfo {
             run_id: "scratch".into(),
             uid: 1,
@@ -1569,22 +1590,27 @@ mod tests {
             metadata: BTreeMap::new(),
             created_unix_ms: 0,
         };
+        // Multiples of 1/4 below 64: exact in bfloat16.
         let batch = |n: usize| {
             let x = ndarray::Array2::from_shape_fn((n, 64), |(i, j)| (i + 2 * j) as f64 * 0.25);
             let y: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
-            (x, y)
+            (wire_as(&x, encoding), x, y)
         };
-        // The scratch a 1-row and a 100-row batch grow, measured outside
-        // (an epoch's only shard folds with every core).
+        // The buffers a 1-row and a 100-row batch grow, measured outside
+        // (an epoch's only shard folds with every core): the fold's scratch,
+        // and for bfloat16 the rows widened to f64.
         let grown = |n: usize| {
-            let (x, y) = batch(n);
+            let (_, x, y) = batch(n);
             let mut scratch = FoldScratch::new();
             let mut acc = Accumulator::new(3, 64);
             acc.fold_batch_with(x.view(), &y, &mut scratch, Par::rayon(0))
                 .unwrap();
-            // The fold's scratch only: the shard reads float32 rows where
-            // they lie, with no widened copy.
-            scratch.memory_bytes() as u64
+            let widened = if encoding == Encoding::Float32 {
+                0
+            } else {
+                8 * x.len()
+            };
+            (scratch.memory_bytes() + widened) as u64
         };
         let (small, large) = (grown(1), grown(100));
         assert!(small < large);
@@ -1595,29 +1621,29 @@ mod tests {
             let bytes = lock(&cells[0]).scratch_bytes();
             (bytes, slot.reserved.load(Ordering::Acquire))
         };
-        // Room for the small scratch only: the large one is freed after
-        // its fold and its reservation returned.
+        // Room for the small buffers only: the large ones are freed after
+        // their fold and their reservation returned.
         let budget = Arc::new(Budget::new(acc_bytes + small));
         let run = RunState::new(info.clone(), 0, Arc::clone(&budget), 64, 1);
-        let (x, y) = batch(1);
-        apply_marked_rows(&run, &train(), &x, &y);
-        assert_eq!(scratch(&run), (small, acc_bytes + small));
+        let (features, _, y) = batch(1);
+        apply_marked_wire(&run, &train(), &features, &y);
+        assert_eq!(scratch(&run), (small, acc_bytes + small), "{encoding:?}");
         assert_eq!(budget.used(), acc_bytes + small);
-        let (x, y) = batch(100);
-        apply_marked_rows(&run, &train(), &x, &y);
-        assert_eq!(scratch(&run), (0, acc_bytes));
+        let (features, _, y) = batch(100);
+        apply_marked_wire(&run, &train(), &features, &y);
+        assert_eq!(scratch(&run), (0, acc_bytes), "{encoding:?}");
         assert_eq!(budget.used(), acc_bytes);
         assert_eq!(run.rows_ingested(), 101);
 
-        // With room, the large scratch is kept and reserved, and the close
+        // With room, the large buffers are kept and reserved, and the close
         // returns every byte.
         let budget = Arc::new(Budget::new(8 * acc_bytes));
         let run = RunState::new(info, 0, Arc::clone(&budget), 64, 1);
         for n in [1, 100, 1] {
-            let (x, y) = batch(n);
-            apply_marked_rows(&run, &train(), &x, &y);
+            let (features, _, y) = batch(n);
+            apply_marked_wire(&run, &train(), &features, &y);
         }
-        assert_eq!(scratch(&run), (large, acc_bytes + large));
+        assert_eq!(scratch(&run), (large, acc_bytes + large), "{encoding:?}");
         assert_eq!(budget.used(), acc_bytes + large);
         let closing = run.begin_close(&train(), 0).unwrap();
         assert_eq!(budget.used(), acc_bytes);
@@ -1785,8 +1811,13 @@ mod tests {
     }
 
     fn apply_marked_rows(run: &RunState, key: &StreamKey, x: &ndarray::Array2<f64>, y: &[u32]) {
+        apply_marked_wire(run, key, &wire(x), y);
+    }
+
+    /// Applies `features` to epoch 0, writing the markers it asks for.
+    fn apply_marked_wire(run: &RunState, key: &StreamKey, features: &WireRows, y: &[u32]) {
         loop {
-            match run.apply(key, 0, rows(&wire(x), y), None).unwrap() {
+            match run.apply(key, 0, rows(features, y), None).unwrap() {
                 Applied::NeedsMarker(m) | Applied::NeedsWriterMarker { marker: m, .. } => {
                     futures::executor::block_on(
                         m.write_once(|| async { Ok::<(), ServerError>(()) }),
