@@ -76,22 +76,16 @@ impl ClassStats {
     /// `Σ_k n_k μ_k / N` in class order (zeros when empty).
     pub(super) fn global_mean(&self) -> Vec<f64> {
         let mut mean = vec![0.0; self.feature_dim];
-        self.global_mean_into(&mut mean);
-        mean
-    }
-
-    /// [`ClassStats::global_mean`] written into `mean` (length d).
-    pub(super) fn global_mean_into(&self, mean: &mut [f64]) {
-        mean.fill(0.0);
         let total = self.samples();
         if total == 0 {
-            return;
+            return mean;
         }
         for (k, &n) in self.counts.iter().enumerate() {
             if n > 0 {
-                add_scaled(mean, self.row(&self.means, k), n as f64 / total as f64);
+                add_scaled(&mut mean, self.row(&self.means, k), n as f64 / total as f64);
             }
         }
+        mean
     }
 
     /// Chan merge of every class of `other` (same shape) into `self`.
