@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Zero-copy: the features of a received batch stay a slice of the
         // receive buffer, and a client clones a batch without copying.
         .bytes(".vcid.v1.FeatureBatch.features")
+        // ... of a buffer each stream recycles (`proto::codec`).
+        .codec_path("crate::proto::codec::Codec")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

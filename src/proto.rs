@@ -4,12 +4,16 @@
 //! so can a Rust client that aggregates statistics itself).
 //!
 //! Generated at build time from `proto/vcid/v1/vcid.proto` (see `build.rs`);
-//! nothing else here is written by hand, and no other conversion between
-//! these types and the math core's belongs here (the server owns them).
+//! nothing else here is written by hand but [`codec`] (how the generated
+//! client and server decode a message's bytes), and no other conversion
+//! between these types and the math core's belongs here (the server owns
+//! them).
 
 #![allow(clippy::all, missing_docs)]
 
 use crate::stats::AccumulatorParts;
+
+pub mod codec;
 
 tonic::include_proto!("vcid.v1");
 

@@ -31,7 +31,8 @@ pub const DEFAULT_MAX_BATCH_ROWS: u32 = 65_536;
 pub const DEFAULT_MAX_ACCUMULATOR_BYTES: u64 = 2 << 30;
 /// Default budget for request messages in flight (received, decoded and
 /// being applied) together: 1 GiB, room for one largest `Push` message
-/// (`--max-message-bytes`, charged 10× its size) with plenty to spare.
+/// (`--max-message-bytes`, charged 11× its size with its stream's
+/// buffers) with plenty to spare.
 pub const DEFAULT_MAX_INFLIGHT_BYTES: u64 = 1 << 30;
 /// Default most gaps one writer's applied sequence numbers may have (see
 /// `state::dedup`): a writer numbering its batches 0, 1, 2, … has none, so

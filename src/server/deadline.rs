@@ -9,7 +9,8 @@
 //!   between steps; HTTP/2 keep-alive finds dead peers).
 //! * In-flight bytes (`--max-inflight-bytes`, `state::budget`): when a
 //!   message's 5-byte prefix declares its length, its charge ([`charge`]:
-//!   the message, its decoded form and what applying it allocates) is
+//!   the message, its decoded form and what applying it allocates, and the
+//!   request's buffers as they grow to it, [`REQUEST_BUFFERS`]) is
 //!   taken from the daemon's [`Inflight`] budget *before* the prefix's last
 //!   byte or any payload is passed on (tonic reserves the declared length
 //!   when it parses the prefix). While the budget is full the body is not
@@ -39,9 +40,10 @@ use super::error::ServerError;
 use super::state::{Inflight, InflightPermit};
 use crate::proto::vci_monitor_server::SERVICE_NAME;
 
-/// How many times its encoded size a `Push` message may hold: the
-/// received bytes (not copied: prost's `bytes` field is a slice of them,
-/// and the fold reads float32 values there), the fold's centred f64 copy
+/// How many times its encoded size a `Push` message may hold: its bytes
+/// (copied once out of tonic's receive buffer by `proto::codec`; prost's
+/// `bytes` field is a slice of that copy, and the fold reads float32
+/// values there), the fold's centred f64 copy
 /// (2× a float32 value), and the batch's class tables (16 bytes per value
 /// of each class present: at most 4× a float32 batch), 7× in all for
 /// float32. Only the first fold that grows a shard's buffers allocates
@@ -54,11 +56,16 @@ const PUSH_CHARGE: u64 = 10;
 const STATS_CHARGE: u64 = 3;
 /// Any other message: the received bytes and the decoded message.
 const OTHER_CHARGE: u64 = 2;
+/// Buffers a request keeps as large as its largest message until it ends:
+/// tonic's receive buffer, and the codec's (`proto::codec`), into which
+/// each message is copied out of tonic's and which a stream reuses once
+/// its message is gone. Charged once per request, for what they grow by.
+const REQUEST_BUFFERS: u64 = 2;
 
 /// The in-flight charge of one request message of `len` bytes to the
-/// gRPC method at `path`. Its first `len` bytes are the receive buffer's
-/// (held by the body until the request ends, charged only when the buffer
-/// grows); the rest goes with the message to its handler.
+/// gRPC method at `path`. Its first `len` bytes are the received bytes,
+/// charged with the request's buffers ([`REQUEST_BUFFERS`]); the rest goes
+/// with the message to its handler.
 fn charge(path: &str, len: u64) -> u64 {
     let method = path
         .strip_prefix('/')
@@ -132,12 +139,12 @@ pub(crate) struct DeadlineBody {
     held: Bytes,
     counted: usize,
     /// The in-flight bytes of the message whose prefix was just counted,
-    /// with the bytes its receive buffer grows by.
+    /// with the bytes the request's buffers grow by.
     acquiring: Option<BoxFuture<'static, InflightPermit>>,
-    /// What the message being received adds to the receive buffer.
+    /// What the message being received adds to the request's buffers.
     growth: u64,
-    /// The receive buffer: tonic keeps one per request, as large as its
-    /// largest message, until the request ends; charged here for as long.
+    /// The request's buffers ([`REQUEST_BUFFERS`]), charged here until the
+    /// request ends.
     buffer: Option<InflightPermit>,
     /// A refusal to report instead of passing the message on.
     refused: Option<ServerError>,
@@ -222,7 +229,11 @@ impl DeadlineBody {
     /// Starts taking the in-flight bytes of the message whose prefix was
     /// just counted, or refuses it when they exceed the whole budget.
     fn admit(&mut self) {
-        let charge = charge(&self.path, self.size);
+        // What the message holds with buffers of its size (its request's
+        // first message needs all of it).
+        let buffers = REQUEST_BUFFERS.saturating_mul(self.size);
+        let handed = charge(&self.path, self.size).saturating_sub(self.size);
+        let charge = handed.saturating_add(buffers);
         let inflight = &self.gate.inflight;
         if charge > inflight.limit() {
             self.refused = Some(ServerError::InflightTooLarge {
@@ -232,11 +243,9 @@ impl DeadlineBody {
             });
             return;
         }
-        // The message's own bytes are the receive buffer's: charged only
-        // for what the buffer grows by.
-        let buffer = self.buffer.as_ref().map_or(0, InflightPermit::bytes);
-        self.growth = self.size.saturating_sub(buffer);
-        let needed = charge - self.size + self.growth;
+        let held = self.buffer.as_ref().map_or(0, InflightPermit::bytes);
+        self.growth = buffers.saturating_sub(held);
+        let needed = handed + self.growth;
         self.deadline = None;
         self.acquiring = Some(Box::pin(Arc::clone(inflight).acquire(needed)));
     }
@@ -391,9 +400,9 @@ mod tests {
         let (mut b, inflight) = body(chunks, "/vcid.v1.VciMonitor/GetRun", 100);
         assert_eq!(drain(&mut b).await, sent);
         assert!(b.deadline.is_none(), "idle between messages");
-        // Charged 2 bytes per byte: the receive buffer of the largest
-        // message (3) and, per message, the decoded copy (3, 1 and 0).
-        assert_eq!(inflight.used(), 7);
+        // The request's two buffers, each of the largest message (3), and,
+        // per message, the decoded message (3, 1 and 0).
+        assert_eq!(inflight.used(), 10);
         let handed: Vec<u64> = b
             .permits
             .0
@@ -404,20 +413,21 @@ mod tests {
             .collect();
         assert_eq!(handed, vec![3, 1, 0]);
         b.permits.0.lock().unwrap().clear();
-        assert_eq!(inflight.used(), 3);
+        assert_eq!(inflight.used(), 6);
         drop(b);
         assert_eq!(inflight.used(), 0);
     }
 
     #[tokio::test]
     async fn a_message_waits_for_in_flight_room_before_its_prefix_ends() {
-        // Two 8-byte Push messages (charged 80 each) under a budget of 100.
+        // Two 8-byte Push messages under a budget of 100: 72 bytes each
+        // for its handler, 16 for the stream's buffers.
         let message = |v: u8| [vec![0, 0, 0, 0, 8], vec![v; 8]].concat();
         let (mut b, inflight) = body(vec![[message(1), message(2)].concat()], PUSH, 100);
         let first = drain(&mut b).await;
         // The first message whole and the second's prefix but its last byte.
         assert_eq!(first, [message(1), vec![0, 0, 0, 0]].concat());
-        assert_eq!(inflight.used(), 80);
+        assert_eq!(inflight.used(), 88);
         assert!(
             b.deadline.is_none(),
             "waiting for room is not the client's delay"
@@ -425,12 +435,13 @@ mod tests {
         // The handler is done with the first: the second passes on.
         drop(b.permits.pop());
         assert_eq!(drain(&mut b).await, [vec![8], vec![2; 8]].concat());
-        assert_eq!(inflight.used(), 80);
+        assert_eq!(inflight.used(), 88);
     }
 
     #[tokio::test]
     async fn a_message_charged_beyond_the_budget_is_refused() {
-        let (mut b, inflight) = body(vec![vec![0, 0, 0, 0, 11, 1]], PUSH, 100);
+        // 90 bytes for its handler and 20 for the stream's buffers.
+        let (mut b, inflight) = body(vec![vec![0, 0, 0, 0, 10, 1]], PUSH, 100);
         let status = BodyExt::frame(&mut b).await.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         assert!(
@@ -440,7 +451,7 @@ mod tests {
         assert!(
             status
                 .message()
-                .contains("a message of 11 bytes holds up to 110 bytes")
+                .contains("a message of 10 bytes holds up to 110 bytes")
                 && status.message().contains("--max-inflight-bytes"),
             "{}",
             status.message()

@@ -171,7 +171,8 @@ pub fn encoding_width(encoding: Encoding) -> usize {
 
 /// The features of a checked `FeatureBatch`: `rows × d` little-endian
 /// values of one encoding, still the received bytes (prost's `bytes`
-/// option makes them a slice of the receive buffer, not a copy). Float32
+/// option makes them a slice of the message's buffer, `proto::codec`, not
+/// a copy). Float32
 /// values are folded where they lie ([`WireRows::float32`]); the 16-bit
 /// encodings are widened by [`WireRows::widen_into`] into a buffer the
 /// caller reuses, so a batch allocates nothing of size rows × d once that
