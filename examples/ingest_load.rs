@@ -53,7 +53,10 @@
 //! from `/metrics`; the slowest close and the process's peak RSS (`VmHWM`:
 //! daemon and client together, with the data pool; with `--child`, the
 //! client's, and the daemon's own beside the budget) are printed at the
-//! end. The data pool (16 distinct batches) is generated before timing starts; each sent
+//! end. With `--child`, each long-stream phase also prints the daemon's
+//! CPU time (user and system, all threads) and minor page faults per batch
+//! from `/proc/{pid}/stat`: the cost of a batch, which a busy shared
+//! machine disturbs much less than it does the rates. The data pool (16 distinct batches) is generated before timing starts; each sent
 //! message is a clone of a pool batch (its features are a shared
 //! `bytes::Bytes`, not copied); encoding it into tonic's buffer is the
 //! client's cost.
@@ -464,7 +467,20 @@ async fn main() -> Result<(), BoxError> {
         println!("round {round}: in-process {inproc:.0} rows/s (1 thread), {inproc2:.0} rows/s (2 threads)");
         for (i, &writers) in opts.writers.iter().enumerate() {
             epoch += 1;
+            let pid = child.as_ref().map(|c| c.child.id());
+            let before = pid.and_then(daemon::cpu_and_faults);
             let rate = streaming(&writers_clients, &pool, writers, opts.batches, epoch).await?;
+            let per_batch = match (before, pid.and_then(daemon::cpu_and_faults)) {
+                (Some((cpu0, faults0)), Some((cpu1, faults1))) => {
+                    let batches = ((opts.batches / writers) * writers) as f64;
+                    format!(
+                        "; the daemon's CPU time {:.1} ms and page faults {:.0} per batch",
+                        (cpu1 - cpu0).as_secs_f64() * 1e3 / batches,
+                        (faults1 - faults0) as f64 / batches
+                    )
+                }
+                _ => String::new(),
+            };
             let budget = accumulator_bytes(http)?;
             most_budget = most_budget.max(budget);
             let close = close_and_check(
@@ -487,7 +503,7 @@ async fn main() -> Result<(), BoxError> {
                 best_calls[i] = (call_rate, p50, p99);
             }
             println!(
-                "round {round}: {writers} stream(s) {rate:.0} rows/s ({:.0}% of this round's ceiling, {:.0} MiB of the budget in use); one-batch calls {call_rate:.0} rows/s, p50 {:.2} ms, p99 {:.2} ms",
+                "round {round}: {writers} stream(s) {rate:.0} rows/s ({:.0}% of this round's ceiling, {:.0} MiB of the budget in use{per_batch}); one-batch calls {call_rate:.0} rows/s, p50 {:.2} ms, p99 {:.2} ms",
                 100.0 * rate / measured.1,
                 budget as f64 / MIB,
                 p50.as_secs_f64() * 1e3,

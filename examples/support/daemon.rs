@@ -79,3 +79,22 @@ pub fn status_bytes(pid: u32, field: &str) -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// The CPU time (user + system, all threads) and minor page faults of
+/// process `pid` so far, from `/proc/{pid}/stat`.
+#[allow(dead_code, reason = "used by ingest_load, not by soak")]
+pub fn cpu_and_faults(pid: u32) -> Option<(Duration, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in `(...)`:
+    // state is field 3, minflt 10, utime 14 and stime 15 (proc(5)).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = u64::try_from(ticks).ok().filter(|&t| t > 0)?;
+    let cpu = field(14)? + field(15)?;
+    Some((
+        Duration::from_secs_f64(cpu as f64 / ticks as f64),
+        field(10)?,
+    ))
+}
