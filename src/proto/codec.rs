@@ -123,7 +123,7 @@ impl Drop for Recycled {
         };
         if let Ok(mut slot) = home.lock() {
             slot.get_or_insert_with(|| std::mem::take(&mut self.bytes));
-        };
+        }
     }
 }
 
