@@ -121,9 +121,10 @@ impl Drop for Recycled {
         let Some(home) = self.home.upgrade() else {
             return;
         };
-        if let Ok(mut slot) = home.lock() {
-            slot.get_or_insert_with(|| std::mem::take(&mut self.bytes));
-        }
+        let Ok(mut slot) = home.lock() else {
+            return;
+        };
+        slot.get_or_insert_with(|| std::mem::take(&mut self.bytes));
     }
 }
 
