@@ -784,7 +784,7 @@ impl Daemon {
             }
             records.push((Self::run_record(&run), run.info.uid));
             for snap in &mut snapshots {
-                let Some(acc) = snap.acc.take() else {
+                let Some(packed) = snap.packed.take() else {
                     continue;
                 };
                 let key = EpochKey {
@@ -793,18 +793,13 @@ impl Daemon {
                     layer: snap.key.layer.clone(),
                     epoch: snap.epoch,
                 };
-                let checkpoint = EpochCheckpoint {
-                    stats: Some(StatsBlock {
-                        run_id: key.run_id.clone(),
-                        split: key.split.clone(),
-                        layer: key.layer.clone(),
-                        epoch: key.epoch,
-                        ..StatsBlock::from(acc.into_parts())
-                    }),
-                    writers: writer_checkpoints(&snap.writers),
-                    generation: snap.generation,
-                    unix_ms: now,
-                };
+                let checkpoint = EpochCheckpoint::new(
+                    &key,
+                    packed,
+                    writer_checkpoints(&snap.writers),
+                    snap.generation,
+                    now,
+                );
                 epochs.push((key, run.info.uid, checkpoint, snap.missing.clone()));
             }
             taken.push((run, snapshots));
@@ -939,15 +934,22 @@ fn restore_open_epochs(state: &State, restored: super::store::Restored) -> OpenR
             continue;
         }
         let (k, d) = (run.info.num_classes, run.info.feature_dim);
-        let (block, writers, generation, unix_ms, rewrite) = match checkpoint {
-            Some(c) => (c.stats, c.writers, c.generation, c.unix_ms, false),
+        let (parts, writers, generation, unix_ms, rewrite) = match checkpoint {
+            Some(mut c) => (
+                c.take_parts(k, d),
+                c.writers,
+                c.generation,
+                c.unix_ms,
+                false,
+            ),
             None => {
                 let block = legacy.remove(&key);
                 let rewrite = block.is_some();
-                (block, Vec::new(), 0, 0, rewrite)
+                let parts = block.map(|b| Ok(b.into_parts(k, d)));
+                (parts, Vec::new(), 0, 0, rewrite)
             }
         };
-        let acc = match block.map(|b| Accumulator::from_parts(b.into_parts(k, d))) {
+        let acc = match parts.map(|p| p.and_then(Accumulator::from_parts)) {
             Some(Ok(acc)) => acc,
             None => Accumulator::new(k as usize, d as usize),
             Some(Err(err)) => {

@@ -9,13 +9,14 @@
 //! | `runs` | run_id | `vcid.v1.Run` (the registry entry; `rows_ingested` as of the last checkpoint or close) |
 //! | `run_uids` | run_id | u64: the run's uid, drawn at `CreateRun` (see "Run identity"); absent for runs created by earlier versions, whose uid is 0 |
 //! | `epoch_results` | (run_id, split, layer, epoch) | `vcid.v1.EpochResult` |
-//! | `epoch_checkpoints` | (run_id, split, layer, epoch) | [`EpochCheckpoint`]: an open epoch's statistics, its writers' sequences, generation |
+//! | `epoch_checkpoint_pieces` | (run_id, split, layer, epoch, piece) | one piece of an [`EpochCheckpoint`]: an open epoch's statistics, its writers' sequences, generation (see "Checkpoints in pieces") |
+//! | `epoch_checkpoints` | (run_id, split, layer, epoch) | [`EpochCheckpoint`] of schema 1, whole: read, never written |
 //! | `open_epochs` | (run_id, split, layer, epoch) | unix ms when the epoch was opened (its marker) |
 //! | `dirty_writers` | (run_id, split, layer, epoch, writer_id) | generation: the writer applied batches to the epoch that its checkpoint may not hold |
 //! | `closed_writers` | (run_id, writer_id) | [`WriterCheckpoint`]: the writer's sequences in closed epochs |
 //! | `lost_epochs` | (run_id, split, layer, epoch) | unix ms of the start-up that found it lost (written by earlier versions) |
 //! | `checkpoints` | run_id | [`RunCheckpoint`]: the whole-run shutdown checkpoint of earlier versions (read once, then rewritten) |
-//! | `meta` | name | bytes (`schema_version` = 1) |
+//! | `meta` | name | bytes (`schema_version` = 2) |
 //!
 //! Every write is one transaction committed with redb's default
 //! `Durability::Immediate` (fsync before `commit` returns), so a run, an
@@ -37,7 +38,29 @@
 //! empty), and the dirty writers left are exactly those whose batches
 //! after the checkpoint died with the process. The daemon refuses to close
 //! the epoch (DATA_LOSS) until each of them has resent. Adding tables
-//! keeps `schema_version` 1: an older database has none of them yet.
+//! keeps the schema version: an older database has none of them yet.
+//!
+//! # Checkpoints in pieces
+//!
+//! A checkpoint is stored as consecutive pieces of about 1 MiB
+//! ([`PIECE_BYTES`]), each an `EpochCheckpoint` message (small fields
+//! first, then slices of the large vectors), that merge back into it in
+//! key order. redb keeps a value whole in one page, reads a page whole to
+//! change it, and holds a transaction's dirty pages in memory when they
+//! are larger than its write buffer: one 50 MB value (d = 2048, K = 1000)
+//! cost about 130 MB of memory above the checkpoint itself to replace.
+//! Pieces go through its bounded cache ([`CACHE_BYTES`]) instead.
+//!
+//! # Schema versions
+//!
+//! Version 2 stores a checkpoint in pieces (above), with its scatter as
+//! its packed lower triangle ([`EpochCheckpoint::scatter_lower`]), half the
+//! bytes of the full matrix that version 1 stored, whole, in
+//! `epoch_checkpoints`. This version opens a version-1 database, reads its
+//! checkpoints as they are (replacing each at its next round) and marks it
+//! version 2; versions before it refuse a version-2 database
+//! (`schema_version: expected 1, received 2`) rather than miss its
+//! checkpoints.
 //!
 //! # Run identity
 //!
@@ -63,6 +86,7 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::proto::{EpochResult, Run, StatsBlock};
+use crate::stats::{unpack_scatter, AccumulatorParts, StatsError};
 
 use super::state::SeqSet;
 
@@ -81,15 +105,33 @@ const OPEN_EPOCHS: TableDefinition<(&str, &str, &str, u64), i64> =
     TableDefinition::new("open_epochs");
 const LOST_EPOCHS: TableDefinition<(&str, &str, &str, u64), i64> =
     TableDefinition::new("lost_epochs");
+/// Schema 1's checkpoints, one value each: read, and removed once
+/// replaced, never written.
 const EPOCH_CHECKPOINTS: TableDefinition<(&str, &str, &str, u64), &[u8]> =
     TableDefinition::new("epoch_checkpoints");
+/// Checkpoints in pieces (see "Checkpoints in pieces"); the last key
+/// element is the piece's index.
+const CHECKPOINT_PIECES: TableDefinition<(&str, &str, &str, u64, u32), &[u8]> =
+    TableDefinition::new("epoch_checkpoint_pieces");
+type PiecesTable<'txn> =
+    redb::Table<'txn, (&'static str, &'static str, &'static str, u64, u32), &'static [u8]>;
+type SingleTable<'txn> =
+    redb::Table<'txn, (&'static str, &'static str, &'static str, u64), &'static [u8]>;
+
+/// Bytes of one checkpoint piece, about: with its key and redb's leaf
+/// header it fits a 1 MiB page.
+const PIECE_BYTES: usize = (1 << 20) - 4096;
 const DIRTY_WRITERS: TableDefinition<(&str, &str, &str, u64, &str), u64> =
     TableDefinition::new("dirty_writers");
 const CLOSED_WRITERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("closed_writers");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
-/// Version of the layout above, stored under `meta/schema_version`.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version of the layout above, stored under `meta/schema_version` (see
+/// "Schema versions").
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// The earlier version this one opens and upgrades.
+const UPGRADES_FROM: u32 = 1;
 
 /// A failure of the database or of decoding what it holds.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +172,8 @@ pub struct WriterCheckpoint {
 /// One open epoch as a checkpoint round wrote it.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct EpochCheckpoint {
+    /// The statistics, with an empty `scatter` when `scatter_lower` holds
+    /// it (schema 2); the full matrix in schema 1.
     #[prost(message, optional, tag = "1")]
     pub stats: Option<StatsBlock>,
     /// The sequences of each writer merged into `stats`.
@@ -140,6 +184,98 @@ pub struct EpochCheckpoint {
     pub generation: u64,
     #[prost(int64, tag = "4")]
     pub unix_ms: i64,
+    /// The scatter's lower triangle, packed column by column
+    /// ([`crate::stats::Accumulator::packed_scatter`]); empty in schema 1.
+    #[prost(double, repeated, tag = "5")]
+    pub scatter_lower: Vec<f64>,
+}
+
+impl EpochCheckpoint {
+    /// The checkpoint of `key` holding statistics whose scatter is packed
+    /// (`Accumulator::merged_packed`: `parts.scatter` empty).
+    pub fn new(
+        key: &EpochKey,
+        (parts, scatter_lower): (AccumulatorParts, Vec<f64>),
+        writers: Vec<WriterCheckpoint>,
+        generation: u64,
+        unix_ms: i64,
+    ) -> EpochCheckpoint {
+        EpochCheckpoint {
+            stats: Some(StatsBlock {
+                run_id: key.run_id.clone(),
+                split: key.split.clone(),
+                layer: key.layer.clone(),
+                epoch: key.epoch,
+                ..StatsBlock::from(parts)
+            }),
+            writers,
+            generation,
+            unix_ms,
+            scatter_lower,
+        }
+    }
+
+    /// Encodes the checkpoint as consecutive pieces for `put`, each an
+    /// `EpochCheckpoint` message of about [`PIECE_BYTES`] at most: first
+    /// the small fields, then the class means, the unit sums and the
+    /// scatter in slices. Decoding concatenated messages merges them
+    /// (repeated fields append, absent ones keep their value), so merging
+    /// the pieces in order with [`Message::merge`] gives the checkpoint
+    /// back. One piece is encoded at a time, and each large vector is
+    /// freed once its pieces are put.
+    fn into_pieces<E>(mut self, mut put: impl FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
+        /// Values per piece, with room for the tags and lengths.
+        const VALUES: usize = PIECE_BYTES / 8 - 8;
+        type Field = fn(&mut EpochCheckpoint) -> &mut Vec<f64>;
+        const LARGE: [Field; 4] = [
+            |c| &mut c.stats.get_or_insert_with(StatsBlock::default).class_means,
+            |c| &mut c.stats.get_or_insert_with(StatsBlock::default).unit_sum,
+            |c| &mut c.stats.get_or_insert_with(StatsBlock::default).scatter,
+            |c| &mut c.scatter_lower,
+        ];
+        let had_stats = self.stats.is_some();
+        let large = LARGE.map(|field| std::mem::take(field(&mut self)));
+        if !had_stats {
+            self.stats = None;
+        }
+        put(&self.encode_to_vec())?;
+        for (field, values) in LARGE.into_iter().zip(large) {
+            for slice in values.chunks(VALUES) {
+                let mut piece = EpochCheckpoint::default();
+                *field(&mut piece) = slice.to_vec();
+                put(&piece.encode_to_vec())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The statistics for a run of `num_classes` classes in `feature_dim`
+    /// dimensions (unvalidated, as [`StatsBlock::into_parts`]), the full
+    /// scatter unpacked; `None` for a checkpoint without statistics.
+    /// Takes them, leaving the writers and generation.
+    pub fn take_parts(
+        &mut self,
+        num_classes: u32,
+        feature_dim: u32,
+    ) -> Option<Result<AccumulatorParts, StatsError>> {
+        let block = self.stats.take()?;
+        let packed = std::mem::take(&mut self.scatter_lower);
+        let mut parts = block.into_parts(num_classes, feature_dim);
+        if packed.is_empty() {
+            return Some(Ok(parts));
+        }
+        if !parts.scatter.is_empty() {
+            return Some(Err(StatsError::InvalidPart {
+                field: "scatter",
+                expected: "empty beside scatter_lower".into(),
+                received: format!("{} values", parts.scatter.len()),
+            }));
+        }
+        Some(unpack_scatter(&packed, parts.feature_dim).map(|full| {
+            parts.scatter = full;
+            parts
+        }))
+    }
 }
 
 /// The whole-run shutdown checkpoint of earlier versions: open
@@ -264,6 +400,8 @@ impl Store {
             txn.open_table(LOST_EPOCHS).map_err(|e| self.db_err(e))?;
             txn.open_table(EPOCH_CHECKPOINTS)
                 .map_err(|e| self.db_err(e))?;
+            txn.open_table(CHECKPOINT_PIECES)
+                .map_err(|e| self.db_err(e))?;
             txn.open_table(DIRTY_WRITERS).map_err(|e| self.db_err(e))?;
             txn.open_table(CLOSED_WRITERS).map_err(|e| self.db_err(e))?;
             let mut meta = txn.open_table(META).map_err(|e| self.db_err(e))?;
@@ -272,11 +410,19 @@ impl Store {
                 .map_err(|e| self.db_err(e))?
                 .map(|v| String::from_utf8_lossy(v.value()).into_owned());
             match found {
+                Some(v) if v == SCHEMA_VERSION.to_string() => {}
                 None => {
                     meta.insert("schema_version", SCHEMA_VERSION.to_string().as_bytes())
                         .map_err(|e| self.db_err(e))?;
                 }
-                Some(v) if v == SCHEMA_VERSION.to_string() => {}
+                Some(v) if v == UPGRADES_FROM.to_string() => {
+                    tracing::info!(
+                        path = %self.path.display(),
+                        "database schema_version {UPGRADES_FROM} upgraded to {SCHEMA_VERSION}"
+                    );
+                    meta.insert("schema_version", SCHEMA_VERSION.to_string().as_bytes())
+                        .map_err(|e| self.db_err(e))?;
+                }
                 Some(found) => {
                     return Err(StoreError::Schema {
                         path: (*self.path).clone(),
@@ -318,19 +464,36 @@ impl Store {
                 .map_err(|e| self.decode_err("checkpoints", e))?;
             out.checkpoints.push((key.value().to_owned(), checkpoint));
         }
-        let epoch_checkpoints = txn
+        let single = txn
             .open_table(EPOCH_CHECKPOINTS)
+            .map_err(|e| self.db_err(e))?;
+        let pieces = txn
+            .open_table(CHECKPOINT_PIECES)
             .map_err(|e| self.db_err(e))?;
         let markers = txn.open_table(OPEN_EPOCHS).map_err(|e| self.db_err(e))?;
         for entry in markers.iter().map_err(|e| self.db_err(e))? {
             let (key, _) = entry.map_err(|e| self.db_err(e))?;
             let key = EpochKey::from_tuple(key.value());
-            let checkpoint = epoch_checkpoints
-                .get(key.as_tuple())
+            let (r, s, l, e) = key.as_tuple();
+            let mut checkpoint: Option<EpochCheckpoint> = None;
+            for piece in pieces
+                .range((r, s, l, e, 0)..=(r, s, l, e, u32::MAX))
                 .map_err(|e| self.db_err(e))?
-                .map(|v| EpochCheckpoint::decode(v.value()))
-                .transpose()
-                .map_err(|e| self.decode_err("epoch_checkpoints", e))?;
+            {
+                let (_, value) = piece.map_err(|e| self.db_err(e))?;
+                checkpoint
+                    .get_or_insert_with(EpochCheckpoint::default)
+                    .merge(value.value())
+                    .map_err(|e| self.decode_err("epoch_checkpoint_pieces", e))?;
+            }
+            if checkpoint.is_none() {
+                checkpoint = single
+                    .get(key.as_tuple())
+                    .map_err(|e| self.db_err(e))?
+                    .map(|v| EpochCheckpoint::decode(v.value()))
+                    .transpose()
+                    .map_err(|e| self.decode_err("epoch_checkpoints", e))?;
+            }
             out.open.push((key, checkpoint));
         }
         let dirty = txn.open_table(DIRTY_WRITERS).map_err(|e| self.db_err(e))?;
@@ -447,6 +610,10 @@ impl Store {
             epochs
                 .retain(|key, _| key.0 != run_id)
                 .map_err(|e| self.db_err(e))?;
+            let mut pieces = txn
+                .open_table(CHECKPOINT_PIECES)
+                .map_err(|e| self.db_err(e))?;
+            self.remove_pieces_of_run(&mut pieces, run_id)?;
             let mut dirty = txn.open_table(DIRTY_WRITERS).map_err(|e| self.db_err(e))?;
             dirty
                 .retain(|key, _| key.0 != run_id)
@@ -515,10 +682,13 @@ impl Store {
             // The epoch is no longer open: its data is the result now.
             let mut markers = txn.open_table(OPEN_EPOCHS).map_err(|e| self.db_err(e))?;
             markers.remove(key).map_err(|e| self.db_err(e))?;
-            let mut epochs = txn
+            let mut single = txn
                 .open_table(EPOCH_CHECKPOINTS)
                 .map_err(|e| self.db_err(e))?;
-            epochs.remove(key).map_err(|e| self.db_err(e))?;
+            let mut pieces = txn
+                .open_table(CHECKPOINT_PIECES)
+                .map_err(|e| self.db_err(e))?;
+            self.remove_checkpoint(&mut pieces, &mut single, key, 0)?;
             let mut dirty = txn.open_table(DIRTY_WRITERS).map_err(|e| self.db_err(e))?;
             dirty
                 .retain(|k, _| (k.0, k.1, k.2, k.3) != key)
@@ -584,6 +754,57 @@ impl Store {
         Ok(true)
     }
 
+    /// Removes `key`'s checkpoint pieces from index `from` on, and its
+    /// schema-1 value.
+    fn remove_checkpoint(
+        &self,
+        pieces: &mut PiecesTable<'_>,
+        single: &mut SingleTable<'_>,
+        (r, s, l, e): (&str, &str, &str, u64),
+        from: u32,
+    ) -> Result<(), StoreError> {
+        pieces
+            .retain_in((r, s, l, e, from)..=(r, s, l, e, u32::MAX), |_, _| false)
+            .map_err(|e| self.db_err(e))?;
+        single.remove((r, s, l, e)).map_err(|e| self.db_err(e))?;
+        Ok(())
+    }
+
+    /// Removes every checkpoint piece of `run_id`: they are one key range,
+    /// from its first piece to its last (a scan of the whole table would
+    /// read every other run's checkpoints).
+    fn remove_pieces_of_run(
+        &self,
+        pieces: &mut PiecesTable<'_>,
+        run_id: &str,
+    ) -> Result<(), StoreError> {
+        type Owned = (String, String, String, u64, u32);
+        let mut bounds: Option<(Owned, Owned)> = None;
+        for entry in pieces
+            .range((run_id, "", "", 0, 0)..)
+            .map_err(|e| self.db_err(e))?
+        {
+            let (key, _) = entry.map_err(|e| self.db_err(e))?;
+            let (r, s, l, e, i) = key.value();
+            if r != run_id {
+                break;
+            }
+            let owned = (r.to_owned(), s.to_owned(), l.to_owned(), e, i);
+            match &mut bounds {
+                Some((_, last)) => *last = owned,
+                None => bounds = Some((owned.clone(), owned)),
+            }
+        }
+        if let Some((a, b)) = bounds {
+            let first = (a.0.as_str(), a.1.as_str(), a.2.as_str(), a.3, a.4);
+            let last = (b.0.as_str(), b.1.as_str(), b.2.as_str(), b.3, b.4);
+            pieces
+                .retain_in(first..=last, |_, _| false)
+                .map_err(|e| self.db_err(e))?;
+        }
+        Ok(())
+    }
+
     /// One checkpoint round in one durable transaction: refreshes the
     /// given run records (each with its uid), writes each epoch's
     /// checkpoint (skipping epochs whose run of that uid is not among
@@ -617,8 +838,11 @@ impl Store {
                 }
             }
             let results = txn.open_table(RESULTS).map_err(|e| self.db_err(e))?;
-            let mut table = txn
+            let mut single = txn
                 .open_table(EPOCH_CHECKPOINTS)
+                .map_err(|e| self.db_err(e))?;
+            let mut pieces = txn
+                .open_table(CHECKPOINT_PIECES)
                 .map_err(|e| self.db_err(e))?;
             let mut covered = std::collections::HashMap::new();
             for (key, uid, checkpoint, keep) in epochs {
@@ -629,14 +853,21 @@ impl Store {
                 if !current.contains(&(key.run_id.as_str(), uid)) || closed {
                     continue;
                 }
-                // Encoded one epoch at a time, each checkpoint freed once
-                // written, so the round never holds two copies of them all.
+                // Written one epoch at a time, one piece at a time, each
+                // checkpoint freed as it is written: the round never holds
+                // a second copy of any of them.
                 let generation = checkpoint.generation;
-                let bytes = checkpoint.encode_to_vec();
-                drop(checkpoint);
-                table
-                    .insert(key.as_tuple(), bytes.as_slice())
-                    .map_err(|e| self.db_err(e))?;
+                let (r, s, l, e) = key.as_tuple();
+                let mut next = 0u32;
+                checkpoint.into_pieces(|piece| {
+                    pieces
+                        .insert((r, s, l, e, next), piece)
+                        .map_err(|e| self.db_err(e))?;
+                    next += 1;
+                    Ok::<_, StoreError>(())
+                })?;
+                // What a longer earlier checkpoint left, or schema 1's.
+                self.remove_checkpoint(&mut pieces, &mut single, key.as_tuple(), next)?;
                 covered.insert(key, (generation, keep));
                 written += 1;
             }
@@ -660,6 +891,13 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::Accumulator;
+    use redb::ReadableTableMetadata;
+
+    /// `acc`'s statistics as a checkpoint round takes them.
+    fn packed(acc: &Accumulator) -> (AccumulatorParts, Vec<f64>) {
+        Accumulator::merged_packed([acc]).unwrap().unwrap()
+    }
 
     /// The uid of the runs of these tests.
     const U: u64 = 7;
@@ -706,6 +944,7 @@ mod tests {
             }],
             generation,
             unix_ms: 77,
+            scatter_lower: Vec::new(),
         }
     }
 
@@ -780,6 +1019,237 @@ mod tests {
         let restored = store.load().unwrap();
         assert!(restored.runs.is_empty() && restored.results.is_empty());
         assert!(restored.open.is_empty() && restored.closed_writers.is_empty());
+    }
+
+    /// A K = 2, d = 3 accumulator with distinct scatter entries.
+    fn accumulator() -> Accumulator {
+        let features = ndarray::Array2::from_shape_fn((4, 3), |(i, j)| {
+            (i * i) as f64 + 0.5 * j as f64 - (i * j) as f64
+        });
+        Accumulator::from_batch(features.view(), &[0, 1, 1, 0], 2, crate::stats::Par::Seq).unwrap()
+    }
+
+    fn set_schema_version(store: &Store, version: &str) {
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", version.as_bytes())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    fn schema_version(store: &Store) -> String {
+        let txn = store.db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        let version = meta.get("schema_version").unwrap().unwrap();
+        String::from_utf8(version.value().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_checkpoint_stores_the_scatter_packed_and_restores_it_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(schema_version(&store), "2");
+        store.create_run(&run("a"), U).unwrap();
+        assert!(store.open_epoch(&key("a", 1), U, 10).unwrap());
+        let acc = accumulator();
+        let checkpoint = EpochCheckpoint::new(&key("a", 1), packed(&acc), vec![], 3, 77);
+        let stats = checkpoint.stats.as_ref().unwrap();
+        assert!(stats.scatter.is_empty());
+        assert_eq!(checkpoint.scatter_lower, acc.packed_scatter());
+        // Three values fewer than the full 3 × 3 matrix, 8 bytes each.
+        let full = EpochCheckpoint {
+            scatter_lower: Vec::new(),
+            stats: Some(StatsBlock {
+                scatter: acc.to_parts().scatter,
+                ..stats.clone()
+            }),
+            ..checkpoint.clone()
+        };
+        assert_eq!(full.encoded_len() - checkpoint.encoded_len(), 3 * 8);
+        store
+            .write_round(
+                &[(run("a"), U)],
+                vec![(key("a", 1), U, checkpoint.clone(), vec![])],
+            )
+            .unwrap();
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        let (restored_key, restored) = store.load().unwrap().open.pop().unwrap();
+        let mut restored = restored.unwrap();
+        assert_eq!((restored_key, &restored), (key("a", 1), &checkpoint));
+        let parts = restored.take_parts(2, 3).unwrap().unwrap();
+        assert_eq!(parts, acc.to_parts());
+        assert_eq!(
+            Accumulator::from_parts(parts).unwrap().to_parts(),
+            acc.to_parts()
+        );
+        assert_eq!((restored.generation, restored.unix_ms), (3, 77));
+
+        // Both forms at once contradict each other.
+        let mut both = full.clone();
+        both.scatter_lower = acc.packed_scatter();
+        let err = both.take_parts(2, 3).unwrap().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "scatter: expected empty beside scatter_lower, received 9 values"
+        );
+    }
+
+    #[test]
+    fn a_schema_1_database_is_upgraded_and_its_full_checkpoints_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let acc = accumulator();
+        {
+            // A version-1 database: the checkpoint whole in
+            // `epoch_checkpoints`, its full scatter in its statistics.
+            let store = Store::open(dir.path()).unwrap();
+            store.create_run(&run("a"), U).unwrap();
+            assert!(store.open_epoch(&key("a", 1), U, 10).unwrap());
+            let v1 = EpochCheckpoint {
+                stats: Some(StatsBlock::from(acc.to_parts())),
+                ..checkpoint(1, 2, vec![1, 4])
+            };
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(EPOCH_CHECKPOINTS)
+                .unwrap()
+                .insert(key("a", 1).as_tuple(), v1.encode_to_vec().as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+            set_schema_version(&store, "1");
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(schema_version(&store), "2");
+        let (_, restored) = store.load().unwrap().open.pop().unwrap();
+        let mut restored = restored.unwrap();
+        assert!(restored.scatter_lower.is_empty());
+        assert_eq!(restored.take_parts(2, 3).unwrap().unwrap(), acc.to_parts());
+        assert_eq!(restored.writers, checkpoint(1, 2, vec![1, 4]).writers);
+
+        // The next round replaces it with pieces.
+        let again = EpochCheckpoint::new(&key("a", 1), packed(&acc), vec![], 3, 78);
+        store
+            .write_round(
+                &[(run("a"), U)],
+                vec![(key("a", 1), U, again.clone(), vec![])],
+            )
+            .unwrap();
+        assert_eq!(store.load().unwrap().open, vec![(key("a", 1), Some(again))]);
+        let txn = store.db.begin_read().unwrap();
+        assert!(txn
+            .open_table(EPOCH_CHECKPOINTS)
+            .unwrap()
+            .is_empty()
+            .unwrap());
+    }
+
+    /// The piece indices stored for `key`.
+    fn pieces(store: &Store, key: &EpochKey) -> Vec<u32> {
+        let txn = store.db.begin_read().unwrap();
+        let table = txn.open_table(CHECKPOINT_PIECES).unwrap();
+        let (r, s, l, e) = key.as_tuple();
+        table
+            .range((r, s, l, e, 0)..=(r, s, l, e, u32::MAX))
+            .unwrap()
+            .map(|entry| {
+                let (k, v) = entry.unwrap();
+                assert!(v.value().len() <= PIECE_BYTES, "{}", v.value().len());
+                k.value().4
+            })
+            .collect()
+    }
+
+    #[test]
+    fn large_checkpoints_are_stored_in_pieces_that_are_replaced_and_removed_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // d = 1024, K = 2: the packed scatter alone, 4 MiB, needs 5
+        // pieces; the head and the class tables (2 × 8 KiB) one each.
+        let (k, d) = (2, 1024);
+        let features = ndarray::Array2::from_shape_fn((6, d), |(i, j)| {
+            ((i * 31 + j * 7) % 13) as f64 - 0.1 * i as f64
+        });
+        let acc = Accumulator::from_batch(
+            features.view(),
+            &[0, 1, 0, 1, 1, 0],
+            k,
+            crate::stats::Par::Seq,
+        )
+        .unwrap();
+        let big =
+            |generation| EpochCheckpoint::new(&key("a", 1), packed(&acc), vec![], generation, 77);
+        for id in ["a", "b"] {
+            store.create_run(&run(id), U).unwrap();
+            assert!(store.open_epoch(&key(id, 1), U, 10).unwrap());
+        }
+        store
+            .write_round(
+                &[(run("a"), U), (run("b"), U)],
+                vec![
+                    (key("a", 1), U, big(1), vec![]),
+                    (key("b", 1), U, checkpoint(1, 1, vec![1, 2]), vec![]),
+                ],
+            )
+            .unwrap();
+        assert_eq!(pieces(&store, &key("a", 1)), (0..8).collect::<Vec<_>>());
+        let restored = store.load().unwrap().open;
+        assert_eq!(restored[0], (key("a", 1), Some(big(1))));
+        let parts = restored[0]
+            .1
+            .clone()
+            .unwrap()
+            .take_parts(2, 1024)
+            .unwrap()
+            .unwrap();
+        assert_eq!(parts, acc.to_parts());
+
+        // A smaller checkpoint of the same epoch (no class tables or
+        // scatter: its head only) leaves no piece behind.
+        store
+            .write_round(
+                &[(run("a"), U)],
+                vec![(key("a", 1), U, checkpoint(1, 2, vec![1, 5]), vec![])],
+            )
+            .unwrap();
+        assert_eq!(pieces(&store, &key("a", 1)), vec![0]);
+        assert_eq!(
+            store.load().unwrap().open[0],
+            (key("a", 1), Some(checkpoint(1, 2, vec![1, 5])))
+        );
+
+        // Deleting run a removes its pieces only; closing b's epoch its.
+        store
+            .write_round(&[(run("a"), U)], vec![(key("a", 1), U, big(3), vec![])])
+            .unwrap();
+        store.delete_run("a").unwrap();
+        assert!(pieces(&store, &key("a", 1)).is_empty());
+        assert_eq!(pieces(&store, &key("b", 1)), vec![0]);
+        assert!(store
+            .put_result(&run("b"), U, &result("b", 1), &[])
+            .unwrap());
+        assert!(pieces(&store, &key("b", 1)).is_empty());
+        let txn = store.db.begin_read().unwrap();
+        assert!(txn
+            .open_table(CHECKPOINT_PIECES)
+            .unwrap()
+            .is_empty()
+            .unwrap());
+    }
+
+    #[test]
+    fn a_database_of_an_unknown_schema_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        set_schema_version(&Store::open(dir.path()).unwrap(), "3");
+        let err = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.ends_with("vcid.redb: schema_version: expected 2, received 3"),
+            "{err}"
+        );
+        let db = Database::open(dir.path().join("vcid.redb")).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        assert_eq!(meta.get("schema_version").unwrap().unwrap().value(), b"3");
     }
 
     #[test]

@@ -342,49 +342,32 @@ impl Accumulator {
     /// shards one stream was folded into. On a shape mismatch `self` is left
     /// unchanged.
     pub fn merge(&mut self, other: &Accumulator) -> Result<(), StatsError> {
-        let shapes = [
-            ("num_classes", self.num_classes(), other.num_classes()),
-            ("feature_dim", self.feature_dim(), other.feature_dim()),
-        ];
-        for (field, expected, received) in shapes {
-            if expected != received {
-                return Err(StatsError::ShapeMismatch {
-                    field,
-                    expected,
-                    received,
-                });
+        merge_into(&mut self.mean, &mut self.classes, &mut self.scatter, other)
+    }
+
+    /// The statistics of `accs` merged ([`Accumulator::merge`], in order:
+    /// the same bits), with an empty `parts.scatter` and the scatter packed
+    /// beside it ([`Accumulator::packed_scatter`]), without a d × d copy: memory peaks at the class tables and
+    /// d·(d+1)/2 values. Errors as `merge` on a shape mismatch; `None`
+    /// for no accumulators.
+    pub fn merged_packed<'a>(
+        accs: impl IntoIterator<Item = &'a Accumulator>,
+    ) -> Option<Result<(AccumulatorParts, Vec<f64>), StatsError>> {
+        let mut accs = accs.into_iter();
+        let first = accs.next()?;
+        let d = first.feature_dim();
+        let (mut mean, mut classes) = (first.mean.clone(), first.classes.clone());
+        let mut packed = first.packed_scatter();
+        for acc in accs {
+            let mut columns = Packed {
+                values: &mut packed,
+                d,
+            };
+            if let Err(err) = merge_into(&mut mean, &mut classes, &mut columns, acc) {
+                return Some(Err(err));
             }
         }
-        let (n_a, n_b) = (self.samples(), other.samples());
-        if n_b == 0 {
-            return Ok(());
-        }
-        let n = n_a.saturating_add(n_b);
-        if n > MAX_SAMPLES {
-            return Err(invalid(
-                "class_counts",
-                format!("at most {MAX_SAMPLES} samples in one accumulator (2^53)"),
-                format!("{n_b} more samples on top of {n_a}"),
-            ));
-        }
-        let weight = n_a as f64 * n_b as f64 / n as f64;
-        let delta: Vec<f64> = other
-            .mean
-            .iter()
-            .zip(&self.mean)
-            .map(|(b, a)| b - a)
-            .collect();
-        for j in 0..self.feature_dim() {
-            simd::add_with_scaled(
-                &mut self.scatter.col_as_slice_mut(j)[j..],
-                &other.scatter.col_as_slice(j)[j..],
-                &delta[j..],
-                weight * delta[j],
-            );
-        }
-        simd::move_mean(&mut self.mean, &other.mean, n_b as f64 / n as f64);
-        self.classes.merge(&other.classes);
-        Ok(())
+        Some(Ok((parts(Vec::new(), classes), packed)))
     }
 
     /// K, the number of classes this accumulator was made for.
@@ -473,6 +456,20 @@ impl Accumulator {
         parts(scatter, self.classes)
     }
 
+    /// The scatter's lower triangle (diagonal included) packed column by
+    /// column: `M2[j][j], M2[j+1][j], …, M2[d−1][j]` for j = 0, …, d − 1,
+    /// d·(d+1)/2 values, half the bytes of the full matrix of
+    /// [`Accumulator::to_parts`] (the form the daemon's checkpoints store).
+    /// [`unpack_scatter`] is its inverse.
+    pub fn packed_scatter(&self) -> Vec<f64> {
+        let d = self.feature_dim();
+        let mut packed = Vec::with_capacity(d * (d + 1) / 2);
+        for j in 0..d {
+            packed.extend_from_slice(&self.scatter.col_as_slice(j)[j..]);
+        }
+        packed
+    }
+
     /// The scatter as a full row-major d × d matrix (both triangles).
     fn full_scatter(&self) -> Vec<f64> {
         let d = self.feature_dim();
@@ -528,6 +525,108 @@ impl Accumulator {
             scatter,
         })
     }
+}
+
+/// A scatter's lower triangle (diagonal included) by columns: the d × d
+/// matrix of an accumulator, or the packed form
+/// ([`Accumulator::packed_scatter`]). The one merge formula
+/// ([`merge_into`]) writes both.
+trait LowerColumns {
+    /// Rows j, …, d − 1 of column j.
+    fn lower_col_mut(&mut self, j: usize) -> &mut [f64];
+}
+
+impl LowerColumns for Mat<f64> {
+    fn lower_col_mut(&mut self, j: usize) -> &mut [f64] {
+        &mut self.col_as_slice_mut(j)[j..]
+    }
+}
+
+/// A packed d × d triangle: column j starts after the d − c values of
+/// every column c < j, at j·d − j·(j − 1)/2.
+struct Packed<'a> {
+    values: &'a mut [f64],
+    d: usize,
+}
+
+impl LowerColumns for Packed<'_> {
+    fn lower_col_mut(&mut self, j: usize) -> &mut [f64] {
+        let start = j * self.d - j * j.saturating_sub(1) / 2;
+        &mut self.values[start..start + self.d - j]
+    }
+}
+
+/// [`Accumulator::merge`] of `other` into statistics held as a global
+/// mean, class tables and a scatter's lower columns (an accumulator's, or
+/// the packed sum of [`Accumulator::merged_packed`]). On an error nothing
+/// is changed.
+fn merge_into(
+    mean: &mut [f64],
+    classes: &mut ClassStats,
+    scatter: &mut impl LowerColumns,
+    other: &Accumulator,
+) -> Result<(), StatsError> {
+    let shapes = [
+        ("num_classes", classes.counts.len(), other.num_classes()),
+        ("feature_dim", classes.feature_dim, other.feature_dim()),
+    ];
+    for (field, expected, received) in shapes {
+        if expected != received {
+            return Err(StatsError::ShapeMismatch {
+                field,
+                expected,
+                received,
+            });
+        }
+    }
+    let (n_a, n_b) = (classes.samples(), other.samples());
+    if n_b == 0 {
+        return Ok(());
+    }
+    let n = n_a.saturating_add(n_b);
+    if n > MAX_SAMPLES {
+        return Err(invalid(
+            "class_counts",
+            format!("at most {MAX_SAMPLES} samples in one accumulator (2^53)"),
+            format!("{n_b} more samples on top of {n_a}"),
+        ));
+    }
+    let weight = n_a as f64 * n_b as f64 / n as f64;
+    let delta: Vec<f64> = other.mean.iter().zip(&*mean).map(|(b, a)| b - a).collect();
+    for j in 0..classes.feature_dim {
+        simd::add_with_scaled(
+            scatter.lower_col_mut(j),
+            &other.scatter.col_as_slice(j)[j..],
+            &delta[j..],
+            weight * delta[j],
+        );
+    }
+    simd::move_mean(mean, &other.mean, n_b as f64 / n as f64);
+    classes.merge(&other.classes);
+    Ok(())
+}
+
+/// The full row-major d × d symmetric matrix of a scatter that
+/// [`Accumulator::packed_scatter`] packed, for
+/// [`AccumulatorParts::scatter`]. Errors (field `scatter_lower`) when
+/// `packed` does not hold d·(d+1)/2 values.
+pub fn unpack_scatter(packed: &[f64], feature_dim: usize) -> Result<Vec<f64>, StatsError> {
+    let d = feature_dim;
+    let expected = d.checked_mul(d + 1).map(|n| n / 2);
+    if expected != Some(packed.len()) {
+        return Err(invalid(
+            "scatter_lower",
+            format!("d·(d+1)/2 values for d = {d}"),
+            format!("{} values", packed.len()),
+        ));
+    }
+    let mut full = vec![0.0; d * d];
+    let cells = (0..d).flat_map(|j| (j..d).map(move |i| (i, j)));
+    for ((i, j), &value) in cells.zip(packed) {
+        full[i * d + j] = value;
+        full[j * d + i] = value;
+    }
+    Ok(full)
 }
 
 /// `c_k − ‖s_k‖²/c_k` (clamped at 0), the unit-vector trace that unit sums
@@ -871,6 +970,79 @@ mod tests {
         let huge = u64::from(u32::MAX);
         assert_eq!(Accumulator::estimated_bytes(huge, huge), None);
         assert_eq!(Accumulator::estimated_bytes(u64::MAX, 1), None);
+    }
+
+    #[test]
+    fn the_packed_scatter_unpacks_to_the_full_matrix() {
+        // d = 3 with distinct entries: the triangle's order is column by
+        // column, M2[0][0], M2[1][0], M2[2][0], M2[1][1], M2[2][1], M2[2][2].
+        let features = Array2::from_shape_fn((5, 3), |(i, j)| {
+            ((i * 7 + j * 3) % 5) as f64 - 0.25 * j as f64
+        });
+        let acc = Accumulator::from_batch(features.view(), &[0, 1, 0, 1, 1], 2, Par::Seq).unwrap();
+        let full = acc.to_parts().scatter;
+        let packed = acc.packed_scatter();
+        assert_eq!(
+            packed,
+            [full[0], full[3], full[6], full[4], full[7], full[8]]
+        );
+        assert_eq!(unpack_scatter(&packed, 3).unwrap(), full);
+        let (parts, moved) = Accumulator::merged_packed([&acc]).unwrap().unwrap();
+        assert_eq!(moved, packed);
+        assert!(parts.scatter.is_empty());
+        assert_eq!(
+            AccumulatorParts {
+                scatter: full,
+                ..parts
+            },
+            acc.to_parts()
+        );
+        for d in [0, 1, 4] {
+            let empty = Accumulator::new(2, d);
+            assert_eq!(empty.packed_scatter().len(), d * (d + 1) / 2);
+            assert_eq!(
+                unpack_scatter(&empty.packed_scatter(), d).unwrap(),
+                empty.to_parts().scatter
+            );
+        }
+        let err = unpack_scatter(&packed[1..], 3).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "scatter_lower: expected d·(d+1)/2 values for d = 3, received 5 values"
+        );
+    }
+
+    #[test]
+    fn merged_packed_gives_the_bits_of_merge() {
+        let part = |seed: usize, rows: usize| {
+            let x = Array2::from_shape_fn((rows, 5), |(i, j)| {
+                ((i * 13 + j * 7 + seed * 5) % 11) as f64 * 0.37 - seed as f64
+            });
+            let y: Vec<u32> = (0..rows).map(|i| ((i + seed) % 3) as u32).collect();
+            Accumulator::from_batch(x.view(), &y, 3, Par::Seq).unwrap()
+        };
+        let accs = [part(0, 7), part(1, 4), Accumulator::new(3, 5), part(2, 9)];
+        let mut merged = accs[0].clone();
+        for acc in &accs[1..] {
+            merged.merge(acc).unwrap();
+        }
+        let (parts, packed) = Accumulator::merged_packed(&accs).unwrap().unwrap();
+        assert_eq!(packed, merged.packed_scatter());
+        assert_eq!(
+            AccumulatorParts {
+                scatter: unpack_scatter(&packed, 5).unwrap(),
+                ..parts
+            },
+            merged.to_parts()
+        );
+        assert!(Accumulator::merged_packed(&[]).is_none());
+        let err = Accumulator::merged_packed([&accs[0], &Accumulator::new(3, 4)])
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "feature_dim: expected 5 to merge, received 4"
+        );
     }
 
     #[test]

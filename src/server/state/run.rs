@@ -55,7 +55,7 @@ use crate::proto::{EpochResult, OpenEpoch};
 use crate::server::clock::utc_timestamp;
 use crate::server::decode::{StreamKey, WireRows};
 use crate::server::error::ServerError;
-use crate::stats::{Accumulator, FoldScratch, Par};
+use crate::stats::{Accumulator, AccumulatorParts, FoldScratch, Par};
 
 use super::budget::Budget;
 use super::dedup::{SeqSet, WriterState};
@@ -288,10 +288,11 @@ pub(crate) struct RestoredEpoch {
 pub(crate) struct EpochSnapshot {
     pub(crate) key: StreamKey,
     pub(crate) epoch: u64,
-    /// The combined statistics, until the checkpoint that writes them
-    /// takes them (so a round holds each epoch's statistics once).
-    pub(crate) acc: Option<Accumulator>,
-    /// Samples in `acc`.
+    /// The combined statistics, the scatter packed
+    /// (`Accumulator::merged_packed`), until the checkpoint that writes
+    /// them takes them (so a round holds each epoch's statistics once).
+    pub(crate) packed: Option<(AccumulatorParts, Vec<f64>)>,
+    /// Samples in `packed`.
     pub(crate) samples: u64,
     pub(crate) writers: Vec<(String, SeqSet)>,
     /// Dirty-writer markers below it are covered by this snapshot.
@@ -357,8 +358,8 @@ impl EpochSlot {
         if unchanged {
             return None;
         }
-        let acc = match combined(&lock(&self.shards)) {
-            Ok(acc) => acc,
+        let packed = match combined_packed(&lock(&self.shards)) {
+            Ok(packed) => packed,
             Err(err) => {
                 tracing::error!(%err, epoch, "an open epoch's shards do not combine; not checkpointed");
                 return None;
@@ -370,8 +371,8 @@ impl EpochSlot {
         Some(EpochSnapshot {
             key,
             epoch,
-            samples: acc.samples(),
-            acc: Some(acc),
+            samples: packed.0.class_counts.iter().sum(),
+            packed: Some(packed),
             writers: g
                 .writers
                 .iter()
@@ -481,21 +482,18 @@ impl EpochSlot {
     }
 }
 
-/// The epoch's combined statistics: its shards merged in shard order with
-/// the Chan–Golub–LeVeque formula (`Accumulator::merge`). The one
-/// definition used by close and by checkpoints, so a checkpoint restores
-/// exactly what a close would have computed from. The caller holds the
-/// slot's phase lock exclusively (no fold in flight).
-fn combined(shards: &[ShardCell]) -> Result<Accumulator, ServerError> {
-    let mut cells = shards.iter();
-    let first = cells
-        .next()
-        .ok_or_else(|| ServerError::Internal("an open epoch without shards".into()))?;
-    let mut total = lock(first).acc.clone();
-    for cell in cells {
-        total.merge(&lock(cell).acc)?;
-    }
-    Ok(total)
+/// The epoch's combined statistics for a checkpoint, the scatter packed:
+/// its shards merged in shard order with the Chan–Golub–LeVeque formula
+/// (`Accumulator::merged_packed`, the formula of `Accumulator::merge`), so
+/// a checkpoint restores the very bits a close ([`take_combined`]) would
+/// have computed from, without a d × d copy. The caller holds the slot's
+/// phase lock exclusively (no fold in flight).
+fn combined_packed(shards: &[ShardCell]) -> Result<(AccumulatorParts, Vec<f64>), ServerError> {
+    let guards: Vec<_> = shards.iter().map(|cell| lock(cell)).collect();
+    Ok(
+        Accumulator::merged_packed(guards.iter().map(|shard| &shard.acc))
+            .ok_or_else(|| ServerError::Internal("an open epoch without shards".into()))??,
+    )
 }
 
 /// [`combined`] for a close, which drops the shards: their accumulators
@@ -1792,11 +1790,15 @@ mod tests {
             proptest::prop_assert!(count <= shards);
             let closed = runs[0].begin_close(&key, 0).unwrap().acc;
             runs[1].freeze();
-            let frozen = runs[1].snapshot_changed().remove(0).acc.unwrap();
+            let (parts, packed) = runs[1].snapshot_changed().remove(0).packed.unwrap();
+            let frozen = AccumulatorParts {
+                scatter: crate::stats::unpack_scatter(&packed, parts.feature_dim).unwrap(),
+                ..parts
+            };
             assert_parts_close(&closed, &reference, 1e-12);
-            proptest::prop_assert_eq!(closed.to_parts(), frozen.to_parts());
+            proptest::prop_assert_eq!(&closed.to_parts(), &frozen);
             let (restored, _) = shard_run(shards, 16.0);
-            let acc = Accumulator::from_parts(frozen.to_parts()).unwrap();
+            let acc = Accumulator::from_parts(frozen.clone()).unwrap();
             restored.restore_open(key.clone(), 0, RestoredEpoch {
                 acc,
                 writers: BTreeMap::new(),
@@ -1806,7 +1808,7 @@ mod tests {
                 rewrite: false,
             });
             let reopened = restored.begin_close(&key, 0).unwrap().acc;
-            proptest::prop_assert_eq!(reopened.to_parts(), frozen.to_parts());
+            proptest::prop_assert_eq!(reopened.to_parts(), frozen);
         }
     }
 
