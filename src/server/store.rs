@@ -770,38 +770,21 @@ impl Store {
         Ok(())
     }
 
-    /// Removes every checkpoint piece of `run_id`: they are one key range,
-    /// from its first piece to its last (a scan of the whole table would
-    /// read every other run's checkpoints).
+    /// Removes every checkpoint piece of `run_id`: one key range, up to
+    /// the first key of the next possible run id, `run_id` + NUL (a scan of
+    /// the whole table would read every other run's checkpoints).
     fn remove_pieces_of_run(
         &self,
         pieces: &mut PiecesTable<'_>,
         run_id: &str,
     ) -> Result<(), StoreError> {
-        type Owned = (String, String, String, u64, u32);
-        let mut bounds: Option<(Owned, Owned)> = None;
-        for entry in pieces
-            .range((run_id, "", "", 0, 0)..)
-            .map_err(|e| self.db_err(e))?
-        {
-            let (key, _) = entry.map_err(|e| self.db_err(e))?;
-            let (r, s, l, e, i) = key.value();
-            if r != run_id {
-                break;
-            }
-            let owned = (r.to_owned(), s.to_owned(), l.to_owned(), e, i);
-            match &mut bounds {
-                Some((_, last)) => *last = owned,
-                None => bounds = Some((owned.clone(), owned)),
-            }
-        }
-        if let Some((a, b)) = bounds {
-            let first = (a.0.as_str(), a.1.as_str(), a.2.as_str(), a.3, a.4);
-            let last = (b.0.as_str(), b.1.as_str(), b.2.as_str(), b.3, b.4);
-            pieces
-                .retain_in(first..=last, |_, _| false)
-                .map_err(|e| self.db_err(e))?;
-        }
+        let next = format!("{run_id}\0");
+        pieces
+            .retain_in(
+                (run_id, "", "", 0, 0)..(next.as_str(), "", "", 0, 0),
+                |_, _| false,
+            )
+            .map_err(|e| self.db_err(e))?;
         Ok(())
     }
 
@@ -1179,16 +1162,16 @@ mod tests {
         .unwrap();
         let big =
             |generation| EpochCheckpoint::new(&key("a", 1), packed(&acc), vec![], generation, 77);
-        for id in ["a", "b"] {
+        for id in ["a", "ab"] {
             store.create_run(&run(id), U).unwrap();
             assert!(store.open_epoch(&key(id, 1), U, 10).unwrap());
         }
         store
             .write_round(
-                &[(run("a"), U), (run("b"), U)],
+                &[(run("a"), U), (run("ab"), U)],
                 vec![
                     (key("a", 1), U, big(1), vec![]),
-                    (key("b", 1), U, checkpoint(1, 1, vec![1, 2]), vec![]),
+                    (key("ab", 1), U, checkpoint(1, 1, vec![1, 2]), vec![]),
                 ],
             )
             .unwrap();
@@ -1218,17 +1201,18 @@ mod tests {
             (key("a", 1), Some(checkpoint(1, 2, vec![1, 5])))
         );
 
-        // Deleting run a removes its pieces only; closing b's epoch its.
+        // Deleting run a removes its pieces only, not those of run ab (whose
+        // id it prefixes); closing ab's epoch removes ab's.
         store
             .write_round(&[(run("a"), U)], vec![(key("a", 1), U, big(3), vec![])])
             .unwrap();
         store.delete_run("a").unwrap();
         assert!(pieces(&store, &key("a", 1)).is_empty());
-        assert_eq!(pieces(&store, &key("b", 1)), vec![0]);
+        assert_eq!(pieces(&store, &key("ab", 1)), vec![0]);
         assert!(store
-            .put_result(&run("b"), U, &result("b", 1), &[])
+            .put_result(&run("ab"), U, &result("ab", 1), &[])
             .unwrap());
-        assert!(pieces(&store, &key("b", 1)).is_empty());
+        assert!(pieces(&store, &key("ab", 1)).is_empty());
         let txn = store.db.begin_read().unwrap();
         assert!(txn
             .open_table(CHECKPOINT_PIECES)

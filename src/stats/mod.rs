@@ -34,7 +34,11 @@
 //! Storage: the scatter lives in a column-major `d × d` faer matrix of which
 //! only the lower triangle (diagonal included) is maintained; class means and
 //! unit sums are row-major `K × d` vectors so one class is one contiguous
-//! slice.
+//! slice. For storage the triangle can be packed column by column
+//! ([`Accumulator::packed_scatter`], [`unpack_scatter`]), and
+//! [`Accumulator::merged_packed`] merges accumulators straight into that
+//! form (the daemon's checkpoints) with the merge formula, never building
+//! a d × d matrix.
 
 mod batch;
 mod classes;
@@ -347,9 +351,9 @@ impl Accumulator {
 
     /// The statistics of `accs` merged ([`Accumulator::merge`], in order:
     /// the same bits), with an empty `parts.scatter` and the scatter packed
-    /// beside it ([`Accumulator::packed_scatter`]), without a d × d copy: memory peaks at the class tables and
-    /// d·(d+1)/2 values. Errors as `merge` on a shape mismatch; `None`
-    /// for no accumulators.
+    /// beside it ([`Accumulator::packed_scatter`]), without a d × d copy:
+    /// memory peaks at the class tables and d·(d+1)/2 values. Errors as
+    /// `merge` on a shape mismatch; `None` for no accumulators.
     pub fn merged_packed<'a>(
         accs: impl IntoIterator<Item = &'a Accumulator>,
     ) -> Option<Result<(AccumulatorParts, Vec<f64>), StatsError>> {
@@ -358,11 +362,11 @@ impl Accumulator {
         let d = first.feature_dim();
         let (mut mean, mut classes) = (first.mean.clone(), first.classes.clone());
         let mut packed = first.packed_scatter();
+        let mut columns = Packed {
+            values: &mut packed,
+            d,
+        };
         for acc in accs {
-            let mut columns = Packed {
-                values: &mut packed,
-                d,
-            };
             if let Err(err) = merge_into(&mut mean, &mut classes, &mut columns, acc) {
                 return Some(Err(err));
             }

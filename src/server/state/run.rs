@@ -20,8 +20,9 @@
 //!   data-parallel ranks) therefore fold in parallel into different shards;
 //!   batches of different epochs, streams or runs never share a lock.
 //!   Close, checkpoint and delete take the phase lock exclusively, which
-//!   waits for the folds in flight; then [`combined`] merges the shards
-//!   with the Chan formula. Every fold, and everything that takes a slot's
+//!   waits for the folds in flight; then the shards are merged with the
+//!   Chan formula ([`take_combined`] for a close, [`combined_packed`] for a
+//!   checkpoint: the same bits). Every fold, and everything that takes a slot's
 //!   locks, runs on the blocking pool, never on a runtime thread.
 //! * A checkpoint snapshot takes the phase lock exclusively like a close,
 //!   combines the shards and copies the [`Book`], so the statistics and the
@@ -340,7 +341,7 @@ impl EpochSlot {
         }
     }
 
-    /// The epoch's [`combined`] statistics and writers as of now, when they
+    /// The epoch's [`combined_packed`] statistics and writers as of now, when they
     /// changed since the last durable checkpoint: the one place a
     /// checkpoint copies an epoch. Takes the phase lock exclusively (waits
     /// for the folds in flight: ingest of this epoch pauses for the merge
@@ -496,7 +497,8 @@ fn combined_packed(shards: &[ShardCell]) -> Result<(AccumulatorParts, Vec<f64>),
     )
 }
 
-/// [`combined`] for a close, which drops the shards: their accumulators
+/// The epoch's combined statistics for a close, which drops the shards
+/// (the merge of [`combined_packed`], in full): their accumulators
 /// are moved into the total instead of copied (no fold or snapshot holds a
 /// shard while the phase lock is exclusive). On an error `shards` holds
 /// the same statistics as before: the partial total, then the shards not
@@ -875,7 +877,7 @@ impl RunState {
     }
 
     /// Takes `(key, epoch)` out of the open set for closing, with its
-    /// [`combined`] statistics (blocking: waits for the folds in flight and
+    /// [`take_combined`] statistics (blocking: waits for the folds in flight and
     /// merges the shards, whose memory beyond one accumulator is released).
     pub(crate) fn begin_close(&self, key: &StreamKey, epoch: u64) -> Result<Closing, ServerError> {
         let (slot, previous_vci) = {

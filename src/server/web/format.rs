@@ -2,7 +2,7 @@
 //! (and `vcid runs|history --format json`), the CSV of
 //! `/api/v1/runs/{run}/history?format=csv` (and `vcid history --format csv`).
 //! The metric columns come from the registry
-//! ([`METRICS`](crate::metrics::registry::METRICS)).
+//! ([`METRICS`]).
 //!
 //! Pure conversions of the wire types; every number is passed through as the
 //! daemon computed it (JSON and CSV print the shortest text that reads back
