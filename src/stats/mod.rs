@@ -451,15 +451,6 @@ impl Accumulator {
         parts(self.full_scatter(), self.classes.clone())
     }
 
-    /// [`Accumulator::to_parts`] consuming the accumulator: the class
-    /// tables are moved, not copied, and the scatter's storage is freed as
-    /// soon as its full d × d copy is made.
-    pub fn into_parts(self) -> AccumulatorParts {
-        let scatter = self.full_scatter();
-        drop(self.scatter);
-        parts(scatter, self.classes)
-    }
-
     /// The scatter's lower triangle (diagonal included) packed column by
     /// column: `M2[j][j], M2[j+1][j], …, M2[d−1][j]` for j = 0, …, d − 1,
     /// d·(d+1)/2 values, half the bytes of the full matrix of
