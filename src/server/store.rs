@@ -1119,12 +1119,15 @@ mod tests {
             )
             .unwrap();
         assert_eq!(store.load().unwrap().open, vec![(key("a", 1), Some(again))]);
+        assert!(is_empty(&store, EPOCH_CHECKPOINTS));
+    }
+
+    fn is_empty<K: redb::Key + 'static, V: redb::Value + 'static>(
+        store: &Store,
+        table: TableDefinition<K, V>,
+    ) -> bool {
         let txn = store.db.begin_read().unwrap();
-        assert!(txn
-            .open_table(EPOCH_CHECKPOINTS)
-            .unwrap()
-            .is_empty()
-            .unwrap());
+        txn.open_table(table).unwrap().is_empty().unwrap()
     }
 
     /// The piece indices stored for `key`.
@@ -1213,12 +1216,7 @@ mod tests {
             .put_result(&run("ab"), U, &result("ab", 1), &[])
             .unwrap());
         assert!(pieces(&store, &key("ab", 1)).is_empty());
-        let txn = store.db.begin_read().unwrap();
-        assert!(txn
-            .open_table(CHECKPOINT_PIECES)
-            .unwrap()
-            .is_empty()
-            .unwrap());
+        assert!(is_empty(&store, CHECKPOINT_PIECES));
     }
 
     #[test]
