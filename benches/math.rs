@@ -14,7 +14,8 @@
 //!   (what closing a sharded epoch does once per shard).
 //! - `faer_syrk/{d}` and `faer_gemm/{d}`: faer's lower-triangular product
 //!   and its dense `matmul` on the same operands (the 256 × d centred batch
-//!   times its transpose), measured in the same run as the baseline.
+//!   times its transpose, its columns `stats::operand_stride` apart as in
+//!   a fold), measured in the same run as the baseline.
 //! - `close/d2048_k1000`: `metrics::compute` (all metrics) of an
 //!   accumulator with d = 2048, K = 1000, N = 4096.
 //! - `from_parts/d2048`: `Accumulator::from_parts` of the same statistics
@@ -40,7 +41,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use vcid::metrics;
-use vcid::stats::{Accumulator, FoldScratch, Par};
+use vcid::stats::{operand_stride, Accumulator, FoldScratch, Par};
 
 const ROWS: usize = 256;
 const DIMS: [usize; 3] = [128, 512, 2048];
@@ -174,8 +175,11 @@ fn faer_products(c: &mut Criterion) {
     for (kernel, triangular) in [("faer_syrk", true), ("faer_gemm", false)] {
         let mut group = batch_group(c, kernel);
         for d in DIMS {
-            // The centred batch, d × n column-major as in from_batch.
-            let x = Mat::<f64>::from_fn(d, ROWS, |_, _| rng.sample(StandardNormal));
+            // The centred batch, d × n column-major with the column
+            // stride of a fold's operand (rows d.. are padding).
+            let padded =
+                Mat::<f64>::from_fn(operand_stride(d), ROWS, |_, _| rng.sample(StandardNormal));
+            let x = padded.as_ref().subrows(0, d);
             let mut out = Mat::<f64>::zeros(d, d);
             let flops = if triangular {
                 (ROWS * d * (d + 1)) as f64
@@ -191,7 +195,7 @@ fn faer_products(c: &mut Criterion) {
                                 out.as_mut(),
                                 BlockStructure::TriangularLower,
                                 Accum::Replace,
-                                x.as_ref(),
+                                x,
                                 BlockStructure::Rectangular,
                                 x.transpose(),
                                 BlockStructure::Rectangular,
@@ -202,7 +206,7 @@ fn faer_products(c: &mut Criterion) {
                             faer::linalg::matmul::matmul(
                                 out.as_mut(),
                                 Accum::Replace,
-                                x.as_ref(),
+                                x,
                                 x.transpose(),
                                 1.0,
                                 Par::rayon(0),

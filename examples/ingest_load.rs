@@ -79,7 +79,7 @@ use faer::linalg::matmul::triangular::{matmul, BlockStructure};
 use faer::{Accum, Mat};
 use vcid::proto::vci_monitor_client::VciMonitorClient;
 use vcid::proto::{CloseEpochRequest, CreateRunRequest, FeatureBatch};
-use vcid::stats::{Accumulator, FoldScratch, Par};
+use vcid::stats::{operand_stride, Accumulator, FoldScratch, Par};
 use vcid::synthetic::{Split, Synthetic};
 
 const ROWS: usize = 256;
@@ -187,9 +187,11 @@ fn pool() -> Vec<FeatureBatch> {
 }
 
 /// A pool batch as the d × 256 operand of a fold's product: its rows
-/// widened to f64 and centred on their mean. (The values matter: on some
+/// widened to f64 and centred on their mean, in columns
+/// [`vcid::stats::operand_stride`] apart as a fold lays them out (rows d..
+/// of the returned matrix are padding). The values matter too: on some
 /// CPUs faer's product of small integers runs a third slower than that of
-/// real features, which would understate the ceiling.)
+/// real features, which would understate the ceiling.
 fn centred_f64(batch: &FeatureBatch) -> Mat<f64> {
     let d = dim();
     let rows: Vec<f64> = values(batch)
@@ -199,7 +201,13 @@ fn centred_f64(batch: &FeatureBatch) -> Mat<f64> {
     let mean: Vec<f64> = (0..d)
         .map(|i| rows.iter().skip(i).step_by(d).sum::<f64>() / ROWS as f64)
         .collect();
-    Mat::from_fn(d, ROWS, |i, j| rows[j * d + i] - mean[i])
+    Mat::from_fn(operand_stride(d), ROWS, |i, j| {
+        if i < d {
+            rows[j * d + i] - mean[i]
+        } else {
+            0.0
+        }
+    })
 }
 
 /// The float32 values of a pool batch, where they lie (as the server
@@ -398,8 +406,8 @@ async fn close_and_check(client: &Client, epoch: u64, rows: u64) -> Result<Durat
 }
 
 /// The f64 syrk ceiling measured now: faer's lower-triangular XᵀX of a
-/// pool batch (`x`, d × 256: its rows widened to f64 and centred, the
-/// operand a fold multiplies) with all cores, over 8 slices of about
+/// pool batch (`x`, from [`centred_f64`]: the operand a fold multiplies)
+/// with all cores, over 8 slices of about
 /// 0.15 s each. Returns its best slice (GFLOP/s, and rows/s = GFLOP/s ÷
 /// d·(d+1)) and its mean rate over all 8 (rows/s): on a shared machine a
 /// phase's rate is a mean over its whole duration, disturbed or not, so
@@ -408,6 +416,7 @@ async fn close_and_check(client: &Client, epoch: u64, rows: u64) -> Result<Durat
 /// noise.
 fn syrk_ceiling(x: &Mat<f64>) -> Ceiling {
     let d = dim();
+    let x = x.as_ref().subrows(0, d);
     let mut out = Mat::<f64>::zeros(d, d);
     let (mut best, mut total_reps) = (0f64, 0usize);
     let started = Instant::now();
@@ -418,7 +427,7 @@ fn syrk_ceiling(x: &Mat<f64>) -> Ceiling {
                 out.as_mut(),
                 BlockStructure::TriangularLower,
                 Accum::Add,
-                x.as_ref(),
+                x,
                 BlockStructure::Rectangular,
                 x.transpose(),
                 BlockStructure::Rectangular,

@@ -44,12 +44,13 @@ use crate::proto::vci_monitor_server::SERVICE_NAME;
 /// (copied once out of tonic's receive buffer by `proto::codec`; prost's
 /// `bytes` field is a slice of that copy, and the fold reads float32
 /// values there), the fold's centred f64 copy
-/// (2× a float32 value), and the batch's class tables (16 bytes per value
-/// of each class present: at most 4× a float32 batch), 7× in all for
+/// (2× a float32 value, at most 2.5× with the padding of
+/// `stats::operand_stride`), and the batch's class tables (16 bytes per value
+/// of each class present: at most 4× a float32 batch), 7.5× in all for
 /// float32. Only the first fold that grows a shard's buffers allocates
 /// them (they are then reserved in the accumulator budget); a float16
 /// batch, widened to f64 in the shard's buffer first, with a distinct
-/// class on most rows can briefly hold up to 17× then (README "Limits").
+/// class on most rows can briefly hold up to 18× then (README "Limits").
 const PUSH_CHARGE: u64 = 10;
 /// A `PushStats` block: the received bytes, the decoded block, the
 /// accumulator built from it.

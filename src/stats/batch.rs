@@ -12,8 +12,8 @@
 //! when K is large) skips these: one read-only pass checks the row and
 //! takes its norm, and its slot stands for the row itself
 //! ([`SingleRows`]), which the merge reads once. A last pass writes the
-//! batch centred on its own mean, column by column, as the operand of the
-//! scatter's triangular product. Class statistics are kept only for the
+//! batch centred on its own mean, column by column ([`operand_stride`]
+//! values apart), as the operand of the scatter's triangular product. Class statistics are kept only for the
 //! classes present in the batch, one compact row ("slot") each, so a batch
 //! costs O(rows · d) whatever K is.
 //! Every loop over a row is a `simd` kernel (the machine's vector width).
@@ -63,8 +63,9 @@ pub struct FoldScratch {
     residual: Vec<f64>,
     /// The batch mean μ_b.
     pub(super) mean: Vec<f64>,
-    /// Column-major d × (rows + 1): the centred rows, then room for the
-    /// Chan correction column (see [`FoldScratch::scatter_operand`]).
+    /// Column-major d × (rows + 1) with column stride
+    /// [`operand_stride`]`(d)`: the centred rows, then room for the Chan
+    /// correction column (see [`FoldScratch::scatter_operand`]).
     centred: Vec<f64>,
     /// Rows and d of the batch last computed.
     shape: (usize, usize),
@@ -113,7 +114,7 @@ impl FoldScratch {
         for (buffer, len) in [
             (&mut self.norms, n),
             (&mut self.residual, threads * dim),
-            (&mut self.centred, dim * (n + 1)),
+            (&mut self.centred, operand_stride(dim) * (n + 1)),
         ] {
             if buffer.len() < len {
                 buffer.resize(len, 0.0);
@@ -194,7 +195,12 @@ impl FoldScratch {
             return false;
         }
         self.batch_mean(rows);
-        centre(&mut self.centred[..n * dim], rows, &self.mean, threads);
+        centre(
+            &mut self.centred[..n * operand_stride(dim)],
+            rows,
+            &self.mean,
+            threads,
+        );
         true
     }
 
@@ -241,16 +247,22 @@ impl FoldScratch {
     /// product adds the batch scatter and the Chan correction `w·δδᵀ`.
     pub(super) fn scatter_operand(&mut self, chan: Option<(f64, &[f64])>) -> MatRef<'_, f64> {
         let (n, dim) = self.shape;
+        let stride = operand_stride(dim);
         let mut columns = n;
         if let Some((weight, mean_a)) = chan {
             let root = weight.sqrt();
-            let column = &mut self.centred[n * dim..(n + 1) * dim];
+            let column = &mut self.centred[n * stride..n * stride + dim];
             for ((c, &b), &a) in column.iter_mut().zip(&self.mean).zip(mean_a) {
                 *c = root * (b - a);
             }
             columns += 1;
         }
-        MatRef::from_column_major_slice(&self.centred[..columns * dim], dim, columns)
+        MatRef::from_column_major_slice_with_stride(
+            &self.centred[..columns * stride],
+            dim,
+            columns,
+            stride,
+        )
     }
 }
 
@@ -435,15 +447,47 @@ impl<'a, T> SingleRows<'a, T> {
     }
 }
 
-/// Column `i` of `centred` (d values) = row `i` of `rows` − `mean`, in
-/// `threads` ranges of rows run in parallel.
+/// The column stride, in values, of the d × rows operand of a fold's
+/// triangular product (and of the benchmarks' baselines, which use it to
+/// measure the same product). From d = 64 on: `dim` rounded up to whole
+/// 64-byte cache lines, plus one line when that is an even number of
+/// lines. With an odd number of lines between columns, consecutive columns
+/// start in different sets of the L1 cache; with 16 KiB between them
+/// (d = 2048 unpadded) every column starts in the same set, and faer's
+/// product of the operand with its transpose ran 1.6× slower on an Intel
+/// Xeon (BENCHMARKS.md, "The product's operand, one cache line apart").
+/// Below d = 64, `dim` itself: a line of padding would be a large share of
+/// each column (the fold's buffer is charged at 2× a float32 batch,
+/// `server::deadline`), for a product too small to gain from it.
+///
+/// `dim ≤ operand_stride(dim) ≤ dim + 15`; from d = 64 on, a multiple of 8
+/// with `operand_stride(dim) / 8` odd.
+pub fn operand_stride(dim: usize) -> usize {
+    if dim < PADDED_FROM {
+        return dim;
+    }
+    let stride = dim.next_multiple_of(8);
+    if (stride / 8).is_multiple_of(2) {
+        stride + 8
+    } else {
+        stride
+    }
+}
+
+/// The smallest d whose operand columns [`operand_stride`] pads.
+const PADDED_FROM: usize = 64;
+
+/// Column `i` of `centred` (its first d values of every
+/// [`operand_stride`]) = row `i` of `rows` − `mean`, in `threads` ranges of
+/// rows run in parallel.
 fn centre<T: Value>(centred: &mut [f64], rows: &[T], mean: &[f64], threads: usize) {
     let dim = mean.len();
+    let stride = operand_stride(dim);
     let n = rows.len() / dim;
     if threads > 1 && n > 1 {
         let half = n / 2;
         let left = threads / 2;
-        let (centred_a, centred_b) = centred.split_at_mut(half * dim);
+        let (centred_a, centred_b) = centred.split_at_mut(half * stride);
         let (rows_a, rows_b) = rows.split_at(half * dim);
         rayon::join(
             || centre(centred_a, rows_a, mean, left),
@@ -451,7 +495,7 @@ fn centre<T: Value>(centred: &mut [f64], rows: &[T], mean: &[f64], threads: usiz
         );
         return;
     }
-    for (column, row) in centred.chunks_exact_mut(dim).zip(rows.chunks_exact(dim)) {
-        difference(column, row, mean);
+    for (column, row) in centred.chunks_exact_mut(stride).zip(rows.chunks_exact(dim)) {
+        difference(&mut column[..dim], row, mean);
     }
 }

@@ -49,7 +49,7 @@ use faer::linalg::matmul::triangular::{matmul, BlockStructure};
 use faer::{Accum, Mat};
 use ndarray::ArrayView2;
 
-pub use batch::FoldScratch;
+pub use batch::{operand_stride, FoldScratch};
 pub use faer::Par;
 pub use simd::Value;
 
@@ -965,6 +965,21 @@ mod tests {
         let huge = u64::from(u32::MAX);
         assert_eq!(Accumulator::estimated_bytes(huge, huge), None);
         assert_eq!(Accumulator::estimated_bytes(u64::MAX, 1), None);
+    }
+
+    #[test]
+    fn the_operand_stride_puts_an_odd_number_of_cache_lines_between_columns() {
+        for d in 1..64 {
+            assert_eq!(operand_stride(d), d, "short columns are not padded");
+        }
+        for d in 64..=4200 {
+            let stride = operand_stride(d);
+            assert!(stride >= d && stride < d + 16, "d = {d}: stride {stride}");
+            assert_eq!(stride % 8, 0, "d = {d}: whole lines");
+            assert_eq!((stride / 8) % 2, 1, "d = {d}: an odd number of lines");
+        }
+        assert_eq!(operand_stride(2048), 2056);
+        assert_eq!(operand_stride(100), 104);
     }
 
     #[test]
