@@ -13,9 +13,10 @@
 //! takes its norm, and its slot stands for the row itself
 //! ([`SingleRows`]), which the merge reads once. A last pass writes the
 //! batch centred on its own mean, column by column ([`operand_stride`]
-//! values apart), as the operand of the scatter's triangular product. Class statistics are kept only for the
-//! classes present in the batch, one compact row ("slot") each, so a batch
-//! costs O(rows · d) whatever K is.
+//! values apart), as the operand of the scatter's triangular product.
+//! Class statistics are kept only for the classes present in the batch,
+//! one compact row ("slot") each, so a batch costs O(rows · d) whatever K
+//! is.
 //! Every loop over a row is a `simd` kernel (the machine's vector width).
 //! With `Par::Rayon(n)` the classes are split into n groups of about equal
 //! rows and the centring pass into n ranges of rows, run in parallel;

@@ -982,6 +982,45 @@ mod tests {
         assert_eq!(operand_stride(100), 104);
     }
 
+    /// Columns of the product's operand `operand_stride` apart (padded at
+    /// d = 64 and 100, not at d = 3), one scratch for every shape in turn,
+    /// batches of more than one block: the scatter and means of a plain
+    /// two-pass computation.
+    #[test]
+    fn folds_with_padded_operand_columns_give_the_two_pass_statistics() {
+        let mut scratch = FoldScratch::new();
+        for (d, rows) in [(64, 300), (3, 40), (100, 257), (64, 5)] {
+            assert_eq!(operand_stride(d) > d, d >= 64);
+            let x = Array2::from_shape_fn((rows, d), |(i, j)| {
+                ((i * 31 + j * 17) % 23) as f64 / 7.0 + 100.0 + 1e-3 * (i * j) as f64
+            });
+            let labels: Vec<u32> = (0..rows).map(|i| (i % 5) as u32).collect();
+            let mut acc = Accumulator::new(5, d);
+            // Two calls, so that the second batch merges with a Chan column.
+            let half = rows / 2;
+            for (range, tag) in [(0..half, "first"), (half..rows, "second")] {
+                let part = x.slice(ndarray::s![range.clone(), ..]);
+                acc.fold_batch_with(part, &labels[range], &mut scratch, Par::rayon(2))
+                    .unwrap_or_else(|e| panic!("d = {d}, {tag} half: {e}"));
+            }
+            let mean: Vec<f64> = (0..d).map(|j| x.column(j).sum() / rows as f64).collect();
+            let scatter = acc.scatter_lower();
+            for a in 0..d {
+                assert!((acc.global_mean()[a] - mean[a]).abs() <= 1e-12 * mean[a].abs());
+                for b in 0..=a {
+                    let expected: f64 = (0..rows)
+                        .map(|i| (x[(i, a)] - mean[a]) * (x[(i, b)] - mean[b]))
+                        .sum();
+                    let got = scatter[(a, b)];
+                    assert!(
+                        (got - expected).abs() <= 1e-9 * expected.abs().max(1.0),
+                        "d = {d}, scatter[{a}, {b}]: {got} vs {expected}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_packed_scatter_unpacks_to_the_full_matrix() {
         // d = 3 with distinct entries: the triangle's order is column by
@@ -1356,7 +1395,7 @@ mod tests {
 
     #[test]
     fn one_scratch_serves_any_shape_and_survives_errors() {
-        let shapes = [(3, 2, 5), (40, 4, 9), (2, 1, 1), (3, 2, 7)];
+        let shapes = [(3, 2, 5), (40, 4, 9), (2, 1, 1), (7, 70, 12), (3, 2, 7)];
         let mut shared = FoldScratch::new();
         for (round, &(k, d, rows)) in shapes.iter().chain(&shapes).enumerate() {
             let x = Array2::from_shape_fn((rows, d), |(i, j)| (i * 7 + j * 3 + round) as f64 - 4.0);
