@@ -79,7 +79,7 @@ use faer::linalg::matmul::triangular::{matmul, BlockStructure};
 use faer::{Accum, Mat};
 use vcid::proto::vci_monitor_client::VciMonitorClient;
 use vcid::proto::{CloseEpochRequest, CreateRunRequest, FeatureBatch};
-use vcid::stats::{operand_stride, Accumulator, FoldScratch, Par};
+use vcid::stats::{operand_stride, Accumulator, FoldScratch, Par, Value};
 use vcid::synthetic::{Split, Synthetic};
 
 const ROWS: usize = 256;
@@ -194,10 +194,7 @@ fn pool() -> Vec<FeatureBatch> {
 /// real features, which would understate the ceiling.
 fn centred_f64(batch: &FeatureBatch) -> Mat<f64> {
     let d = dim();
-    let rows: Vec<f64> = values(batch)
-        .iter()
-        .map(|b| f64::from(f32::from_le_bytes(*b)))
-        .collect();
+    let rows: Vec<f64> = values(batch).iter().map(|v| v.wide()).collect();
     let mean: Vec<f64> = (0..d)
         .map(|i| rows.iter().skip(i).step_by(d).sum::<f64>() / ROWS as f64)
         .collect();
@@ -407,13 +404,12 @@ async fn close_and_check(client: &Client, epoch: u64, rows: u64) -> Result<Durat
 
 /// The f64 syrk ceiling measured now: faer's lower-triangular XᵀX of a
 /// pool batch (`x`, from [`centred_f64`]: the operand a fold multiplies)
-/// with all cores, over 8 slices of about
-/// 0.15 s each. Returns its best slice (GFLOP/s, and rows/s = GFLOP/s ÷
-/// d·(d+1)) and its mean rate over all 8 (rows/s): on a shared machine a
-/// phase's rate is a mean over its whole duration, disturbed or not, so
-/// the mean is the like-for-like baseline; the best slice is the
-/// machine's undisturbed speed, an upper bound no mean reaches under
-/// noise.
+/// with all cores, over 8 slices of about 0.15 s each. Returns its best
+/// slice (GFLOP/s, and rows/s = GFLOP/s ÷ d·(d+1)) and its mean rate over
+/// all 8 (rows/s): on a shared machine a phase's rate is a mean over its
+/// whole duration, disturbed or not, so the mean is the like-for-like
+/// baseline; the best slice is the machine's undisturbed speed, an upper
+/// bound no mean reaches under noise.
 fn syrk_ceiling(x: &Mat<f64>) -> Ceiling {
     let d = dim();
     let x = x.as_ref().subrows(0, d);

@@ -43,14 +43,14 @@ use crate::proto::vci_monitor_server::SERVICE_NAME;
 /// How many times its encoded size a `Push` message may hold: its bytes
 /// (copied once out of tonic's receive buffer by `proto::codec`; prost's
 /// `bytes` field is a slice of that copy, and the fold reads float32
-/// values there), the fold's centred f64 copy
-/// (2× a float32 value, at most 2.5× with the padding of
-/// `stats::operand_stride`), and the batch's class tables (16 bytes per value
-/// of each class present: at most 4× a float32 batch), 7.5× in all for
-/// float32. Only the first fold that grows a shard's buffers allocates
-/// them (they are then reserved in the accumulator budget); a float16
-/// batch, widened to f64 in the shard's buffer first, with a distinct
-/// class on most rows can briefly hold up to 18× then (README "Limits").
+/// values there), the fold's centred f64 copy (2× a float32 value, at
+/// most 2.5× with the padding of `stats::operand_stride`), and the batch's
+/// class tables (16 bytes per value of each class present: at most 4× a
+/// float32 batch), 7.5× in all for float32. Only the first fold that
+/// grows a shard's buffers allocates them (they are then reserved in the
+/// accumulator budget); a float16 batch, widened to f64 in the shard's
+/// buffer first, with a distinct class on most rows can briefly hold up
+/// to 18× then (README "Limits").
 const PUSH_CHARGE: u64 = 10;
 /// A `PushStats` block: the received bytes, the decoded block, the
 /// accumulator built from it.

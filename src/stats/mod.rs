@@ -1004,9 +1004,9 @@ mod tests {
                     .unwrap_or_else(|e| panic!("d = {d}, {tag} half: {e}"));
             }
             let mean: Vec<f64> = (0..d).map(|j| x.column(j).sum() / rows as f64).collect();
-            let scatter = acc.scatter_lower();
+            let (scatter, global_mean) = (acc.scatter_lower(), acc.global_mean());
             for a in 0..d {
-                assert!((acc.global_mean()[a] - mean[a]).abs() <= 1e-12 * mean[a].abs());
+                assert!((global_mean[a] - mean[a]).abs() <= 1e-12 * mean[a].abs());
                 for b in 0..=a {
                     let expected: f64 = (0..rows)
                         .map(|i| (x[(i, a)] - mean[a]) * (x[(i, b)] - mean[b]))
