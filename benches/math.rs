@@ -18,6 +18,10 @@
 //!   a fold), measured in the same run as the baseline.
 //! - `close/d2048_k1000`: `metrics::compute` (all metrics) of an
 //!   accumulator with d = 2048, K = 1000, N = 4096.
+//! - `eigenvalues/{one_stage,two_stage}/d2048`: the eigenvalues alone of
+//!   the same Σ_T (the close's largest step): faer's one-stage
+//!   `self_adjoint_evd` (the baseline) and `SymmetricEigen::values_of_lower`
+//!   (two-stage, what the close uses).
 //! - `from_parts/d2048`: `Accumulator::from_parts` of the same statistics
 //!   (K = 10 here): every check of statistics from outside, dominated by
 //!   the positive-semi-definiteness check (one d × d Cholesky).
@@ -40,6 +44,7 @@ use ndarray::Array2;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
+use vcid::linalg::SymmetricEigen;
 use vcid::metrics;
 use vcid::stats::{operand_stride, Accumulator, FoldScratch, Par};
 
@@ -248,6 +253,73 @@ fn close(c: &mut Criterion) {
         })
     });
     group.finish();
+
+    // The close's largest step, Σ_T's eigenvalues: faer's one-stage
+    // tridiagonalisation (the baseline, what the close used before) and
+    // linalg's two-stage reduction, on the same Σ_T in the same run.
+    let scatter = acc.scatter_lower();
+    let total = || {
+        Mat::from_fn(d, d, |i, j| {
+            if i >= j {
+                scatter[(i, j)] / n as f64
+            } else {
+                0.0
+            }
+        })
+    };
+    let mut group = c.benchmark_group("eigenvalues");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(10));
+    for name in ["one_stage", "two_stage"] {
+        group.bench_function(format!("{name}/d{d}"), |b| {
+            b.iter_custom(|iters| {
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..iters {
+                    let lower = total();
+                    let start = Instant::now();
+                    let values = if name == "one_stage" {
+                        faer_eigenvalues(lower)
+                    } else {
+                        SymmetricEigen::values_of_lower(lower, Par::rayon(0))
+                            .unwrap_or_else(|e| panic!("{e}"))
+                    };
+                    elapsed += start.elapsed();
+                    std::hint::black_box(values);
+                }
+                record(&format!("eigenvalues/{name}/d{d}"), iters, elapsed, 0.0);
+                elapsed
+            })
+        });
+    }
+    group.finish();
+}
+
+/// The eigenvalues of the matrix whose lower triangle `lower` holds, by
+/// faer's one-stage `self_adjoint_evd` without vectors.
+fn faer_eigenvalues(lower: Mat<f64>) -> Vec<f64> {
+    use faer::dyn_stack::{MemBuffer, MemStack};
+    use faer::linalg::evd::{self, ComputeEigenvectors};
+    let order = lower.nrows();
+    let mut values = faer::diag::Diag::<f64>::zeros(order);
+    let params = Default::default();
+    let mut scratch = MemBuffer::new(evd::self_adjoint_evd_scratch::<f64>(
+        order,
+        ComputeEigenvectors::No,
+        Par::rayon(0),
+        params,
+    ));
+    evd::self_adjoint_evd(
+        lower.as_ref(),
+        values.as_mut(),
+        None,
+        Par::rayon(0),
+        MemStack::new(&mut scratch),
+        params,
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    (0..order).map(|i| values[i]).collect()
 }
 
 fn from_parts(c: &mut Criterion) {

@@ -21,6 +21,7 @@
 
 pub mod auth;
 pub mod cli;
+mod cpu;
 pub mod linalg;
 pub mod metrics;
 pub mod npy;

@@ -335,7 +335,7 @@ impl TotalFactor {
         // Cheap first try: a matrix with no Cholesky factor is not
         // numerically positive definite, so some eigenvalue is dropped.
         if let Some(factor) = cholesky_lower(total(), par) {
-            let values = SymmetricEigen::values_of_lower(total().as_ref(), par)?;
+            let values = SymmetricEigen::values_of_lower(total(), par)?;
             let threshold = nonzero_threshold(&values, factor.nrows());
             if values.iter().all(|&v| v > threshold) {
                 return Ok((values, Self::Cholesky(factor)));

@@ -19,53 +19,13 @@
 //! `a * b + c` into an FMA, so every variant computes bit-for-bit the same
 //! numbers.
 //!
-//! Must not: hold state beyond the detected level, allocate, or know what
-//! the slices mean.
+//! Must not: hold state (the level is `crate::cpu`'s), allocate, or know
+//! what the slices mean.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use crate::cpu::{level, Level};
 
 /// Partial sums per reduction: one 512-bit vector of f64, two of 256 bits.
 const LANES: usize = 8;
-
-/// Which variant of the kernels runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-enum Level {
-    Baseline = 1,
-    Avx2 = 2,
-    Avx512 = 3,
-}
-
-/// The detected level (0 until the first call).
-static LEVEL: AtomicU8 = AtomicU8::new(0);
-
-/// The widest level the CPU supports, detected on first use.
-#[inline]
-fn level() -> Level {
-    match LEVEL.load(Ordering::Relaxed) {
-        1 => Level::Baseline,
-        2 => Level::Avx2,
-        3 => Level::Avx512,
-        _ => {
-            let detected = detect();
-            LEVEL.store(detected as u8, Ordering::Relaxed);
-            detected
-        }
-    }
-}
-
-fn detect() -> Level {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Level::Avx512;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return Level::Avx2;
-        }
-    }
-    Level::Baseline
-}
 
 /// Defines each kernel as a function that runs the body compiled for the
 /// level [`level`] picks. A kernel may take one type parameter bounded by
@@ -528,11 +488,11 @@ mod tests {
             if forced as u8 <= detected as u8 {
                 // Other tests running meanwhile just use another level,
                 // which by this very property gives them the same numbers.
-                LEVEL.store(forced as u8, Ordering::Relaxed);
+                crate::cpu::force(forced);
                 results.push((forced, all_kernels(&x, &y)));
             }
         }
-        LEVEL.store(detected as u8, Ordering::Relaxed);
+        crate::cpu::force(detected);
         for (forced, result) in &results[1..] {
             let same = result
                 .iter()
@@ -612,7 +572,7 @@ mod tests {
             if forced as u8 > detected as u8 {
                 continue;
             }
-            LEVEL.store(forced as u8, Ordering::Relaxed);
+            crate::cpu::force(forced);
             let mut out = vec![0.0; values.len()];
             widen_f32(&mut out, &f32_bytes);
             assert!(out
@@ -633,7 +593,7 @@ mod tests {
             assert_eq!(Some(max_masked_u16(&bf16_bytes, 0x7f80)), most16);
             assert_eq!(max_masked_u32(&[], 0x7f80_0000), 0);
         }
-        LEVEL.store(detected as u8, Ordering::Relaxed);
+        crate::cpu::force(detected);
     }
 
     #[test]
