@@ -109,7 +109,6 @@ fn eigenvalues(mut a: Mat<f64>, par: Par) -> Result<Vec<f64>, EigenError> {
 #[inline(always)]
 fn to_band(a: &mut Mat<f64>, band: usize, par: Par) {
     let n = a.nrows();
-    let mut column = Vec::with_capacity(n);
     let mut first = 0;
     // Panel: columns first..first + band, rows from first + band down.
     while first + band + 1 < n {
@@ -126,16 +125,16 @@ fn to_band(a: &mut Mat<f64>, band: usize, par: Par) {
             let info = make_householder_in_place(&mut head[0], ColMut::from_slice_mut(tail));
             let tau_i = info.tau.recip();
             tau.push(tau_i);
-            column.clear();
-            column.push(1.0);
-            column.extend_from_slice(tail);
+            let v_i = &mut v.col_as_slice_mut(i)[i..];
+            v_i[0] = 1.0;
+            v_i[1..].copy_from_slice(tail);
             tail.fill(0.0);
-            v.col_as_slice_mut(i)[i..].copy_from_slice(&column);
             // H_i on the rest of the panel.
+            let v_i = &v.col_as_slice(i)[i..];
             for c in first + i + 1..first + band {
                 let x = &mut a.col_as_slice_mut(c)[top + i..];
-                let scale = tau_i * dot(&column, x);
-                axpy(x, &column, -scale);
+                let scale = tau_i * dot(v_i, x);
+                axpy(x, v_i, -scale);
             }
         }
         // T of Q = H_0 ⋯ H_{count−1} = I − V T Vᵀ (LAPACK's dlarft,
