@@ -1,8 +1,9 @@
 //! The widest vector instruction set of the CPU the process runs on,
 //! detected once at run time.
 //!
-//! Owns the detection that every run-time-dispatched loop of the math core
-//! shares (`stats::simd`'s kernels, `linalg`'s band reduction): each such
+//! Owns the detection, and the [`dispatched`] macro that compiles a
+//! function once per level, that every run-time-dispatched loop of the math
+//! core shares (`stats::simd`'s kernels, `linalg`'s band reduction): each such
 //! loop is compiled once per [`Level`] and runs the widest variant this CPU
 //! supports, so the binary stays built for baseline x86-64 and runs
 //! anywhere.
@@ -51,6 +52,46 @@ fn detect() -> Level {
     }
     Level::Baseline
 }
+
+/// Defines each function so that it runs its body compiled for the level
+/// [`level`] picks (the body's loops, and what it inlines, vectorise at that
+/// width). A function may take one type parameter bounded by `Value` (the
+/// rows `stats::simd`'s kernels read), monomorphised per level like the
+/// rest.
+macro_rules! dispatched {
+    ($(
+        $(#[doc = $doc:literal])*
+        pub(crate) fn $name:ident $(<$t:ident: Value>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
+    )*) => {$(
+        $(#[doc = $doc])*
+        #[inline]
+        pub(crate) fn $name $(<$t: Value>)? ($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn generic $(<$t: Value>)? ($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512 $(<$t: Value>)? ($($arg: $ty),*) $(-> $ret)? {
+                    generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                fn avx2 $(<$t: Value>)? ($($arg: $ty),*) $(-> $ret)? {
+                    generic($($arg),*)
+                }
+                match $crate::cpu::level() {
+                    // SAFETY: `level` saw AVX-512F on this CPU.
+                    $crate::cpu::Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: `level` saw AVX2 on this CPU.
+                    $crate::cpu::Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::cpu::Level::Baseline => {}
+                }
+            }
+            generic($($arg),*)
+        }
+    )*};
+}
+
+pub(crate) use dispatched;
 
 /// Makes every dispatched loop run at `level` from now on (tests compare
 /// the levels; a level above the detected one must not be forced).

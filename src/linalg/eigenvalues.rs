@@ -34,6 +34,8 @@ use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Accum, ColMut, Mat, MatRef, Par};
 
 use super::EigenError;
+use crate::cpu::dispatched;
+#[cfg(test)]
 use crate::cpu::{level, Level};
 
 /// The bandwidth of step 1's output: panels of this many columns. Step 1
@@ -45,47 +47,31 @@ pub(crate) const BAND: usize = 32;
 /// QL iterations allowed per eigenvalue before giving up.
 const MAX_ITERATIONS: usize = 60;
 
-/// The eigenvalues, ascending, of the symmetric matrix whose lower triangle
-/// (diagonal included) `a` holds; `a` (n × n) is used as workspace and its
-/// strict upper triangle is never read.
-///
-/// # Errors
-/// [`EigenError`] when the QL iteration needs more than 60 iterations for
-/// one eigenvalue (not seen on finite input; NaN or infinity ends there).
-///
-/// # Panics
-/// When `a` is not square.
-pub(crate) fn symmetric_eigenvalues(a: Mat<f64>, par: Par) -> Result<Vec<f64>, EigenError> {
-    assert_eq!(a.nrows(), a.ncols(), "eigenvalues of a non-square matrix");
-    // The loops of steps 1 (the panels' QR), 2 and 3 are this crate's own:
-    // compiled once per level, run at the widest (faer dispatches its
-    // products itself). Every variant gives the same bits (no loop here
-    // reassociates a sum).
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        fn avx512(a: Mat<f64>, par: Par) -> Result<Vec<f64>, EigenError> {
-            eigenvalues(a, par)
-        }
-        #[target_feature(enable = "avx2")]
-        fn avx2(a: Mat<f64>, par: Par) -> Result<Vec<f64>, EigenError> {
-            eigenvalues(a, par)
-        }
-        match level() {
-            // SAFETY: `level` saw AVX-512F on this CPU.
-            Level::Avx512 => return unsafe { avx512(a, par) },
-            // SAFETY: `level` saw AVX2 on this CPU.
-            Level::Avx2 => return unsafe { avx2(a, par) },
-            Level::Baseline => {}
-        }
+dispatched! {
+    /// The eigenvalues, ascending, of the symmetric matrix whose lower triangle
+    /// (diagonal included) `a` holds; `a` (n × n) is used as workspace and its
+    /// strict upper triangle is never read.
+    ///
+    /// # Errors
+    /// [`EigenError`] when the QL iteration needs more than 60 iterations for
+    /// one eigenvalue (not seen on finite input; NaN or infinity ends there).
+    ///
+    /// # Panics
+    /// When `a` is not square.
+    pub(crate) fn symmetric_eigenvalues(a: Mat<f64>, par: Par) -> Result<Vec<f64>, EigenError> {
+        // The loops of steps 1 (the panels' QR), 2 and 3 are this crate's
+        // own: compiled once per level, run at the widest (faer dispatches
+        // its products itself). Every variant gives the same bits (no loop
+        // here reassociates a sum).
+        eigenvalues(a, par)
     }
-    eigenvalues(a, par)
 }
 
 /// The body of [`symmetric_eigenvalues`], inlined into each level's variant.
 #[inline(always)]
 fn eigenvalues(mut a: Mat<f64>, par: Par) -> Result<Vec<f64>, EigenError> {
     let order = a.nrows();
+    assert_eq!(order, a.ncols(), "eigenvalues of a non-square matrix");
     let band = BAND.min(order.saturating_sub(1)).max(1);
     to_band(&mut a, band, par);
     let (mut diagonal, mut off) = if band > 1 {

@@ -22,46 +22,12 @@
 //! Must not: hold state (the level is `crate::cpu`'s), allocate, or know
 //! what the slices mean.
 
+use crate::cpu::dispatched;
+#[cfg(test)]
 use crate::cpu::{level, Level};
 
 /// Partial sums per reduction: one 512-bit vector of f64, two of 256 bits.
 const LANES: usize = 8;
-
-/// Defines each kernel as a function that runs the body compiled for the
-/// level [`level`] picks. A kernel may take one type parameter bounded by
-/// [`Value`] (the rows it reads), monomorphised per level like the rest.
-macro_rules! kernels {
-    ($(
-        $(#[doc = $doc:literal])*
-        pub(crate) fn $name:ident $(<$t:ident: Value>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
-    )*) => {$(
-        $(#[doc = $doc])*
-        #[inline]
-        pub(crate) fn $name $(<$t: Value>)? ($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn generic $(<$t: Value>)? ($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                fn avx512 $(<$t: Value>)? ($($arg: $ty),*) $(-> $ret)? {
-                    generic($($arg),*)
-                }
-                #[target_feature(enable = "avx2")]
-                fn avx2 $(<$t: Value>)? ($($arg: $ty),*) $(-> $ret)? {
-                    generic($($arg),*)
-                }
-                match level() {
-                    // SAFETY: `level` saw AVX-512F on this CPU.
-                    Level::Avx512 => return unsafe { avx512($($arg),*) },
-                    // SAFETY: `level` saw AVX2 on this CPU.
-                    Level::Avx2 => return unsafe { avx2($($arg),*) },
-                    Level::Baseline => {}
-                }
-            }
-            generic($($arg),*)
-        }
-    )*};
-}
 
 /// A feature value as a batch's rows hold it, read as the f64 it stands
 /// for (exactly: every implementation widens without rounding).
@@ -87,7 +53,7 @@ impl Value for [u8; 4] {
     }
 }
 
-kernels! {
+dispatched! {
     /// `dst += src`.
     pub(crate) fn add_assign(dst: &mut [f64], src: &[f64]) {
         for (d, &s) in dst.iter_mut().zip(src) {
