@@ -26,6 +26,11 @@
 //!   eigenvectors of Σ_B with eigenvalues `β_j` (Σ_W = Σ_T − Σ_B).
 //! - The Gram matrix `H = CᵀC` of the centred class means gives CDNV's
 //!   pairwise distances and the cosines of equiangularity.
+//! - Σ_T's side (its eigenvalues; its Cholesky factor, `X M` and `Z`) and
+//!   Σ_B's side (`H`, `G` and G's eigenpairs) share nothing until NC1:
+//!   with `Par::Rayon` they run side by side (as do Σ_T's eigenvalues and
+//!   its Cholesky factor), so that the sequential stretches of each
+//!   overlap the other's parallel products.
 //!
 //! Statistics conventions (`docs/metrics.md`, "Conventions"): `std` in
 //! equinorm and equiangularity is the population standard deviation (divide
@@ -139,17 +144,36 @@ pub fn compute(acc: &Accumulator, par: Par) -> Result<EpochMetrics, MetricsError
     let centred_means = Mat::from_fn(dim, k_obs, |i, j| acc.class_mean(observed[j])[i] - mean[i]);
     let m = Mat::from_fn(dim, k_obs, |i, j| weights[j].sqrt() * centred_means[(i, j)]);
 
-    // Σ_T: its kept eigenvalues, and how to apply its (pseudo-)inverse.
+    // The two sides side by side (see the module docs): the bulge chasing
+    // and QL of Σ_T's eigenvalues and faer's tridiagonal solver on G are
+    // sequential, and overlap the other side's products (BENCHMARKS.md,
+    // "The close's two sides side by side").
     let scatter = acc.scatter_lower();
-    let total = || {
+    let total_lower = || {
         Mat::from_fn(
             dim,
             dim,
             |i, j| if i >= j { scatter[(i, j)] / n } else { 0.0 },
         )
     };
-    let (lambda, factor) = TotalFactor::new(total, par)?;
+    let (total, between) = join(
+        par,
+        || TotalSide::new(total_lower, &m, par),
+        || -> Result<_, EigenError> {
+            let gram = gram_of_centred_means(&centred_means, par);
+            let between = BetweenEigen::new(&m, &gram, &weights, par)?;
+            Ok((gram, between))
+        },
+    );
+    let TotalSide {
+        lambda,
+        factor,
+        xm,
+        whitened_squares,
+    } = total?;
+    let (gram, between) = between?;
     metrics.rank_total = lambda.len();
+    metrics.rank_between = between.values.len();
 
     metrics.effective_rank = effective_rank(&lambda);
     if metrics.effective_rank.is_none() {
@@ -159,38 +183,14 @@ pub fn compute(acc: &Accumulator, par: Par) -> Result<EpochMetrics, MetricsError
         );
     }
 
-    // Z with ‖z_j‖² = m_jᵀ Σ_T† m_j, and X·M (see `TotalFactor`).
-    let xm = factor.apply(m.as_ref(), par);
-    let z = factor.whiten(&lambda, &m, &xm, par);
-    let z_column_squares: Vec<f64> = (0..k_obs)
-        .map(|j| z.col_as_slice(j).iter().map(|v| v * v).sum())
-        .collect();
-    drop(z);
-    let trace_pinv_total_between: f64 = z_column_squares.iter().sum();
-
+    let trace_pinv_total_between: f64 = whitened_squares.iter().sum();
     let sum_p_squared: f64 = weights.iter().map(|p| p * p).sum();
     let explained: f64 = weights
         .iter()
-        .zip(&z_column_squares)
+        .zip(&whitened_squares)
         .map(|(p, z2)| p * z2)
         .sum();
     metrics.linear_probe_mse = Some((1.0 - sum_p_squared - explained).max(0.0));
-
-    // Σ_B: rank and eigenpairs, through the smaller of G = MᵀM and M Mᵀ.
-    let mut gram = Mat::<f64>::zeros(k_obs, k_obs);
-    triangular_matmul(
-        gram.as_mut(),
-        BlockStructure::TriangularLower,
-        Accum::Replace,
-        centred_means.transpose(),
-        BlockStructure::Rectangular,
-        centred_means.as_ref(),
-        BlockStructure::Rectangular,
-        1.0,
-        par,
-    );
-    let between = BetweenEigen::new(&m, &gram, &weights, par)?;
-    metrics.rank_between = between.values.len();
 
     let vci_undefined = if samples < 2 {
         Some("fewer than 2 samples")
@@ -219,6 +219,38 @@ pub fn compute(acc: &Accumulator, par: Par) -> Result<EpochMetrics, MetricsError
     class_mean_geometry(acc, &observed, &gram, &mut metrics);
     class_separation(acc, &mut metrics);
     Ok(metrics)
+}
+
+/// `(a(), b())`: side by side on rayon's pool under `Par::Rayon`, one
+/// after the other under `Par::Seq`.
+fn join<A: Send, B: Send>(
+    par: Par,
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    match par {
+        Par::Seq => (a(), b()),
+        Par::Rayon(_) => rayon::join(a, b),
+    }
+}
+
+/// The lower triangle of `H = CᵀC`, the Gram matrix of the centred class
+/// means `C` (d × K_obs).
+fn gram_of_centred_means(centred_means: &Mat<f64>, par: Par) -> Mat<f64> {
+    let k_obs = centred_means.ncols();
+    let mut gram = Mat::<f64>::zeros(k_obs, k_obs);
+    triangular_matmul(
+        gram.as_mut(),
+        BlockStructure::TriangularLower,
+        Accum::Replace,
+        centred_means.transpose(),
+        BlockStructure::Rectangular,
+        centred_means.as_ref(),
+        BlockStructure::Rectangular,
+        1.0,
+        par,
+    );
+    gram
 }
 
 impl EpochMetrics {
@@ -311,6 +343,66 @@ impl BetweenEigen {
     }
 }
 
+/// Σ_T's side of a close: its kept eigenvalues, the factor that applies
+/// it, and the columns of M through that factor.
+struct TotalSide {
+    /// The kept eigenvalues of Σ_T, ascending (the tolerance of
+    /// `docs/metrics.md`).
+    lambda: Vec<f64>,
+    factor: TotalFactor,
+    /// `X M` (see [`TotalFactor`]; rank(Σ_T) × K_obs).
+    xm: Mat<f64>,
+    /// `m_jᵀ Σ_T† m_j` for each column `m_j` of M.
+    whitened_squares: Vec<f64>,
+}
+
+impl TotalSide {
+    /// `total()` builds Σ_T's lower triangle; `m` is M (d × K_obs).
+    ///
+    /// Σ_T's eigenvalues are computed without vectors and, beside them,
+    /// its Cholesky factor and M through it, on the bet that every
+    /// eigenvalue is kept (the usual case with N > d; a matrix with no
+    /// Cholesky factor is not numerically positive definite). When an
+    /// eigenvalue is dropped, the kept eigenpairs are computed instead.
+    fn new(
+        total: impl Fn() -> Mat<f64> + Sync,
+        m: &Mat<f64>,
+        par: Par,
+    ) -> Result<Self, EigenError> {
+        let (values, cholesky) = join(
+            par,
+            || SymmetricEigen::values_of_lower(total(), par),
+            || {
+                cholesky_lower(total(), par).map(|l| {
+                    let factor = TotalFactor::Cholesky(l);
+                    let (xm, whitened_squares) = factor.products(&[], m, par);
+                    (factor, xm, whitened_squares)
+                })
+            },
+        );
+        let values = values?;
+        if let Some((factor, xm, whitened_squares)) = cholesky {
+            let threshold = nonzero_threshold(&values, m.nrows());
+            if values.iter().all(|&v| v > threshold) {
+                return Ok(Self {
+                    lambda: values,
+                    factor,
+                    xm,
+                    whitened_squares,
+                });
+            }
+        }
+        let (lambda, factor) = TotalFactor::eigen(total().as_ref(), par)?;
+        let (xm, whitened_squares) = factor.products(&lambda, m, par);
+        Ok(Self {
+            lambda,
+            factor,
+            xm,
+            whitened_squares,
+        })
+    }
+}
+
 /// Σ_T as a map `X` with `Σ_T = Xᵀ diag(w) X` on the space of its kept
 /// eigenvalues, so that `aᵀ Σ_T a = Σ_i w_i (X a)_i²` and the metrics
 /// never form Σ_T† or Σ_T.
@@ -326,24 +418,6 @@ enum TotalFactor {
 }
 
 impl TotalFactor {
-    /// The kept eigenvalues of Σ_T (ascending, the tolerance of
-    /// `docs/metrics.md`) and its factor. `total()` builds Σ_T's lower
-    /// triangle. When its Cholesky factorisation exists, the eigenvalues
-    /// are computed without vectors and, if every one is kept, the factor
-    /// is used; otherwise the eigenvectors are computed.
-    fn new(total: impl Fn() -> Mat<f64>, par: Par) -> Result<(Vec<f64>, Self), EigenError> {
-        // Cheap first try: a matrix with no Cholesky factor is not
-        // numerically positive definite, so some eigenvalue is dropped.
-        if let Some(factor) = cholesky_lower(total(), par) {
-            let values = SymmetricEigen::values_of_lower(total(), par)?;
-            let threshold = nonzero_threshold(&values, factor.nrows());
-            if values.iter().all(|&v| v > threshold) {
-                return Ok((values, Self::Cholesky(factor)));
-            }
-        }
-        Self::eigen(total().as_ref(), par)
-    }
-
     /// The kept eigenpairs of the matrix whose lower triangle is `lower`.
     fn eigen(lower: MatRef<'_, f64>, par: Par) -> Result<(Vec<f64>, Self), EigenError> {
         let dim = lower.nrows();
@@ -380,12 +454,15 @@ impl TotalFactor {
         }
     }
 
-    /// `Z` with `‖Z a_j‖² = a_jᵀ Σ_T† a_j` for the columns of `m`, given
-    /// `xm = X m`: `Λ_r^{-1/2} V_rᵀ m`, or `L⁻¹ m`.
-    fn whiten(&self, lambda: &[f64], m: &Mat<f64>, xm: &Mat<f64>, par: Par) -> Mat<f64> {
-        match self {
+    /// `X a` and `a_jᵀ Σ_T† a_j` for the columns of `a` (d × c), the
+    /// latter as `‖z_j‖²` with `Z = Λ_r^{-1/2} X a` or `L⁻¹ a` (no inverse
+    /// is formed). `lambda` holds the kept eigenvalues (unused with the
+    /// Cholesky factor).
+    fn products(&self, lambda: &[f64], a: &Mat<f64>, par: Par) -> (Mat<f64>, Vec<f64>) {
+        let xa = self.apply(a.as_ref(), par);
+        let z = match self {
             Self::Eigen(..) => {
-                let mut z = xm.clone();
+                let mut z = xa.clone();
                 for (i, &l) in lambda.iter().enumerate() {
                     let scale = 1.0 / l.sqrt();
                     for j in 0..z.ncols() {
@@ -395,11 +472,15 @@ impl TotalFactor {
                 z
             }
             Self::Cholesky(l) => {
-                let mut z = m.clone();
+                let mut z = a.clone();
                 solve_lower_triangular_in_place(l.as_ref(), z.as_mut(), par);
                 z
             }
-        }
+        };
+        let squares = (0..z.ncols())
+            .map(|j| z.col_as_slice(j).iter().map(|v| v * v).sum())
+            .collect();
+        (xa, squares)
     }
 
     /// `aᵀ Σ_T a = Σ_i w_i (X a)_i²`, given `X a`.
@@ -577,7 +658,11 @@ mod tests {
         );
         let lower = Mat::from_fn(d, d, |i, j| if i >= j { total[(i, j)] } else { 0.0 });
         let a = Mat::from_fn(d, 3, |i, j| (i as f64 - 3.0) * (j as f64 + 0.5));
-        let (lambda, cholesky) = TotalFactor::new(|| lower.clone(), Par::Seq).unwrap();
+        let TotalSide {
+            lambda,
+            factor: cholesky,
+            ..
+        } = TotalSide::new(|| lower.clone(), &a, Par::Seq).unwrap();
         assert!(matches!(cholesky, TotalFactor::Cholesky(_)));
         let (lambda_eigen, eigen) = TotalFactor::eigen(lower.as_ref(), Par::Seq).unwrap();
         assert!(matches!(eigen, TotalFactor::Eigen(..)));
@@ -588,12 +673,11 @@ mod tests {
         // Independent reference: Σ_T⁻¹ a by faer's LU solve.
         let inverse_a = faer::linalg::solvers::Solve::solve(&total.partial_piv_lu(), &a);
         for factor in [&cholesky, &eigen] {
-            let xa = factor.apply(a.as_ref(), Par::Seq);
-            let z = factor.whiten(&lambda, &a, &xa, Par::Seq);
+            let (xa, whitened_squares) = factor.products(&lambda, &a, Par::Seq);
             for j in 0..3 {
                 let col = a.col(j);
                 let inverse_form: f64 = (0..d).map(|i| col[i] * inverse_a[(i, j)]).sum();
-                let whitened: f64 = z.col_as_slice(j).iter().map(|v| v * v).sum();
+                let whitened = whitened_squares[j];
                 assert!((whitened - inverse_form).abs() < 1e-10 * inverse_form.abs());
                 let direct: f64 = (0..d)
                     .flat_map(|i| (0..d).map(move |k| (i, k)))
