@@ -93,9 +93,28 @@ macro_rules! dispatched {
 
 pub(crate) use dispatched;
 
-/// Makes every dispatched loop run at `level` from now on (tests compare
-/// the levels; a level above the detected one must not be forced).
+/// Runs `run` at every level this CPU supports, and asserts that each
+/// gives the same bits as the baseline (test only: every dispatched loop
+/// must, as none reassociates a sum). Other tests running meanwhile just
+/// use another level, which by this very property gives them the same
+/// numbers.
 #[cfg(test)]
-pub(crate) fn force(level: Level) {
-    LEVEL.store(level as u8, Ordering::Relaxed);
+pub(crate) fn assert_the_same_bits_at_every_level(run: impl Fn() -> Vec<f64>) {
+    let detected = level();
+    let mut results = Vec::new();
+    for forced in [Level::Baseline, Level::Avx2, Level::Avx512] {
+        if forced as u8 <= detected as u8 {
+            LEVEL.store(forced as u8, Ordering::Relaxed);
+            results.push((forced, run()));
+        }
+    }
+    LEVEL.store(detected as u8, Ordering::Relaxed);
+    for (forced, values) in &results[1..] {
+        let same = values.len() == results[0].1.len()
+            && values
+                .iter()
+                .zip(&results[0].1)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{forced:?} differs from the baseline");
+    }
 }

@@ -35,8 +35,6 @@ use faer::{Accum, ColMut, Mat, MatRef, Par};
 
 use super::EigenError;
 use crate::cpu::dispatched;
-#[cfg(test)]
-use crate::cpu::{level, Level};
 
 /// The bandwidth of step 1's output: panels of this many columns. Step 1
 /// wants wide panels (its products' inner dimension is 2b), step 2 narrow
@@ -627,23 +625,9 @@ mod tests {
     fn every_level_gives_the_same_bits() {
         let mut rng = StdRng::seed_from_u64(21);
         let a = random_symmetric(&mut rng, 5 * BAND + 7);
-        let detected = level();
-        let mut results = Vec::new();
-        for forced in [Level::Baseline, Level::Avx2, Level::Avx512] {
-            if forced as u8 <= detected as u8 {
-                crate::cpu::force(forced);
-                let values = symmetric_eigenvalues(a.clone(), Par::Seq);
-                results.push((forced, values.unwrap_or_else(|e| panic!("{e}"))));
-            }
-        }
-        crate::cpu::force(detected);
-        for (forced, values) in &results[1..] {
-            let same = values
-                .iter()
-                .zip(&results[0].1)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{forced:?} differs from {:?}", results[0].0);
-        }
+        crate::cpu::assert_the_same_bits_at_every_level(|| {
+            symmetric_eigenvalues(a.clone(), Par::Seq).unwrap_or_else(|e| panic!("{e}"))
+        });
     }
 
     #[test]

@@ -23,8 +23,6 @@
 //! what the slices mean.
 
 use crate::cpu::dispatched;
-#[cfg(test)]
-use crate::cpu::{level, Level};
 
 /// Partial sums per reduction: one 512-bit vector of f64, two of 256 bits.
 const LANES: usize = 8;
@@ -448,24 +446,7 @@ mod tests {
     fn every_level_gives_the_same_bits() {
         let x: Vec<f64> = (0..1003).map(|i| (i as f64 * 0.37).sin() * 1e3).collect();
         let y: Vec<f64> = (0..1003).map(|i| (i as f64 * 0.11).cos()).collect();
-        let detected = level();
-        let mut results = Vec::new();
-        for forced in [Level::Baseline, Level::Avx2, Level::Avx512] {
-            if forced as u8 <= detected as u8 {
-                // Other tests running meanwhile just use another level,
-                // which by this very property gives them the same numbers.
-                crate::cpu::force(forced);
-                results.push((forced, all_kernels(&x, &y)));
-            }
-        }
-        crate::cpu::force(detected);
-        for (forced, result) in &results[1..] {
-            let same = result
-                .iter()
-                .zip(&results[0].1)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{forced:?} differs from the baseline");
-        }
+        crate::cpu::assert_the_same_bits_at_every_level(|| all_kernels(&x, &y));
         // The fused pass computes the same spread as its parts.
         let mut residual = vec![0.0; x.len()];
         assert_eq!(
@@ -533,20 +514,16 @@ mod tests {
             .iter()
             .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
             .collect();
-        let detected = level();
-        for forced in [Level::Baseline, Level::Avx2, Level::Avx512] {
-            if forced as u8 > detected as u8 {
-                continue;
-            }
-            crate::cpu::force(forced);
+        crate::cpu::assert_the_same_bits_at_every_level(|| {
             let mut out = vec![0.0; values.len()];
             widen_f32(&mut out, &f32_bytes);
             assert!(out
                 .iter()
                 .zip(&values)
                 .all(|(&o, &v)| o.to_bits() == f64::from(v).to_bits()));
-            widen_bf16(&mut out, &bf16_bytes);
-            for (&o, v) in out.iter().zip(&values) {
+            let mut out16 = vec![0.0; values.len()];
+            widen_bf16(&mut out16, &bf16_bytes);
+            for (&o, v) in out16.iter().zip(&values) {
                 let truncated = f32::from_bits(v.to_bits() & 0xffff_0000);
                 assert_eq!(o.to_bits(), f64::from(truncated).to_bits());
             }
@@ -558,8 +535,9 @@ mod tests {
                 .max();
             assert_eq!(Some(max_masked_u16(&bf16_bytes, 0x7f80)), most16);
             assert_eq!(max_masked_u32(&[], 0x7f80_0000), 0);
-        }
-        crate::cpu::force(detected);
+            out.extend(out16);
+            out
+        });
     }
 
     #[test]
