@@ -408,7 +408,9 @@ impl Band {
     }
 }
 
-/// `y += a · x`.
+/// `y += a · x`: the loop of `stats::simd::add_scaled` without its
+/// per-call dispatch, which here would cost a call per short slice (≤ 2b)
+/// inside a routine already compiled per level (as is `dot`).
 #[inline(always)]
 fn axpy(y: &mut [f64], x: &[f64], a: f64) {
     for (y, &x) in y.iter_mut().zip(x) {
